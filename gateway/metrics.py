@@ -1,0 +1,53 @@
+"""Prometheus collectors, defined once here and updated by the components.
+
+They live in the default registry (one gateway per process in production). Tests compare
+deltas, never absolute values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# MQTT
+MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 when connected to the broker")
+MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects_total", "Connections established after the first")
+MQTT_RECEIVED = Counter("gateway_mqtt_received_total", "Messages received from the broker")
+MQTT_INFLIGHT = Gauge("gateway_mqtt_inflight", "Messages received and not yet acknowledged")
+MQTT_PUBLISHED = Counter("gateway_mqtt_published_total", "Publishes confirmed by the broker")
+MQTT_PUBLISH_QUEUE = Gauge("gateway_mqtt_publish_queue", "Publishes waiting or unconfirmed")
+MQTT_PUBLISH_LATENCY = Histogram("gateway_mqtt_publish_seconds", "Publish to PUBACK", buckets=_LAT)
+
+# Ingest
+INGEST_STORED = Counter("gateway_messages_stored_total", "Readings stored", ["source"])
+INGEST_DUPLICATES = Counter("gateway_messages_duplicate_total", "Redelivered readings recognised", ["source"])
+INGEST_REJECTED = Counter("gateway_messages_rejected_total", "Packets refused, stored as rejects", ["reason"])
+INGEST_BATCH = Histogram(
+    "gateway_ingest_batch_size", "Messages per committed batch", buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000)
+)
+INGEST_LATENCY = Histogram("gateway_ingest_seconds", "Receive to commit", buckets=_LAT)
+INGEST_DB_ERRORS = Counter("gateway_ingest_db_errors_total", "Batch writes that failed and were retried")
+
+# Processor
+PROCESSOR_PROCESSED = Counter("gateway_processor_processed_total", "Messages marked processed")
+PROCESSOR_FAILED = Counter("gateway_processor_failed_total", "Message processing failures", ["action"])
+PROCESSOR_DEAD = Counter("gateway_processor_dead_total", "Messages dead-lettered")
+PROCESSOR_BACKLOG = Gauge("gateway_processor_backlog", "Unprocessed messages")
+PROCESSOR_LAG = Gauge("gateway_processor_lag_seconds", "Age of the oldest unprocessed message")
+PROCESSOR_RUN = Histogram("gateway_processor_run_seconds", "One processor run", buckets=_LAT)
+EVENTS_APPENDED = Counter("gateway_events_total", "Events appended", ["type"])
+
+# SSE
+SSE_CLIENTS = Gauge("gateway_sse_clients", "Connected SSE clients")
+SSE_DROPPED = Counter("gateway_sse_dropped_total", "SSE subscribers disconnected for being too slow")
+
+# HTTP
+HTTP_REQUESTS = Counter("gateway_http_requests_total", "HTTP requests", ["route", "method", "status"])
+HTTP_LATENCY = Histogram("gateway_http_request_seconds", "HTTP request latency", ["route"], buckets=_LAT)
+
+# Supervisor / database
+RESTARTS = Counter("gateway_restarts_total", "Supervised group restarts", ["component"])
+DB_UP = Gauge("gateway_database_up", "1 when the database answers")
+COMPONENT_UP = Gauge("gateway_component_up", "1 when the component is healthy", ["component"])
+ALERTS_ACTIVE = Gauge("gateway_alert_active", "1 while a built-in alert is firing", ["alert"])

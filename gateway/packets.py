@@ -1,0 +1,156 @@
+"""The sensor packet schema and its published JSON Schema. Pure functions, no I/O.
+
+:func:`parse_packet` turns raw bytes into a :class:`Packet` or raises :class:`PacketInvalid`
+with a stable ``reason`` (``too_large``, ``bad_encoding``, ``bad_json``, ``not_an_object``,
+``schema``) and pydantic-style field errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+
+from gateway.errors import PacketInvalid
+
+MAX_PACKET_BYTES = 64 * 1024
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+MEASUREMENT_NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+_MS_THRESHOLD = 1e11
+
+Status = Literal["ok", "warning", "error", "maintenance"]
+
+
+class Packet(BaseModel):
+    """One sensor reading as published by the firmware."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN, description="1-64 of A-Z a-z 0-9 . _ : -")]
+    timestamp: Annotated[
+        datetime,
+        Field(
+            description="RFC 3339 with a zone offset, or seconds (milliseconds above 1e11) since the epoch",
+            json_schema_extra={"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
+        ),
+    ]
+    seq: Annotated[int | None, Field(ge=0, le=2**63 - 1, description="per-device counter")] = None
+    measurements: Annotated[
+        dict[Annotated[str, Field(pattern=MEASUREMENT_NAME_PATTERN)], StrictFloat | StrictInt],
+        Field(min_length=1, max_length=64, description="name -> finite number"),
+    ]
+    status: Status
+    battery: Annotated[float | None, Field(ge=0, le=100, description="percent")] = None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _timestamp(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be an RFC 3339 string or a number")
+        if isinstance(v, int | float):
+            if not math.isfinite(v) or v < 0:
+                raise ValueError("must be a finite, non-negative epoch time")
+            seconds = v / 1000.0 if v > _MS_THRESHOLD else float(v)
+            try:
+                return datetime.fromtimestamp(seconds, tz=UTC)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError("epoch time out of range") from None
+        if isinstance(v, str):
+            text = v.strip()
+            if len(text) > 64:
+                raise ValueError("timestamp string too long")
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValueError("must be RFC 3339, e.g. 2026-11-27T09:00:00Z") from None
+            if parsed.tzinfo is None or parsed.utcoffset() is None:
+                raise ValueError("timestamp has no zone offset (naive times are refused)")
+            return parsed
+        raise ValueError("must be an RFC 3339 string or a number")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("timestamp has no zone offset (naive times are refused)")
+        return v.astimezone(UTC)
+
+    @field_validator("measurements")
+    @classmethod
+    def _finite(cls, v: dict[str, float | int]) -> dict[str, float | int]:
+        for name, value in v.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"measurement {name!r} is not a finite number")
+        return v
+
+    def dedupe_key(self) -> str:
+        """The redelivery key: ``seq:<n>`` when a seq is given, else a hash of time and content."""
+        if self.seq is not None:
+            return f"seq:{self.seq}"
+        body = json.dumps(
+            [self.timestamp.isoformat(), self.measurements, self.status, self.battery],
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return "h:" + hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def parse_packet(raw: bytes | str, *, max_bytes: int = MAX_PACKET_BYTES) -> Packet:
+    """Validate raw JSON into a :class:`Packet`.
+
+    Raises :class:`PacketInvalid` with ``reason`` and field errors (``loc``, ``msg``, ``type``).
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > max_bytes:
+        raise PacketInvalid(
+            "too_large",
+            [{"loc": [], "msg": f"packet is {len(data)} bytes, the limit is {max_bytes}", "type": "too_large"}],
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PacketInvalid(
+            "bad_encoding", [{"loc": [], "msg": f"not UTF-8 at byte {exc.start}", "type": "bad_encoding"}]
+        ) from None
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise PacketInvalid("bad_json", [{"loc": [], "msg": f"invalid JSON: {exc}"[:300], "type": "bad_json"}]) from None
+    return validate_packet(obj)
+
+
+def validate_packet(obj: Any) -> Packet:
+    """Validate an already-decoded JSON value. Raises :class:`PacketInvalid`."""
+    if not isinstance(obj, dict):
+        raise PacketInvalid(
+            "not_an_object", [{"loc": [], "msg": "packet must be a JSON object", "type": "not_an_object"}]
+        )
+    try:
+        return Packet.model_validate(obj)
+    except ValidationError as exc:
+        raise PacketInvalid("schema", field_errors(exc)) from None
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value)."""
+    return [
+        {"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"]).removeprefix("Value error, "), "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ][:50]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def packet_json_schema() -> dict[str, Any]:
+    """The JSON Schema served at ``GET /api/v1/schema/packet``."""
+    schema = Packet.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Sensor packet"
+    schema["description"] = "A JSON object published by a sensor, at most 64 KiB of UTF-8."
+    return schema

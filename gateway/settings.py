@@ -1,0 +1,428 @@
+"""Typed configuration: environment over ``.env`` over defaults, one sub-model per component.
+
+Every variable may also be given as ``X_FILE=/path`` (the value is read from that file, e.g. a
+systemd credential in ``$CREDENTIALS_DIRECTORY``), and a value in ``.env`` or the environment may be
+``enc:<token>`` (Fernet), decrypted with the key in ``SECRETS_KEY_FILE``. An invalid value raises
+:class:`~gateway.errors.ConfigError` naming the variable; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+
+
+class _Component(BaseSettings):
+    """Base for component settings: values come only from the mapping we pass in."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The loader below already merged environment, .env, *_FILE and enc: values.
+        return (init_settings,)
+
+
+class DatabaseSettings(_Component):
+    """Storage: SQLite (embedded default) or PostgreSQL."""
+
+    url: SecretStr = Field(SecretStr("sqlite:///data/gateway.db"), alias="DATABASE_URL")
+    pool_min: int = Field(1, ge=0, le=100, alias="DATABASE_POOL_MIN")
+    pool_max: int = Field(10, ge=1, le=200, alias="DATABASE_POOL_MAX")
+    connect_timeout: float = Field(5.0, gt=0, alias="DATABASE_CONNECT_TIMEOUT")
+    query_timeout: float = Field(10.0, gt=0, alias="DATABASE_QUERY_TIMEOUT")
+    retry_min: float = Field(0.2, gt=0, alias="DATABASE_RETRY_MIN")
+    retry_max: float = Field(10.0, gt=0, alias="DATABASE_RETRY_MAX")
+    event_retention: float = Field(7 * 86400.0, gt=0, alias="EVENT_RETENTION")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value()
+        if raw.startswith("sqlite:///"):
+            if raw == "sqlite:///":
+                raise ValueError("sqlite URL needs a path: sqlite:///PATH")
+            return v
+        parts = urlsplit(raw)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be sqlite:///PATH or postgresql://user[:pass]@host[:port]/db")
+        if not parts.path.strip("/"):
+            raise ValueError("postgresql URL needs a database name")
+        return v
+
+    @property
+    def kind(self) -> Literal["sqlite", "postgres"]:
+        """Which backend the URL selects."""
+        return "sqlite" if self.url.get_secret_value().startswith("sqlite:") else "postgres"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file (only meaningful when ``kind == "sqlite"``)."""
+        return Path(self.url.get_secret_value()[len("sqlite:///") :])
+
+
+class MqttSettings(_Component):
+    """Broker connection, subscription and delivery."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", alias="MQTT_URL")
+    username: str | None = Field(None, alias="MQTT_USERNAME")
+    password: SecretStr | None = Field(None, alias="MQTT_PASSWORD")
+    ca_file: Path | None = Field(None, alias="MQTT_CA_FILE")
+    cert_file: Path | None = Field(None, alias="MQTT_CERT_FILE")
+    key_file: Path | None = Field(None, alias="MQTT_KEY_FILE")
+    client_id: str = Field(default_factory=lambda: f"gateway-{socket.gethostname()}", alias="MQTT_CLIENT_ID")
+    subscribe_topic: str = Field("sensors/+/data", alias="MQTT_SUBSCRIBE_TOPIC")
+    publish_topic: str = Field("gateway/events", alias="MQTT_PUBLISH_TOPIC")
+    share_group: str | None = Field(None, alias="MQTT_SHARE_GROUP")
+    protocol: Literal["5", "3.1.1"] = Field("5", alias="MQTT_PROTOCOL")
+    keepalive: int = Field(30, ge=5, le=3600, alias="MQTT_KEEPALIVE")
+    session_expiry: int = Field(7 * 86400, ge=0, alias="MQTT_SESSION_EXPIRY")
+    receive_maximum: int = Field(1000, ge=1, le=65535, alias="MQTT_RECEIVE_MAXIMUM")
+    connect_timeout: float = Field(10.0, gt=0, alias="MQTT_CONNECT_TIMEOUT")
+    reconnect_min: float = Field(0.5, gt=0, alias="MQTT_RECONNECT_MIN")
+    reconnect_max: float = Field(30.0, gt=0, alias="MQTT_RECONNECT_MAX")
+    outbound_queue: int = Field(10000, ge=1, alias="MQTT_OUTBOUND_QUEUE")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must be mqtt://host[:port] or mqtts://host[:port]")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError("invalid port") from exc
+        return v
+
+    @field_validator("subscribe_topic", "publish_topic")
+    @classmethod
+    def _check_topic(cls, v: str) -> str:
+        if not v or "\x00" in v:
+            raise ValueError("must be a non-empty MQTT topic")
+        return v
+
+    @property
+    def tls(self) -> bool:
+        """Whether ``mqtts://`` was asked for."""
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        """Broker host name."""
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        """Broker port (1883, or 8883 for TLS, unless given)."""
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def subscription(self) -> str:
+        """The topic filter actually subscribed (``$share/<group>/<topic>`` with a share group)."""
+        if self.share_group:
+            return f"$share/{self.share_group}/{self.subscribe_topic}"
+        return self.subscribe_topic
+
+
+class ApiKey(BaseModel):
+    """One ``API_KEYS`` entry: a name, a role and the SHA-256 of the key (never the key)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: Literal["read", "write", "admin"]
+    sha256: str
+
+
+class HttpSettings(_Component):
+    """The REST API, SSE and dashboard server."""
+
+    host: str = Field("127.0.0.1", alias="HTTP_HOST")
+    port: int = Field(8080, ge=0, le=65535, alias="HTTP_PORT")
+    cert_file: Path | None = Field(None, alias="HTTP_CERT_FILE")
+    key_file: Path | None = Field(None, alias="HTTP_KEY_FILE")
+    api_keys: tuple[ApiKey, ...] = Field((), alias="API_KEYS")
+    rate_limit: str = Field("600/minute", alias="RATE_LIMIT")
+    max_body: int = Field(65536, ge=1024, alias="HTTP_MAX_BODY")
+    cors_origins: tuple[str, ...] = Field((), alias="HTTP_CORS_ORIGINS")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            entries = []
+            for raw in (e.strip() for e in v.split(",")):
+                if not raw:
+                    continue
+                parts = raw.split(":")
+                if len(parts) != 3:
+                    raise ValueError("each entry must be name:role:sha256hex")
+                name, role, digest = parts
+                if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                    raise ValueError(f"entry {name!r}: name must be 1-64 of A-Z a-z 0-9 . _ -")
+                if role not in ("read", "write", "admin"):
+                    raise ValueError(f"entry {name!r}: role must be read, write or admin")
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                    raise ValueError(f"entry {name!r}: third part must be a 64-hex-digit SHA-256")
+                entries.append({"name": name, "role": role, "sha256": digest.lower()})
+            return tuple(entries)
+        return v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(o.strip() for o in v.split(",") if o.strip())
+        return v
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate(cls, v: str) -> str:
+        if not _RATE_RE.match(v):
+            raise ValueError("must look like 600/minute (per second, minute, hour or day)")
+        return v.strip()
+
+    @property
+    def rate(self) -> tuple[int, float]:
+        """The rate limit as (count, period in seconds)."""
+        m = _RATE_RE.match(self.rate_limit)
+        assert m is not None
+        period = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}[m.group(2)]
+        return int(m.group(1)), period
+
+    @property
+    def tls(self) -> bool:
+        """Whether HTTPS is configured (both cert and key)."""
+        return self.cert_file is not None and self.key_file is not None
+
+
+class IngestSettings(_Component):
+    """Batching between the broker and the database."""
+
+    batch_size: int = Field(500, ge=1, le=10000, alias="INGEST_BATCH_SIZE")
+    flush_ms: float = Field(5.0, ge=0, le=10000, alias="INGEST_FLUSH_MS")
+    max_payload: int = Field(65536, ge=64, alias="INGEST_MAX_PAYLOAD")
+    channel_size: int = Field(64, ge=1, alias="INGEST_CHANNEL_SIZE")
+
+
+class ProcessorSettings(_Component):
+    """The processor loop, its rules and retry policy."""
+
+    interval: float = Field(1.0, gt=0, le=3600, alias="PROCESSOR_INTERVAL")
+    batch_size: int = Field(500, ge=1, le=10000, alias="PROCESSOR_BATCH_SIZE")
+    lease_seconds: float = Field(30.0, gt=0, alias="PROCESSOR_LEASE")
+    max_attempts: int = Field(5, ge=1, alias="PROCESSOR_MAX_ATTEMPTS")
+    retry_min: float = Field(1.0, gt=0, alias="PROCESSOR_RETRY_MIN")
+    retry_max: float = Field(300.0, gt=0, alias="PROCESSOR_RETRY_MAX")
+    script_timeout: float = Field(10.0, gt=0, alias="PROCESSOR_SCRIPT_TIMEOUT")
+    rules_file: Path | None = Field(None, alias="RULES_FILE")
+
+
+class LogSettings(_Component):
+    """Logging to a rotating file and stderr."""
+
+    file: Path | None = Field(Path("logs/server.log"), alias="LOG_FILE")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", alias="LOG_LEVEL")
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, alias="LOG_MAX_BYTES")
+    backup_count: int = Field(5, ge=0, le=1000, alias="LOG_BACKUP_COUNT")
+    format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+
+class SupervisorSettings(_Component):
+    """Restart policy of the supervising nursery."""
+
+    restart_min: float = Field(0.5, gt=0, alias="RESTART_MIN")
+    restart_max: float = Field(60.0, gt=0, alias="RESTART_MAX")
+    restart_reset_after: float = Field(300.0, gt=0, alias="RESTART_RESET_AFTER")
+    shutdown_timeout: float = Field(10.0, gt=0, alias="SHUTDOWN_TIMEOUT")
+
+
+class Settings(BaseModel):
+    """The whole configuration; each component receives only its own part."""
+
+    model_config = ConfigDict(frozen=True)
+
+    database: DatabaseSettings
+    mqtt: MqttSettings
+    http: HttpSettings
+    ingest: IngestSettings
+    processor: ProcessorSettings
+    log: LogSettings
+    supervisor: SupervisorSettings
+
+    COMPONENTS: ClassVar[dict[str, type[_Component]]] = {
+        "database": DatabaseSettings,
+        "mqtt": MqttSettings,
+        "http": HttpSettings,
+        "ingest": IngestSettings,
+        "processor": ProcessorSettings,
+        "log": LogSettings,
+        "supervisor": SupervisorSettings,
+    }
+
+    def masked(self) -> dict[str, str]:
+        """Every variable with its effective value, secrets shown as ``**********``."""
+        out: dict[str, str] = {}
+        for name in self.COMPONENTS:
+            model: _Component = getattr(self, name)
+            for field_name, info in type(model).model_fields.items():
+                value = getattr(model, field_name)
+                out[str(info.alias)] = _show(value, field_name)
+        return out
+
+
+SECRET_VARIABLES = frozenset({"DATABASE_URL", "MQTT_PASSWORD", "API_KEYS", "SECRETS_KEY"})
+
+
+def _show(value: Any, field_name: str) -> str:
+    if isinstance(value, SecretStr):
+        raw = value.get_secret_value()
+        if field_name == "url":
+            return _mask_dsn(raw)
+        return "**********" if raw else ""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(f"{k.name}:{k.role}:…" if isinstance(k, ApiKey) else str(k) for k in value)
+    return str(value)
+
+
+def _mask_dsn(dsn: str) -> str:
+    """Hide the password part of a ``scheme://user:pass@host`` URL."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1**********@", dsn)
+
+
+def known_variables() -> dict[str, str]:
+    """Map every configuration variable to the component that owns it."""
+    out: dict[str, str] = {}
+    for comp, model in Settings.COMPONENTS.items():
+        for info in model.model_fields.values():
+            out[str(info.alias)] = comp
+    return out
+
+
+# Variables that belong to the runtime, not to the gateway: allowed in .env without complaint.
+_RUNTIME_VARIABLES = frozenset({"SECRETS_KEY_FILE", "SECRETS_KEY", "GATEWAY_ENV_FILE"})
+
+
+def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the configuration.
+
+    Order of precedence: ``environ`` (default: ``os.environ``) over ``env_file`` over defaults.
+    Returns a frozen :class:`Settings`. Raises :class:`ConfigError` naming the first bad variable.
+    """
+    env = dict(os.environ if environ is None else environ)
+    known = known_variables()
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        try:
+            file_values = dotenv_values(env_file)
+        except OSError as exc:
+            raise ConfigError("--env-file", f"cannot read {env_file}: {exc.strerror}") from None
+        for key, value in file_values.items():
+            base = key[:-5] if key.endswith("_FILE") and key[:-5] in known else key
+            if base not in known and key not in known and key not in _RUNTIME_VARIABLES:
+                raise ConfigError(key, f"unknown variable in {env_file}")
+            if value is not None:
+                merged[key] = value
+    elif env_file is not None and str(env_file) != ".env":
+        raise ConfigError("--env-file", f"{env_file} does not exist")
+    for key, value in env.items():
+        if key in known or key in _RUNTIME_VARIABLES or (key.endswith("_FILE") and key[:-5] in known):
+            merged[key] = value
+    values = _resolve(merged, known)
+    parts: dict[str, Any] = {}
+    for comp, model in Settings.COMPONENTS.items():
+        subset = {k: v for k, v in values.items() if known.get(k) == comp}
+        try:
+            parts[comp] = model(**subset)
+        except ValidationError as exc:
+            raise _config_error(exc, model) from None
+    return Settings(**parts)
+
+
+def _resolve(merged: dict[str, str], known: dict[str, str]) -> dict[str, str]:
+    """Apply ``X_FILE`` indirection and ``enc:`` decryption."""
+    from gateway import secrets  # local: cryptography is only needed when enc: is used
+
+    out: dict[str, str] = {}
+    for key, value in merged.items():
+        if key.endswith("_FILE") and key[:-5] in known:
+            var = key[:-5]
+            if var in merged and merged[var] != "":
+                raise ConfigError(key, f"both {var} and {key} are set; use one")
+            try:
+                out[var] = Path(value).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(key, f"cannot read {value}: {exc.strerror}") from None
+        elif key in known:
+            out.setdefault(key, value)
+    for key, value in list(out.items()):
+        if value.startswith("enc:"):
+            out[key] = secrets.decrypt_value(key, value, merged)
+    # An empty value means "not set" (as in a commented-out template line).
+    return {k: v for k, v in out.items() if v != ""}
+
+
+def _config_error(exc: ValidationError, model: type[_Component]) -> ConfigError:
+    err = exc.errors()[0]
+    loc = err["loc"][0] if err["loc"] else ""
+    alias = str(loc)
+    for name, info in model.model_fields.items():
+        if name == loc or info.alias == loc:
+            alias = str(info.alias)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return ConfigError(alias, msg)
+
+
+__all__ = [
+    "SECRET_VARIABLES",
+    "AliasChoices",
+    "ApiKey",
+    "DatabaseSettings",
+    "HttpSettings",
+    "IngestSettings",
+    "LogSettings",
+    "MqttSettings",
+    "ProcessorSettings",
+    "Settings",
+    "SupervisorSettings",
+    "known_variables",
+    "load_settings",
+]

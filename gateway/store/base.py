@@ -1,0 +1,311 @@
+"""The ``Store`` protocol: everything the gateway asks of a database, in one small interface.
+
+Two real implementations: :mod:`gateway.store.sqlite` (stdlib sqlite3 in a worker thread, the
+embedded default) and :mod:`gateway.store.postgres` (asyncpg through trio-asyncio). The same
+contract test suite runs against both.
+
+Failure model: an operation that cannot reach the database raises
+:class:`~gateway.errors.StoreUnavailable` (temporary: retry with backoff); nothing else about
+connection loss leaks out. Every operation runs under the query timeout from settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import trio
+
+Source = Literal["mqtt", "api"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A validated reading to store. ``(device_id, dedupe_key)`` is unique: a second insert is a duplicate."""
+
+    device_id: str
+    device_ts: datetime
+    seq: int | None
+    dedupe_key: str
+    measurements: dict[str, float | int]
+    status: str
+    battery: float | None
+    source: Source
+    received_at: datetime
+    topic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewReject:
+    """A refused packet, kept with its reason and field errors."""
+
+    received_at: datetime
+    source: Source
+    topic: str | None
+    payload: bytes
+    reason: str
+    errors: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class InsertOutcome:
+    """What happened to one :class:`NewMessage`: its row id, and whether it was already there."""
+
+    id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A row of ``messages``."""
+
+    id: int
+    device_id: str
+    device_ts: datetime
+    received_at: datetime
+    seq: int | None
+    measurements: dict[str, float | int]
+    status: str
+    battery: float | None
+    source: str
+    processed_at: datetime | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    dead: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (times in RFC 3339 UTC) as the API returns it."""
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "timestamp": _iso(self.device_ts),
+            "received_at": _iso(self.received_at),
+            "seq": self.seq,
+            "measurements": self.measurements,
+            "status": self.status,
+            "battery": self.battery,
+            "source": self.source,
+            "processed_at": _iso(self.processed_at) if self.processed_at else None,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "dead": self.dead,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReject:
+    """A row of ``rejects``. ``payload`` is the raw bytes as received."""
+
+    id: int
+    received_at: datetime
+    source: str
+    topic: str | None
+    payload: bytes
+    reason: str
+    errors: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; the payload as text (invalid UTF-8 replaced)."""
+        return {
+            "id": self.id,
+            "received_at": _iso(self.received_at),
+            "source": self.source,
+            "topic": self.topic,
+            "payload": self.payload.decode("utf-8", "replace"),
+            "reason": self.reason,
+            "errors": self.errors,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append for SSE replay. ``message_id`` ties it to the message that produced it."""
+
+    type: str
+    data: dict[str, Any]
+    message_id: int | None = None
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A stored event. ``id`` only grows, in commit order, across every instance."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A message whose actions failed: retry at ``retry_at``, or dead-letter when ``retry_at`` is None."""
+
+    message_id: int
+    error: str
+    retry_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    """Filters for :meth:`Store.query_messages`. ``key``/``value``: a measurement or a top-level field.
+
+    ``value`` is compared as a number when it parses as one (and the stored value is a number),
+    otherwise as text. ``cursor`` is the opaque string from a previous page's ``next_cursor``.
+    Results are newest first (by id).
+    """
+
+    limit: int = 100
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    device_id: str | None = None
+    key: str | None = None
+    value: str | None = None
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of results."""
+
+    items: list[Any]
+    total: int
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Unprocessed work: how many messages wait, and when the oldest arrived."""
+
+    count: int
+    oldest: datetime | None
+    dead: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file and whether (and when) it was applied."""
+
+    version: int
+    name: str
+    applied_at: datetime | None = None
+
+
+@dataclass
+class StoreHealth:
+    """Connection state for /ping and metrics."""
+
+    state: Literal["starting", "ok", "degraded"] = "starting"
+    last_error: str | None = None
+    reconnects: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What the gateway needs from a database. All methods may raise StoreUnavailable."""
+
+    kind: str
+    health: StoreHealth
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (retrying with backoff), apply migrations, report started, keep the connection
+        healthy, and close it on cancel. Runs until cancelled."""
+        ...
+
+    async def migrate(self) -> list[Migration]:
+        """Apply pending migrations in order, each in a transaction; returns those applied now."""
+        ...
+
+    async def migration_status(self) -> list[Migration]:
+        """Every known migration, with ``applied_at`` for the applied ones."""
+        ...
+
+    async def ping(self) -> None:
+        """A round trip to the database; raises StoreUnavailable when it fails."""
+        ...
+
+    async def write_batch(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
+        """Insert messages (idempotently) and rejects in ONE transaction.
+
+        Returns one outcome per message, in order; duplicates (same device + dedupe key, also within
+        the batch) report the existing id with ``duplicate=True``. On PostgreSQL also NOTIFYs
+        ``gateway_messages`` when something new was stored.
+        """
+        ...
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        """Lease up to ``limit`` unprocessed, not dead, due messages (oldest first) to ``owner``.
+
+        A message leased to someone else is skipped until its lease expires. Concurrent claimers
+        never get the same message (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        """
+        ...
+
+    async def complete(
+        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+    ) -> list[Event]:
+        """In ONE transaction: mark ``processed`` done, record ``failed`` (attempts+1, last_error,
+        retry time or dead), and append ``events`` — only for messages still leased to ``owner``
+        (events with ``message_id=None`` always). Event ids grow in commit order across instances.
+        Returns the appended events with their ids.
+        """
+        ...
+
+    async def append_events(self, events: list[NewEvent]) -> list[Event]:
+        """Append events not tied to a message (alerts). Returns them with ids."""
+        ...
+
+    async def read_events(
+        self,
+        after_id: int,
+        limit: int,
+        types: frozenset[str] | None = None,
+        device_id: str | None = None,
+    ) -> list[Event]:
+        """Events with ``id > after_id`` in id order, optionally filtered."""
+        ...
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """(oldest kept id, newest id); (0, 0) when there are none."""
+        ...
+
+    async def prune_events(self, older_than: datetime) -> int:
+        """Delete events created before ``older_than``; returns how many."""
+        ...
+
+    async def query_messages(self, query: MessageQuery) -> Page:
+        """A page of :class:`StoredMessage` (newest first), the total matching, and the next cursor.
+
+        Raises ValueError for a malformed cursor.
+        """
+        ...
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One message by id."""
+        ...
+
+    async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
+        """A page of :class:`StoredReject`, newest first."""
+        ...
+
+    async def backlog(self) -> Backlog:
+        """How much work waits for the processor."""
+        ...
+
+    async def watch(
+        self, on_message: Callable[[], None], on_event: Callable[[], None],
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``on_message`` when any instance stores new messages and ``on_event`` when any
+        instance appends events (PostgreSQL LISTEN/NOTIFY; also called once after every
+        (re)connect, since notifications may have been missed). SQLite: only this process
+        writes, so it reports started and waits. Runs until cancelled; callbacks must not block.
+        """
+        ...
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
