@@ -1,0 +1,166 @@
+"""Logging: a rotating file plus stderr (journald), text or JSON, with secret redaction.
+
+Every line carries a timestamp, the level, the logger (the log type: ``gateway.mqtt``,
+``gateway.http``, ...) and the message with key=value context. A :class:`RedactingFilter`
+on every handler removes passwords, API keys, DSN passwords and bearer tokens before anything is
+written, whatever the call site passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import re
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import LogSettings
+
+_MASK = "**********"
+
+# Patterns for secrets that may appear in free text: DSN passwords, bearer tokens, key=value pairs.
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)([^@\s]+)@"), r"\1" + _MASK + "@"),
+    (re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]+)"), r"\1" + _MASK),
+    (
+        re.compile(
+            r"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key|access_token|apikey|x-api-key)"
+            r"[\"']?\s*[=:]\s*[\"']?)([^\s\"'&,;]+)"
+        ),
+        r"\1" + _MASK,
+    ),
+)
+
+
+class RedactingFilter(logging.Filter):
+    """Removes secrets from a record's message (and exception text) before any handler formats it.
+
+    Known secret values (passwords, keys from the configuration) are replaced wherever they appear;
+    patterns catch DSN passwords, bearer tokens and ``password=...``-style pairs.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets: list[str] = []
+        self.set_secrets(secrets)
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        """Replace the list of literal secret values to mask (longest first, short ones ignored)."""
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every known secret and secret-looking value masked."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _MASK)
+        for pattern, repl in _PATTERNS:
+            text = pattern.sub(repl, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Render the message once, redact it, and freeze it on the record."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the line
+            message = str(record.msg)
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-27T09:00:00.123Z INFO gateway.mqtt connected host=... session_present=True``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"{ts} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        elif record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg`` and the parsed key=value context."""
+
+    _KV = re.compile(r"(\w+)=(\S+)")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": message,
+        }
+        context = dict(self._KV.findall(message))
+        if context:
+            out["ctx"] = context
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else None)
+        if exc:
+            out["exc"] = exc
+        return json.dumps(out, ensure_ascii=False)
+
+
+_installed: list[logging.Handler] = []
+_filter = RedactingFilter()
+
+
+def setup_logging(settings: LogSettings, secrets: Iterable[str] = (), *, stderr: bool = True) -> None:
+    """Install the gateway's handlers on the ``gateway`` logger (replacing earlier ones).
+
+    Creates the log directory when needed. Safe to call again on reload (level, format, secrets).
+    """
+    root = logging.getLogger("gateway")
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+    _filter.set_secrets(secrets)
+    formatter: logging.Formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
+    handlers: list[logging.Handler] = []
+    if stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if settings.file is not None:
+        Path(settings.file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                settings.file, maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
+            )
+        )
+    for handler in handlers:
+        handler.addFilter(_filter)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+        _installed.append(handler)
+    root.setLevel(settings.level)
+    root.propagate = False
+    # Libraries log through their own loggers; keep their noise out unless it is a warning.
+    for name in ("hypercorn", "hypercorn.error", "quart", "asyncio", "trio_asyncio"):
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.WARNING)
+        for handler in handlers:
+            if handler not in lib.handlers:
+                lib.addHandler(handler)
+        lib.propagate = False
+
+
+def set_level(level: str) -> None:
+    """Change the gateway's log level live."""
+    logging.getLogger("gateway").setLevel(level)
+
+
+def redact(text: str) -> str:
+    """Mask secrets in ``text`` with the installed filter (for error bodies and messages)."""
+    return _filter.redact(text)
