@@ -1,0 +1,101 @@
+"""Configuration: precedence, validation naming the variable, *_FILE indirection, masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.settings import load_settings
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings(None, {})
+    assert s.database.url.get_secret_value() == "sqlite:///data/gateway.db"
+    assert (s.database.pool_min, s.database.pool_max) == (1, 10)
+    assert s.mqtt.url == "mqtt://127.0.0.1:1883" and s.mqtt.port == 1883 and not s.mqtt.tls
+    assert s.mqtt.client_id.startswith("gateway-")
+    assert (s.mqtt.subscribe_topic, s.mqtt.publish_topic) == ("sensors/+/data", "gateway/events")
+    assert (s.http.host, s.http.port, s.http.rate_limit) == ("127.0.0.1", 8080, "600/minute")
+    assert (s.processor.interval, s.processor.batch_size) == (1.0, 500)
+    assert str(s.log.file) == "logs/server.log" and s.log.level == "INFO" and s.log.format == "text"
+    assert (s.log.max_bytes, s.log.backup_count) == (10485760, 5)
+
+
+def test_environment_over_env_file_over_defaults(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("HTTP_PORT=9000\nLOG_LEVEL=debug\n")
+    s = load_settings(env_file, {"HTTP_PORT": "9100", "UNRELATED": "x"})
+    assert s.http.port == 9100
+    assert s.log.level == "DEBUG"
+    assert s.mqtt.keepalive == 30
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MQTT_URL": "http://broker"}, "MQTT_URL"),
+        ({"HTTP_PORT": "99999"}, "HTTP_PORT"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"API_KEYS": "a:root:" + "0" * 64}, "API_KEYS"),
+        ({"API_KEYS": "a:read:nothex"}, "API_KEYS"),
+        ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+        ({"PROCESSOR_INTERVAL": "-1"}, "PROCESSOR_INTERVAL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"MQTT_PROTOCOL": "4"}, "MQTT_PROTOCOL"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable + ":")
+
+
+def test_unknown_key_in_env_file_is_refused(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("HTTP_PROT=9000\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(env_file, {})
+    assert info.value.variable == "HTTP_PROT"
+
+
+def test_missing_explicit_env_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(tmp_path / "nope.env", {})
+
+
+def test_file_indirection_reads_secrets(tmp_path: Path) -> None:
+    (tmp_path / "mqtt_password").write_text("hunter2-long\n")
+    s = load_settings(None, {"MQTT_PASSWORD_FILE": str(tmp_path / "mqtt_password")})
+    assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == "hunter2-long"
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"MQTT_PASSWORD_FILE": str(tmp_path / "missing")})
+    assert info.value.variable == "MQTT_PASSWORD_FILE"
+    with pytest.raises(ConfigError):
+        load_settings(None, {"MQTT_PASSWORD": "x", "MQTT_PASSWORD_FILE": str(tmp_path / "mqtt_password")})
+
+
+def test_masked_view_hides_secrets() -> None:
+    digest = "ab" * 32
+    s = load_settings(
+        None,
+        {
+            "DATABASE_URL": "postgresql://gw:topsecretpw@db/gw",
+            "MQTT_PASSWORD": "brokersecret",
+            "API_KEYS": f"ops:admin:{digest}",
+        },
+    )
+    shown = s.masked()
+    text = repr(shown)
+    assert "topsecretpw" not in text and "brokersecret" not in text and digest not in text
+    assert shown["DATABASE_URL"] == "postgresql://gw:**********@db/gw"
+    assert shown["MQTT_PASSWORD"] == "**********"
+    assert shown["API_KEYS"].startswith("ops:admin:")
+
+
+def test_share_group_subscription() -> None:
+    s = load_settings(None, {"MQTT_SHARE_GROUP": "gw", "MQTT_URL": "mqtts://broker"})
+    assert s.mqtt.subscription == "$share/gw/sensors/+/data"
+    assert s.mqtt.tls and s.mqtt.port == 8883
