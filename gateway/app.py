@@ -1,0 +1,286 @@
+"""The composition root: opens resources, builds the components, runs them under one supervisor.
+
+Data flow (see README): mqtt → (channel) → ingest → store → processor → hub → http (SSE, REST).
+Start order is the dependency order; the supervisor stops them in reverse, so intake stops first
+and the store closes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway import __version__, metrics
+from gateway.alerts import Alerts
+from gateway.errors import ConfigError, RuleError
+from gateway.health import Health
+from gateway.hub import Hub
+from gateway.http.app import serve as serve_http
+from gateway.http.context import AppContext
+from gateway.ingest import Ingest
+from gateway.logs import set_level, setup_logging
+from gateway.mqtt import Inbound, MqttBridge
+from gateway.processor import Processor
+from gateway.rules import load_rules
+from gateway.settings import Settings, load_settings
+from gateway.store import open_store
+from gateway.store.base import Store
+from gateway.supervisor import Component, Supervisor
+from gateway.systemd import Notifier
+from gateway.wake import Nudge
+
+log = logging.getLogger("gateway.app")
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Literal secret values the log filter must mask wherever they appear."""
+    out: list[str] = []
+    if settings.mqtt.password is not None:
+        out.append(settings.mqtt.password.get_secret_value())
+    url = settings.database.url.get_secret_value()
+    if "@" in url and ":" in url.split("://", 1)[-1].split("@", 1)[0]:
+        out.append(url.split("://", 1)[-1].split("@", 1)[0].split(":", 1)[1])
+    return out
+
+
+@dataclass
+class Gateway:
+    """The running service's shared objects; ``settings`` is replaced on reload."""
+
+    settings: Settings
+    env_file: str | None
+    store: Store
+    health: Health = field(default_factory=Health)
+    nudge: Nudge = field(default_factory=Nudge)
+    notifier: Notifier = field(default_factory=Notifier)
+    stop_requested: trio.Event = field(default_factory=trio.Event)
+    http_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.hub = Hub(self.store)
+        self.bridge = MqttBridge(self.settings.mqtt, self.health.component("mqtt"))
+        self.processor = Processor(
+            self.settings.processor,
+            self.store,
+            self.bridge,
+            self.nudge,
+            self.health.component("processor"),
+            instance_id=self.instance_id,
+            rules=load_rules(self.settings.processor.rules_file),
+            on_events=self.hub.notify,
+            event_retention=self.settings.database.event_retention,
+        )
+        self.alerts = Alerts(self.health, self.store, self.bridge, on_alert=None)
+        self.ctx = AppContext(
+            settings=self.settings,
+            store=self.store,
+            hub=self.hub,
+            publisher=self.bridge,
+            health=self.health,
+            on_commit=self.nudge.set,
+            reload=self.reload,
+            version=__version__,
+        )
+        self.supervisor = Supervisor(self.settings.supervisor, self._components)
+        self._reload_lock = trio.Lock()
+
+    def _components(self) -> Sequence[Component]:
+        """Build one generation of the group (fresh channels each time it is restarted)."""
+        send, receive = trio.open_memory_channel[list[Inbound]](self.settings.ingest.channel_size)
+        ingest = Ingest(
+            self.settings.ingest, self.store, self.bridge.ack, self.nudge.set, self.health.component("ingest")
+        )
+        return [
+            Component("database", self.store.run),
+            Component("status", self._status_loop),
+            Component("watch", partial(self.store.watch, self.nudge.set, self.hub.notify)),
+            Component("hub", self.hub.run),
+            Component("processor", self.processor.run),
+            Component("ingest", partial(ingest.run, receive)),
+            Component("mqtt", partial(self.bridge.run, send)),
+            Component("alerts", self.alerts.run),
+            Component("http", self._serve_http),
+            Component("watchdog", self.notifier.run_watchdog),
+        ]
+
+    async def _serve_http(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        stop = trio.Event()
+
+        async def relay() -> None:
+            await self.stop_requested.wait()
+            stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            bound = await nursery.start(partial(serve_http, self.ctx, stop=stop))
+            self.http_port = bound if isinstance(bound, int) else None
+            task_status.started(bound)
+
+    async def _status_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mirror store health into the registry and systemd STATUS, every second."""
+        db = self.health.component("database")
+        task_status.started()
+        last_status = ""
+        while True:
+            sh = self.store.health
+            db.set("ok" if sh.state == "ok" else ("starting" if sh.state == "starting" else "degraded"),
+                   sh.last_error)
+            db.detail["reconnects"] = sh.reconnects
+            for name, comp in self.health.as_dict().items():
+                metrics.COMPONENT_UP.labels(component=name).set(1 if comp["state"] == "ok" else 0)
+            mqtt = self.health.component("mqtt")
+            proc = self.health.component("processor")
+            status = (
+                f"{self.health.overall}; mqtt {mqtt.state}; db {db.state}; "
+                f"backlog {proc.detail.get('backlog', '?')}"
+            )
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            await trio.sleep(1.0)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration and apply it; raises ConfigError and keeps the old one if invalid.
+
+        Returns ``{"changed": [variables], "restarted": [components], "requires_restart": [...]}``.
+        """
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = load_settings(self.env_file if self.env_file else ".env")
+                try:
+                    rules = load_rules(new.processor.rules_file)
+                except RuleError as exc:
+                    raise ConfigError("RULES_FILE", str(exc)) from None
+                old_vals, new_vals = _raw_values(self.settings), _raw_values(new)
+                changed = sorted(k for k in new_vals if new_vals[k] != old_vals.get(k))
+                restarted: list[str] = []
+                requires_restart: list[str] = []
+                self.settings = new
+                self.ctx.settings = new
+                setup_logging(new.log, secret_values(new))
+                set_level(new.log.level)
+                self.processor.set_rules(rules)
+                self.processor.set_interval(new.processor.interval)
+                groups = {_component_of(k) for k in changed}
+                if "mqtt" in groups:
+                    self.bridge.settings = new.mqtt
+                    if self.supervisor.restart("mqtt"):
+                        restarted.append("mqtt")
+                if "ingest" in groups and self.supervisor.restart("ingest"):
+                    restarted.append("ingest")
+                http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY"}
+                if any(_component_of(k) == "http" and k not in http_live for k in changed):
+                    requires_restart.append("http")
+                if "database" in groups:
+                    requires_restart.append("database")
+                if "supervisor" in groups:
+                    requires_restart.append("supervisor")
+                log.info(
+                    "configuration reloaded changed=%s restarted=%s requires_restart=%s",
+                    ",".join(changed) or "-",
+                    ",".join(restarted) or "-",
+                    ",".join(requires_restart) or "-",
+                )
+                return {"changed": changed, "restarted": restarted, "requires_restart": requires_restart}
+            except ConfigError as exc:
+                log.warning("reload refused, keeping the running configuration error=%s", exc)
+                raise
+            finally:
+                self.notifier.ready()
+
+    async def run(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every component, report READY, and run until a stop is requested."""
+        t0 = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            self.notifier.ready()
+            log.info(
+                "gateway ready version=%s instance=%s database=%s http_port=%s startup_ms=%.0f",
+                __version__,
+                self.instance_id,
+                self.store.kind,
+                self.http_port,
+                (time.monotonic() - t0) * 1000,
+            )
+            task_status.started(self.http_port)
+            await self.stop_requested.wait()
+            log.info("stopping")
+            self.notifier.stopping()
+            with trio.move_on_after(self.settings.supervisor.shutdown_timeout * 2):
+                await self.supervisor.stop()
+            nursery.cancel_scope.cancel()
+        log.info("gateway stopped")
+
+    def request_stop(self) -> None:
+        """Ask the gateway to stop gracefully."""
+        self.stop_requested.set()
+
+
+def _raw_values(settings: Settings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in Settings.COMPONENTS:
+        model = getattr(settings, name)
+        for field_name, info in type(model).model_fields.items():
+            value = getattr(model, field_name)
+            out[str(info.alias)] = value.get_secret_value() if hasattr(value, "get_secret_value") else repr(value)
+    return out
+
+
+def _component_of(variable: str) -> str:
+    from gateway.settings import known_variables
+
+    return known_variables().get(variable, "?")
+
+
+async def serve(settings: Settings, env_file: str | None = None) -> None:
+    """Run the gateway until SIGTERM/SIGINT (graceful stop); SIGHUP reloads the configuration."""
+    async with open_store(settings.database) as store:
+        gateway = Gateway(settings, env_file, store)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals() -> None:
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            try:
+                                await gateway.reload()
+                            except ConfigError:
+                                pass  # logged by reload(); the running configuration stays
+                        else:
+                            log.info("signal received signal=%s", signal.Signals(signum).name)
+                            gateway.request_stop()
+
+                nursery.start_soon(on_signals)
+                await gateway.run()
+                nursery.cancel_scope.cancel()
+
+
+def run_gateway(settings: Settings, env_file: str | None = None) -> int:
+    """Set up logging and run :func:`serve`; returns the exit code."""
+    setup_logging(settings.log, secret_values(settings))
+    if settings.database.kind == "sqlite":
+        Path(settings.database.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        trio.run(serve, settings, env_file)
+    except (ConfigError, RuleError) as exc:
+        log.error("configuration error: %s", exc)
+        print(f"gateway: configuration error: {exc}", file=__import__("sys").stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        log.critical("fatal error", exc_info=True)
+        return 1
+    return 0

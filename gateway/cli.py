@@ -1,0 +1,172 @@
+"""The ``gateway`` command: serve, migrate, check-config, simulate, apikey, secrets.
+
+Exit codes: 0 success or clean stop; 2 invalid configuration (the message names the variable);
+1 any other fatal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError, StoreUnavailable
+from gateway.settings import Settings, load_settings
+
+log = logging.getLogger("gateway.cli")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Sensor gateway: MQTT in, storage, rules, SSE, API")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def env_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--env-file", default=None, help="configuration file (default: ./.env if present)")
+
+    p = sub.add_parser("serve", help="run the gateway until SIGTERM/SIGINT")
+    env_opt(p)
+    p = sub.add_parser("migrate", help="apply pending SQL migrations")
+    env_opt(p)
+    p.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    p = sub.add_parser("check-config", help="validate and print the effective configuration")
+    env_opt(p)
+
+    p = sub.add_parser("simulate", help="a fleet of virtual sensors publishing to the broker")
+    try:
+        from gateway import simulate
+
+        simulate.add_arguments(p)
+    except ImportError:  # pragma: no cover - the simulator ships with the package
+        pass
+
+    p = sub.add_parser("apikey", help="API keys")
+    ak = p.add_subparsers(dest="apikey_command", required=True)
+    new = ak.add_parser("new", help="print a new random key once, and its API_KEYS entry")
+    new.add_argument("--name", required=True)
+    new.add_argument("--role", required=True, choices=["read", "write", "admin"])
+
+    p = sub.add_parser("secrets", help="secrets encrypted at rest in .env (enc:...)")
+    sc = p.add_subparsers(dest="secrets_command", required=True)
+    kg = sc.add_parser("keygen", help="write a new key file (mode 0600)")
+    kg.add_argument("--out", default="secrets.key", type=Path)
+    enc = sc.add_parser("encrypt", help="encrypt a value read from stdin into an enc: token")
+    enc.add_argument("--key-file", default="secrets.key", type=Path)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.env_file if args.env_file else ".env")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gateway`` command; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command: str = args.command
+    if command == "serve":
+        settings = _load(args)
+        from gateway.app import run_gateway
+
+        return run_gateway(settings, env_file=args.env_file)
+    if command == "check-config":
+        settings = _load(args)
+        width = max(len(k) for k in settings.masked())
+        for key, value in settings.masked().items():
+            print(f"{key.ljust(width)}  {value}")
+        print("configuration ok", file=sys.stderr)
+        return EXIT_OK
+    if command == "migrate":
+        settings = _load(args)
+        return trio.run(_migrate, settings, args.status)
+    if command == "simulate":
+        from gateway import simulate
+
+        return simulate.main(args)
+    if command == "apikey":
+        from gateway.apikeys import new_key
+
+        key, entry = new_key(args.name, args.role)
+        print(f"key:   {key}")
+        print(f"entry: {entry}")
+        print("Store the key now: it is not shown again. Add the entry to API_KEYS (comma-separated).", file=sys.stderr)
+        return EXIT_OK
+    if command == "secrets":
+        return _secrets(args)
+    raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from gateway import secrets
+
+    if args.secrets_command == "keygen":
+        try:
+            secrets.write_key_file(args.out)
+        except FileExistsError:
+            print(f"gateway: {args.out} exists; refusing to overwrite a key", file=sys.stderr)
+            return EXIT_FATAL
+        print(f"wrote {args.out} (mode 0600); set SECRETS_KEY_FILE={args.out.resolve()}")
+        return EXIT_OK
+    value = sys.stdin.readline().rstrip("\r\n")
+    if not value:
+        print("gateway: give the value to encrypt on standard input", file=sys.stderr)
+        return EXIT_FATAL
+    print(secrets.encrypt_value(secrets.read_key(args.key_file), value))
+    return EXIT_OK
+
+
+async def _migrate(settings: Settings, status_only: bool) -> int:
+    from gateway.store import open_store
+
+    async with open_store(settings.database) as store:
+        try:
+            with trio.fail_after(settings.database.connect_timeout + settings.database.query_timeout):
+                if not status_only:
+                    applied = await store.migrate()
+                    for m in applied:
+                        print(f"applied  {m.version:04d}_{m.name}")
+                    if not applied:
+                        print("nothing to apply: the schema is up to date")
+                rows = await store.migration_status()
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            print(f"gateway: database unavailable: {exc or 'timed out'}", file=sys.stderr)
+            return EXIT_FATAL
+        finally:
+            await _close(store)
+        if status_only:
+            for m in rows:
+                state = f"applied {m.applied_at:%Y-%m-%d %H:%M:%S}" if m.applied_at else "pending"
+                print(f"{m.version:04d}_{m.name:<40} {state}")
+    return EXIT_OK
+
+
+async def _close(store: Any) -> None:
+    close = getattr(store, "aclose", None)
+    if close is not None:
+        with trio.CancelScope(shield=True):
+            await close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
