@@ -99,3 +99,14 @@ def test_share_group_subscription() -> None:
     s = load_settings(None, {"MQTT_SHARE_GROUP": "gw", "MQTT_URL": "mqtts://broker"})
     assert s.mqtt.subscription == "$share/gw/sensors/+/data"
     assert s.mqtt.tls and s.mqtt.port == 8883
+
+
+def test_env_example_documents_every_variable_and_loads() -> None:
+    root = Path(__file__).resolve().parents[1]
+    example = root / ".env.example"
+    text = example.read_text()
+    from gateway.settings import known_variables
+
+    missing = [v for v in known_variables() if f"{v}=" not in text]
+    assert not missing, f".env.example lacks {missing}"
+    load_settings(example, {})

@@ -1,0 +1,64 @@
+"""The `gateway` command as a user runs it: a real process, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_KEYS"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        GATEWAY + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60, input=stdin
+    )
+
+
+def test_check_config_prints_masked_config(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("MQTT_PASSWORD=hunter2-secret\nDATABASE_URL=postgresql://gw:dbpw-secret@h/gw\n")
+    res = _run(["check-config"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "hunter2-secret" not in res.stdout + res.stderr
+    assert "dbpw-secret" not in res.stdout + res.stderr
+    assert "MQTT_PASSWORD" in res.stdout and "postgresql://gw:**********@h/gw" in res.stdout
+
+
+def test_invalid_config_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    for cmd in (["check-config"], ["serve"], ["migrate"]):
+        res = _run(cmd, tmp_path, env={"HTTP_PORT": "70000"})
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert "HTTP_PORT" in res.stderr
+
+
+def test_env_file_option(tmp_path: Path) -> None:
+    env_file = tmp_path / "custom.env"
+    env_file.write_text("HTTP_PORT=9123\n")
+    res = _run(["check-config", "--env-file", str(env_file)], tmp_path)
+    assert res.returncode == 0 and "9123" in res.stdout
+    res = _run(["check-config", "--env-file", str(tmp_path / "missing.env")], tmp_path)
+    assert res.returncode == 2
+
+
+def test_secrets_keygen_and_encrypt_roundtrip(tmp_path: Path) -> None:
+    res = _run(["secrets", "keygen", "--out", "k.key"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "k.key").stat().st_mode & 0o777 == 0o600
+    assert _run(["secrets", "keygen", "--out", "k.key"], tmp_path).returncode == 1
+    res = _run(["secrets", "encrypt", "--key-file", "k.key"], tmp_path, stdin="brokerpass-123\n")
+    assert res.returncode == 0 and res.stdout.startswith("enc:")
+    token = res.stdout.strip()
+    assert "brokerpass-123" not in token
+    (tmp_path / ".env").write_text(f"MQTT_PASSWORD={token}\nSECRETS_KEY_FILE=k.key\n")
+    res = _run(["check-config"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "brokerpass-123" not in res.stdout
+    # A wrong key is a clear configuration error naming the variable, without the secret.
+    subprocess.run(GATEWAY + ["secrets", "keygen", "--out", "other.key"], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / ".env").write_text(f"MQTT_PASSWORD={token}\nSECRETS_KEY_FILE=other.key\n")
+    res = _run(["check-config"], tmp_path)
+    assert res.returncode == 2
+    assert "MQTT_PASSWORD" in res.stderr and token[4:] not in res.stderr and "Traceback" not in res.stderr
