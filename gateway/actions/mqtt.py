@@ -1,0 +1,60 @@
+"""The ``mqtt`` action: a QoS 1 JSON publish on ``MQTT_PUBLISH_TOPIC`` or a subtopic of it (pure).
+
+The processor publishes after the messages are committed, so the payload can carry the id of the
+event the same message produced (``event_id``), which lets subscribers deduplicate redeliveries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.actions.base import only_keys
+from gateway.actions.template import Context, Template
+from gateway.store.base import StoredMessage
+
+_SUBTOPIC = re.compile(r"^[^+#/\x00][^+#\x00]*(?<!/)$")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAction:
+    """Publish a payload for a message.
+
+    Without ``payload`` it is ``{"event_id", "type", "rule", "data": <the message>}``. A templated
+    payload that renders to a table gets ``event_id`` added when it has none, so every outbound
+    publish carries the event id (``null`` when the message produced no event).
+    """
+
+    subtopic: str | None = None
+    payload: Template | None = None
+
+    type = "mqtt"
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> MqttAction:
+        """Build from a rules-file table; raises ValueError naming the problem."""
+        only_keys(spec, {"type", "subtopic", "payload"})
+        subtopic = spec.get("subtopic")
+        if subtopic is not None and (
+            not isinstance(subtopic, str) or len(subtopic) > 200 or not _SUBTOPIC.match(subtopic)
+        ):
+            raise ValueError(
+                "subtopic must be a topic suffix without wildcards (+ #) or leading/trailing '/' "
+                f"(got {subtopic!r})"
+            )
+        payload = Template(spec["payload"]) if "payload" in spec else None
+        return cls(subtopic=subtopic, payload=payload)
+
+    def render(self, message: StoredMessage, *, rule: str, event_id: int | None) -> bytes:
+        """The JSON payload for ``message``."""
+        value: Any
+        if self.payload is None:
+            value = {"event_id": event_id, "type": "packet", "rule": rule, "data": message.to_json()}
+        else:
+            value = self.payload.render(Context(message=message, rule=rule, event_id=event_id))
+            if isinstance(value, dict) and "event_id" not in value:
+                value = {"event_id": event_id, **value}
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
