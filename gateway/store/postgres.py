@@ -1,0 +1,700 @@
+"""The PostgreSQL store: asyncpg through trio-asyncio. The only module that imports either.
+
+Each operation runs as one asyncio coroutine (acquire, transaction, queries) crossing the bridge
+once, under ``trio.fail_after(query_timeout)``; connection errors and timeouts become
+:class:`~gateway.errors.StoreUnavailable`, and the pool's connections are expired so the next
+call reconnects. Writes are batched into a few round trips (``unnest`` arrays), because a single
+call costs ~60-70 µs through the bridge while bulk costs nothing extra.
+
+Event ids come from an identity column, taken under a transaction-level advisory lock held
+until commit, so ids grow in commit order across connections and instances: a reader that
+polls ``id > last`` never misses one.
+
+If the database is down at start, :meth:`PostgresStore.run` still reports started (degraded) and
+keeps retrying; until the pool exists every operation raises StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from gateway import metrics
+from gateway.errors import StoreCorrupt, StoreUnavailable
+from gateway.settings import DatabaseSettings
+from gateway.store import migrate as _migrate
+from gateway.store._common import (
+    NUMBER_FIELDS,
+    TEXT_FIELDS,
+    backoff,
+    check_query,
+    encode_cursor,
+    parse_number,
+)
+from gateway.store.base import (
+    Backlog,
+    Event,
+    Failure,
+    InsertOutcome,
+    MessageQuery,
+    Migration,
+    NewEvent,
+    NewMessage,
+    NewReject,
+    Page,
+    StoredMessage,
+    StoredReject,
+    StoreHealth,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = Any  # asyncpg.Connection (untyped library)
+
+HEALTH_INTERVAL = 5.0  # seconds between health checks while ok
+LISTEN_KEEPALIVE = 10.0  # seconds between checks of the LISTEN connection
+_EVENTS_LOCK = 0x6761_7465_7761_7901  # pg_advisory_xact_lock key: event id order
+_MIGRATE_LOCK = 0x6761_7465_7761_7902  # pg_advisory_xact_lock key: one migrator at a time
+
+# Errors that mean "the database cannot be reached right now".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+_MSG_COLS = (
+    "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
+    " processed_at, attempts, last_error, dead_at"
+)
+_INSERT_MESSAGES = """
+INSERT INTO messages (device_id, dedupe_key, device_ts, received_at, seq, measurements, status,
+                      battery, source, topic)
+SELECT d, k, ts, ra, s, m::jsonb, st, b, src, t
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], $6::text[],
+            $7::text[], $8::float8[], $9::text[], $10::text[])
+     WITH ORDINALITY AS u(d, k, ts, ra, s, m, st, b, src, t, ord)
+ORDER BY ord
+ON CONFLICT (device_id, dedupe_key) DO NOTHING
+RETURNING id, device_id, dedupe_key
+"""
+_SELECT_EXISTING = """
+SELECT m.id, m.device_id, m.dedupe_key
+FROM messages m JOIN unnest($1::text[], $2::text[]) AS u(d, k) ON m.device_id = u.d AND m.dedupe_key = u.k
+"""
+_INSERT_REJECTS = """
+INSERT INTO rejects (received_at, source, topic, payload, reason, errors)
+SELECT ra, src, t, p, r, e::jsonb
+FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])
+     AS u(ra, src, t, p, r, e)
+"""
+_CLAIM = f"""
+UPDATE messages SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
+WHERE id IN (
+    SELECT id FROM messages
+    WHERE processed_at IS NULL AND dead_at IS NULL
+      AND (lease_until IS NULL OR lease_until < now())
+      AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    ORDER BY id LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+RETURNING {_MSG_COLS}
+"""
+_MARK_PROCESSED = """
+UPDATE messages SET processed_at = now(), lease_owner = NULL, lease_until = NULL
+WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+RETURNING id
+"""
+_MARK_FAILED = """
+UPDATE messages m
+SET attempts = m.attempts + 1, last_error = f.err, next_attempt_at = f.retry,
+    dead_at = CASE WHEN f.retry IS NULL THEN now() END, lease_owner = NULL, lease_until = NULL
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS f(id, err, retry)
+WHERE m.id = f.id AND m.lease_owner = $4
+RETURNING m.id
+"""
+# Taking the lock and queueing the NOTIFY together saves a round trip (NOTIFY is sent at commit).
+_LOCK_EVENTS = f"SELECT pg_advisory_xact_lock({_EVENTS_LOCK}), pg_notify('gateway_events', '')"
+_INSERT_EVENTS = """
+INSERT INTO events (type, data, device_id, message_id)
+SELECT t, d::jsonb, dev, mid
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(t, d, dev, mid, ord)
+ORDER BY ord
+RETURNING id, created_at
+"""
+_READ_EVENTS = """
+SELECT id, type, data, created_at, device_id FROM events
+WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR device_id = $3)
+ORDER BY id LIMIT $4
+"""
+_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+_BACKLOG = """
+SELECT (SELECT count(*) FROM messages WHERE processed_at IS NULL AND dead_at IS NULL),
+       (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL ORDER BY id LIMIT 1),
+       (SELECT count(*) FROM messages WHERE dead_at IS NOT NULL)
+"""
+
+
+@asynccontextmanager
+async def open_postgres(settings: DatabaseSettings) -> AsyncIterator[PostgresStore]:
+    """Open the trio-asyncio loop and yield a store bound to it (call ``run()`` to connect)."""
+    async with trio_asyncio.open_loop() as loop:
+        yield PostgresStore(settings, loop)
+
+
+class PostgresStore:
+    """:class:`~gateway.store.base.Store` on PostgreSQL (``DATABASE_URL=postgresql://...``)."""
+
+    kind = "postgres"
+
+    def __init__(self, settings: DatabaseSettings, loop: Any) -> None:
+        self._settings = settings
+        self._loop = loop
+        self._pool: Any = None  # asyncpg.Pool once run() connected
+        self.health = StoreHealth()
+
+    def _aio(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        # An explicit loop, so callers from any Trio task (not only inside open_loop) work.
+        wrapped: Callable[..., Awaitable[T]] = trio_asyncio.aio_as_trio(fn, loop=self._loop)
+        return wrapped
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (retrying forever with backoff), migrate, report started, keep checking health,
+        and close the pool when cancelled. Runs until cancelled.
+
+        Reports started after the first failed attempt too (degraded), so the gateway comes up.
+        Raises StoreCorrupt when a migration fails.
+        """
+        started = False
+        attempt = 0
+        try:
+            while self._pool is None:
+                try:
+                    pool = await self._create_pool()
+                    try:
+                        await self._migrate_on(pool)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await self._close_pool(pool)
+                        raise
+                    self._pool = pool
+                except StoreUnavailable as exc:
+                    self._set_degraded(str(exc))
+                    log.warning("database unavailable, retrying: %s", exc)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await trio.sleep(backoff(attempt, self._settings.retry_min, self._settings.retry_max))
+                    attempt += 1
+            self._set_ok()
+            if not started:
+                task_status.started()
+            await self._check_health()
+        finally:
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                with trio.CancelScope(shield=True):
+                    await self._close_pool(pool)
+
+    async def _create_pool(self) -> Any:
+        s = self._settings
+        try:
+            with trio.fail_after(s.connect_timeout):
+                return await self._aio(asyncpg.create_pool)(
+                    dsn=s.url.get_secret_value(),
+                    min_size=min(s.pool_min, s.pool_max),
+                    max_size=s.pool_max,
+                    timeout=s.connect_timeout,
+                    init=_init_connection,
+                )
+        except trio.TooSlowError as exc:
+            raise StoreUnavailable(f"database did not answer within {s.connect_timeout:g} s") from exc
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            # At connect time every server error (auth, unknown database) is "not usable yet".
+            raise StoreUnavailable(f"cannot connect to database: {_describe(exc)}") from exc
+
+    async def _close_pool(self, pool: Any) -> None:
+        with trio.move_on_after(self._settings.connect_timeout) as scope:
+            try:
+                await self._aio(pool.close)()
+            except _UNAVAILABLE:
+                scope.cancel()
+        if scope.cancelled_caught:
+            pool.terminate()
+
+    async def _check_health(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.ping()
+            except StoreUnavailable:
+                delay = backoff(attempt, self._settings.retry_min, self._settings.retry_max)
+                attempt += 1
+            else:
+                attempt = 0
+                delay = HEALTH_INTERVAL
+            await trio.sleep(delay)
+
+    def _set_ok(self) -> None:
+        if self.health.state == "degraded":
+            self.health.reconnects += 1
+        self.health.state = "ok"
+        self.health.last_error = None
+        metrics.DB_UP.set(1)
+
+    def _set_degraded(self, error: str) -> None:
+        self.health.state = "degraded"
+        self.health.last_error = error
+        metrics.DB_UP.set(0)
+
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` on a pooled connection under the query timeout, translating errors."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable(f"database not connected ({self.health.last_error or 'starting'})")
+
+        async def body() -> T:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+
+        result = await self._translate(body, self._settings.query_timeout, pool)
+        if self.health.state != "ok":
+            self._set_ok()
+        return result
+
+    async def _translate(self, body: Callable[[], Awaitable[T]], seconds: float, pool: Any) -> T:
+        try:
+            with trio.fail_after(seconds):
+                return await self._aio(body)()
+        except trio.TooSlowError as exc:
+            error = f"database did not answer within {seconds:g} s"
+            await self._lost(pool, error)
+            raise StoreUnavailable(error) from exc
+        except _UNAVAILABLE as exc:
+            error = f"database unavailable: {_describe(exc)}"
+            await self._lost(pool, error)
+            raise StoreUnavailable(error) from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreCorrupt(f"database error: {_describe(exc)}") from exc
+
+    async def _lost(self, pool: Any, error: str) -> None:
+        self._set_degraded(error)
+        if pool is not None:
+            # Connections opened before an outage are dead: replace them on the next acquire
+            # (no I/O: it only marks them).
+            await self._aio(pool.expire_connections)()
+
+    # -- migrations ----------------------------------------------------------------------
+
+    async def migrate(self) -> list[Migration]:
+        """Apply pending migrations in order, each in a transaction; returns those applied now.
+
+        Works before ``run()`` too (one direct connection attempt).
+        """
+        if self._pool is not None:
+            return await self._migrate_on(self._pool)
+        return await self._direct(_apply_migrations)
+
+    async def migration_status(self) -> list[Migration]:
+        """Every known migration, with ``applied_at`` for the applied ones."""
+        files = _migrate.load_migrations("postgres")
+
+        async def read(conn: Conn) -> dict[int, tuple[str, datetime]]:
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            if not exists:
+                return {}
+            rows = await conn.fetch("SELECT version, name, applied_at FROM schema_migrations")
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+        applied = await (self._run(read) if self._pool is not None else self._direct(read))
+        return _migrate.merge_status(files, applied)
+
+    async def _migrate_on(self, pool: Any) -> list[Migration]:
+        async def body() -> list[Migration]:
+            async with pool.acquire() as conn:
+                return await _apply_migrations(conn)
+
+        return await self._translate(body, self._settings.query_timeout * 10, pool)
+
+    async def _direct(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """``fn`` on a fresh connection (no pool yet), closed afterwards."""
+        s = self._settings
+
+        async def body() -> T:
+            conn = await asyncpg.connect(s.url.get_secret_value(), timeout=s.connect_timeout)
+            try:
+                await _init_connection(conn)
+                return await fn(conn)
+            finally:
+                await conn.close()
+
+        return await self._translate(body, s.query_timeout * 10, None)
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """A ``SELECT 1`` round trip; raises StoreUnavailable when it fails."""
+        await self._run(lambda conn: conn.fetchval("SELECT 1"))
+
+    async def write_batch(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
+        """Insert messages (idempotently) and rejects in one transaction; one outcome per message.
+
+        NOTIFYs ``gateway_messages`` when something new was stored.
+        """
+        first: dict[tuple[str, str], int] = {}
+        for i, m in enumerate(messages):
+            first.setdefault((m.device_id, m.dedupe_key), i)
+        unique = [messages[i] for i in first.values()]
+        # Column arrays for unnest(): one round trip for the whole batch.
+        cols = _columns(
+            [
+                (
+                    m.device_id, m.dedupe_key, m.device_ts, m.received_at, m.seq,
+                    json.dumps(m.measurements), m.status, m.battery, m.source, m.topic,
+                )
+                for m in unique
+            ],
+            10,
+        )
+        rej_cols = _columns(
+            [(r.received_at, r.source, r.topic, r.payload, r.reason, json.dumps(r.errors)) for r in rejects],
+            6,
+        )
+
+        async def write(conn: Conn) -> dict[tuple[str, str], tuple[int, bool]]:
+            ids: dict[tuple[str, str], tuple[int, bool]] = {}
+            async with conn.transaction():
+                if unique:
+                    for r in await conn.fetch(_INSERT_MESSAGES, *cols):
+                        ids[(r[1], r[2])] = (r[0], False)
+                    if len(ids) < len(unique):
+                        for r in await conn.fetch(_SELECT_EXISTING, cols[0], cols[1]):
+                            ids.setdefault((r[1], r[2]), (r[0], True))
+                    if any(not dup for _, dup in ids.values()):
+                        await conn.execute("SELECT pg_notify('gateway_messages', '')")
+                if rejects:
+                    await conn.execute(_INSERT_REJECTS, *rej_cols)
+            return ids
+
+        if not messages and not rejects:
+            return []
+        ids = await self._run(write)
+        out = []
+        for i, m in enumerate(messages):
+            key = (m.device_id, m.dedupe_key)
+            if key not in ids:
+                raise StoreCorrupt(f"message {key} neither inserted nor found")
+            row_id, dup = ids[key]
+            out.append(InsertOutcome(row_id, dup or first[key] != i))
+        return out
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        """Lease up to ``limit`` due, unprocessed, not dead messages (oldest first) to ``owner``;
+        concurrent claimers never get the same one (``FOR UPDATE SKIP LOCKED``)."""
+        if limit < 1:
+            return []
+        rows = await self._run(lambda conn: conn.fetch(_CLAIM, owner, limit, float(lease_seconds)))
+        return sorted((_message(r) for r in rows), key=lambda m: m.id)
+
+    async def complete(
+        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+    ) -> list[Event]:
+        """Mark processed/failed and append events, in one transaction, only for messages still
+        leased to ``owner`` (events without a message always). NOTIFYs ``gateway_events``."""
+
+        async def complete(conn: Conn) -> list[Event]:
+            owned: set[int] = set()
+            async with conn.transaction():
+                if processed:
+                    owned.update(r[0] for r in await conn.fetch(_MARK_PROCESSED, processed, owner))
+                if failed:
+                    rows = await conn.fetch(
+                        _MARK_FAILED,
+                        [f.message_id for f in failed],
+                        [f.error for f in failed],
+                        [f.retry_at for f in failed],
+                        owner,
+                    )
+                    owned.update(r[0] for r in rows)
+                keep = [e for e in events if e.message_id is None or e.message_id in owned]
+                return await _append(conn, keep)
+
+        if not processed and not failed and not events:
+            return []
+        return await self._run(complete)
+
+    async def append_events(self, events: list[NewEvent]) -> list[Event]:
+        """Append events not tied to a lease (alerts); returns them with ids."""
+
+        async def append(conn: Conn) -> list[Event]:
+            async with conn.transaction():
+                return await _append(conn, events)
+
+        if not events:
+            return []
+        return await self._run(append)
+
+    async def read_events(
+        self,
+        after_id: int,
+        limit: int,
+        types: frozenset[str] | None = None,
+        device_id: str | None = None,
+    ) -> list[Event]:
+        """Events with ``id > after_id`` in id order, optionally filtered by type and device."""
+        type_list = sorted(types) if types is not None else None
+        rows = await self._run(lambda conn: conn.fetch(_READ_EVENTS, after_id, type_list, device_id, limit))
+        return [Event(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """(oldest kept id, newest id); (0, 0) when there are none."""
+        row = await self._run(
+            lambda conn: conn.fetchrow("SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM events")
+        )
+        return (row[0], row[1])
+
+    async def prune_events(self, older_than: datetime) -> int:
+        """Delete events created before ``older_than``; returns how many."""
+        sql = "WITH d AS (DELETE FROM events WHERE created_at < $1 RETURNING 1) SELECT count(*) FROM d"
+        count: int = await self._run(lambda conn: conn.fetchval(sql, older_than))
+        return count
+
+    async def query_messages(self, query: MessageQuery) -> Page:
+        """A page of messages, newest first, with the total matching and the next cursor.
+
+        Raises ValueError for a malformed cursor, a limit below 1 or a value without a key.
+        """
+        before = check_query(query)
+        where, params = _message_filters(query)
+        cond = " AND ".join(where) or "true"
+        count_sql = f"SELECT count(*) FROM messages WHERE {cond}"
+        page_params = [*params]
+        page_cond = cond
+        if before is not None:
+            page_params.append(before)
+            page_cond += f" AND id < ${len(page_params)}"
+        page_params.append(query.limit + 1)
+        page_sql = (
+            f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ${len(page_params)}"
+        )
+
+        async def read(conn: Conn) -> tuple[int, list[Any]]:
+            return await conn.fetchval(count_sql, *params), await conn.fetch(page_sql, *page_params)
+
+        total, rows = await self._run(read)
+        items = [_message(r) for r in rows[: query.limit]]
+        more = len(rows) > query.limit
+        return Page(items, total, encode_cursor(items[-1].id) if more else None)
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One message by id, or None."""
+        sql = f"SELECT {_MSG_COLS} FROM messages WHERE id = $1"
+        row = await self._run(lambda conn: conn.fetchrow(sql, message_id))
+        return _message(row) if row is not None else None
+
+    async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
+        """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
+        before = check_query(MessageQuery(limit=limit, cursor=cursor))
+        sql = (
+            f"SELECT {_REJECT_COLS} FROM rejects WHERE ($1::bigint IS NULL OR id < $1)"
+            " ORDER BY id DESC LIMIT $2"
+        )
+
+        async def read(conn: Conn) -> tuple[int, list[Any]]:
+            total = await conn.fetchval("SELECT count(*) FROM rejects")
+            return total, await conn.fetch(sql, before, limit + 1)
+
+        total, rows = await self._run(read)
+        items = [StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows[:limit]]
+        return Page(items, total, encode_cursor(items[-1].id) if len(rows) > limit else None)
+
+    async def backlog(self) -> Backlog:
+        """How many messages wait (and the oldest arrival), and how many are dead."""
+        row = await self._run(lambda conn: conn.fetchrow(_BACKLOG))
+        return Backlog(row[0], row[1], row[2])
+
+    async def watch(
+        self,
+        on_message: Callable[[], None],
+        on_event: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """LISTEN on a dedicated connection; call ``on_message``/``on_event`` on each NOTIFY and
+        once after every (re)connect. Reconnects with backoff. Reports started after the first
+        LISTEN or the first failure. Runs until cancelled."""
+        s = self._settings
+        started = False
+        attempt = 0
+        while True:
+            conn: Any = None
+            lost = trio.Event()
+            try:
+                with trio.fail_after(s.connect_timeout):
+                    conn = await self._aio(asyncpg.connect)(
+                        s.url.get_secret_value(), timeout=s.connect_timeout
+                    )
+                    # Listener callbacks run on the Trio thread: they only call ours.
+                    await self._aio(conn.add_listener)("gateway_messages", lambda *_: on_message())
+                    await self._aio(conn.add_listener)("gateway_events", lambda *_: on_event())
+                conn.add_termination_listener(lambda *_, lost=lost: lost.set())
+                attempt = 0
+                if not started:
+                    task_status.started()
+                    started = True
+                on_message()
+                on_event()
+                while True:
+                    with trio.move_on_after(LISTEN_KEEPALIVE):
+                        await lost.wait()
+                    if lost.is_set():
+                        raise ConnectionError("listen connection closed")
+                    with trio.fail_after(s.query_timeout):
+                        await self._aio(conn.fetchval)("SELECT 1")
+            except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.warning("database LISTEN connection lost, reconnecting: %s", _describe(exc))
+            finally:
+                if conn is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(s.connect_timeout) as scope:
+                        try:
+                            await self._aio(conn.close)()
+                        except _UNAVAILABLE:
+                            scope.cancel()
+                    if scope.cancelled_caught:
+                        conn.terminate()
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(backoff(attempt, s.retry_min, s.retry_max))
+            attempt += 1
+
+
+# -- asyncio-side helpers (run on a connection inside one aio_as_trio call) -----------------
+
+
+async def _init_connection(conn: Conn) -> None:
+    # Reads decode json/jsonb to Python; writes pass JSON text with ::jsonb casts.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _apply_migrations(conn: Conn) -> list[Migration]:
+    files = _migrate.load_migrations("postgres")
+    done: list[Migration] = []
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
+        await conn.execute(_migrate.BOOTSTRAP["postgres"])
+    for mig in files:
+        async with conn.transaction():
+            # Instances starting together: one applies, the others see it recorded.
+            await conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
+            if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", mig.version):
+                continue
+            await conn.execute(mig.sql)
+            at = await conn.fetchval(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2) RETURNING applied_at",
+                mig.version,
+                mig.name,
+            )
+        log.info("applied migration %04d_%s", mig.version, mig.name)
+        done.append(Migration(mig.version, mig.name, at))
+    return done
+
+
+async def _append(conn: Conn, events: list[NewEvent]) -> list[Event]:
+    """Insert events under the advisory lock (held to commit): ids grow in commit order."""
+    if not events:
+        return []
+    await conn.execute(_LOCK_EVENTS)
+    rows = await conn.fetch(
+        _INSERT_EVENTS,
+        [e.type for e in events],
+        [json.dumps(e.data) for e in events],
+        [e.device_id for e in events],
+        [e.message_id for e in events],
+    )
+    rows = sorted(rows, key=lambda r: r[0])  # ids were taken in input order
+    return [Event(r[0], e.type, e.data, r[1], e.device_id) for r, e in zip(rows, events, strict=True)]
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to per-column lists (``width`` empty lists when there are no rows)."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+def _describe(exc: BaseException) -> str:
+    # Library messages name hosts and users, never the password; the DSN is never included.
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _message(r: Any) -> StoredMessage:
+    return StoredMessage(
+        id=r[0],
+        device_id=r[1],
+        device_ts=r[2],
+        received_at=r[3],
+        seq=r[4],
+        measurements=r[5],
+        status=r[6],
+        battery=r[7],
+        source=r[8],
+        processed_at=r[9],
+        attempts=r[10],
+        last_error=r[11],
+        dead=r[12] is not None,
+    )
+
+
+def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
+    """WHERE fragments (fixed text with $n placeholders) and their parameters."""
+    where: list[str] = []
+    params: list[Any] = []
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if query.start_time is not None:
+        where.append(f"device_ts >= {param(query.start_time)}")
+    if query.end_time is not None:
+        where.append(f"device_ts < {param(query.end_time)}")
+    if query.device_id is not None:
+        where.append(f"device_id = {param(query.device_id)}")
+    key, value = query.key, query.value
+    if key is None:
+        return where, params
+    if key in TEXT_FIELDS or key in NUMBER_FIELDS:
+        column = key  # from a fixed set of names, never free text
+        if value is None:
+            where.append(f"{column} IS NOT NULL")
+        elif key in TEXT_FIELDS:
+            where.append(f"{column} = {param(value)}::text")
+        elif (number := parse_number(value)) is None:
+            where.append("false")  # a number column never equals text
+        else:
+            where.append(f"{column} = {param(number)}::float8")
+    elif value is None:
+        where.append(f"measurements ? {param(key)}::text")
+    elif (number := parse_number(value)) is None:
+        where.append("false")  # measurements are numbers: text never matches
+    else:
+        # Containment uses the GIN index; jsonb compares numbers as numeric (21 = 21.0).
+        k, v = param(key), param(Decimal(repr(number)))
+        where.append(f"measurements @> jsonb_build_object({k}::text, {v}::numeric)")
+    return where, params

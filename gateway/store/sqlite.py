@@ -1,0 +1,529 @@
+"""The embedded store: stdlib sqlite3 on one connection, driven from Trio worker threads.
+
+One connection and a ``CapacityLimiter(1)`` make this process the single writer, so every
+operation is serialised and event ids trivially grow in commit order. WAL lets operators read
+the file meanwhile. Times are fixed-width UTC text and JSON is text (see the migration).
+Each call runs under the query timeout, enforced inside SQLite by a progress handler (a worker
+thread cannot be cancelled), and lock waits are bounded by ``busy_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import trio
+
+from gateway import metrics
+from gateway.errors import StoreCorrupt, StoreUnavailable
+from gateway.settings import DatabaseSettings
+from gateway.store import migrate as _migrate
+from gateway.store._common import (
+    NUMBER_FIELDS,
+    TEXT_FIELDS,
+    check_query,
+    encode_cursor,
+    now_utc,
+    parse_number,
+    ts_parse,
+    ts_text,
+)
+from gateway.store.base import (
+    Backlog,
+    Event,
+    Failure,
+    InsertOutcome,
+    MessageQuery,
+    Migration,
+    NewEvent,
+    NewMessage,
+    NewReject,
+    Page,
+    StoredMessage,
+    StoredReject,
+    StoreHealth,
+)
+
+T = TypeVar("T")
+
+_MSG_COLS = (
+    "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
+    " processed_at, attempts, last_error, dead_at"
+)
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (device_id, dedupe_key, device_ts, received_at, seq, measurements, status,"
+    " battery, source, topic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, dedupe_key) DO NOTHING"
+)
+_SELECT_DUPLICATE = "SELECT id FROM messages WHERE device_id = ? AND dedupe_key = ?"
+_INSERT_REJECT = (
+    "INSERT INTO rejects (received_at, source, topic, payload, reason, errors) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_CLAIM = (
+    f"UPDATE messages SET lease_owner = ?, lease_until = ? WHERE id IN ("
+    " SELECT id FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
+    " AND (lease_until IS NULL OR lease_until < ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+    f" ORDER BY id LIMIT ?) RETURNING {_MSG_COLS}"
+)
+_MARK_PROCESSED = (
+    "UPDATE messages SET processed_at = ?, lease_owner = NULL, lease_until = NULL"
+    " WHERE id IN (SELECT value FROM json_each(?)) AND lease_owner = ? RETURNING id"
+)
+_MARK_FAILED = (
+    "UPDATE messages SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+    " dead_at = CASE WHEN ? IS NULL THEN ? END, lease_owner = NULL, lease_until = NULL"
+    " WHERE id = ? AND lease_owner = ?"
+)
+_INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_id) VALUES (?, ?, ?, ?, ?)"
+_EVENT_COLS = "id, type, data, created_at, device_id"
+_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+_BACKLOG = (
+    "SELECT count(*), (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
+    " ORDER BY id LIMIT 1), (SELECT count(*) FROM messages WHERE dead_at IS NOT NULL)"
+    " FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
+)
+
+# sqlite3 error texts that mean "the query (or schema) is wrong", not "try again later".
+_CORRUPT_HINTS = ("no such table", "no such column", "syntax error", "malformed", "not a database")
+
+
+class SqliteStore:
+    """:class:`~gateway.store.base.Store` on a SQLite file (``DATABASE_URL=sqlite:///PATH``).
+
+    The connection opens on first use (so ``migrate()`` works without ``run()``); ``run()``
+    opens it, migrates, and closes it when cancelled.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self._settings = settings
+        self._path = settings.sqlite_path
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+        self._deadline = math.inf
+        self.health = StoreHealth()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the file, apply migrations, report started, then wait. Runs until cancelled.
+
+        Raises StoreUnavailable when the file cannot be opened, StoreCorrupt on a bad migration.
+        """
+        try:
+            await self.migrate()
+            self._set_ok()
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection (it reopens on next use)."""
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if str(self._path) != ":memory:":
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._settings.query_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
+                conn.set_progress_handler(self._over_deadline, 10_000)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _over_deadline(self) -> int:
+        # Non-zero aborts the running statement with OperationalError("interrupted").
+        return 1 if time.monotonic() > self._deadline else 0
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with the connection in the worker thread, translating sqlite3 errors."""
+        timeout = self._settings.query_timeout
+
+        def work() -> T:
+            conn = self._connect()
+            self._deadline = time.monotonic() + timeout
+            try:
+                return fn(conn)
+            finally:
+                self._deadline = math.inf
+
+        try:
+            result = await trio.to_thread.run_sync(work, limiter=self._limiter)
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if any(hint in text for hint in _CORRUPT_HINTS):
+                raise StoreCorrupt(f"sqlite: {text}") from exc
+            if text == "interrupted":
+                text = f"query took longer than {timeout:g} s"
+            self._set_degraded(text)
+            raise StoreUnavailable(f"sqlite: {text}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"sqlite: {exc}") from exc
+        except OSError as exc:
+            self._set_degraded(str(exc))
+            raise StoreUnavailable(f"sqlite: cannot open {self._path}: {exc.strerror or exc}") from exc
+        if self.health.state != "ok":
+            self._set_ok()
+        return result
+
+    def _set_ok(self) -> None:
+        if self.health.state == "degraded":
+            self.health.reconnects += 1
+        self.health.state = "ok"
+        self.health.last_error = None
+        metrics.DB_UP.set(1)
+
+    def _set_degraded(self, error: str) -> None:
+        self.health.state = "degraded"
+        self.health.last_error = error
+        metrics.DB_UP.set(0)
+
+    # -- migrations ----------------------------------------------------------------------
+
+    async def migrate(self) -> list[Migration]:
+        """Apply pending migrations in order, each in a transaction; returns those applied now."""
+        files = _migrate.load_migrations("sqlite")
+
+        def apply(conn: sqlite3.Connection) -> list[Migration]:
+            conn.execute(_migrate.BOOTSTRAP["sqlite"])
+            done: list[Migration] = []
+            for mig in files:
+                with _transaction(conn):
+                    row = conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (mig.version,))
+                    if row.fetchone():
+                        continue
+                    for statement in _statements(mig.sql):
+                        conn.execute(statement)
+                    at = now_utc()
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        (mig.version, mig.name, ts_text(at)),
+                    )
+                done.append(Migration(mig.version, mig.name, at))
+            return done
+
+        return await self._call(apply)
+
+    async def migration_status(self) -> list[Migration]:
+        """Every known migration, with ``applied_at`` for the applied ones."""
+        files = _migrate.load_migrations("sqlite")
+
+        def read(conn: sqlite3.Connection) -> dict[int, tuple[str, datetime]]:
+            conn.execute(_migrate.BOOTSTRAP["sqlite"])
+            rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
+            return {v: (n, ts_parse(a)) for v, n, a in rows}
+
+        return _migrate.merge_status(files, await self._call(read))
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """A round trip to the database file."""
+        await self._call(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def write_batch(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
+        """Insert messages (idempotently) and rejects in one transaction; one outcome per message."""
+        msg_rows = [
+            (
+                m.device_id, m.dedupe_key, ts_text(m.device_ts), ts_text(m.received_at), m.seq,
+                json.dumps(m.measurements), m.status, m.battery, m.source, m.topic,
+            )
+            for m in messages
+        ]
+        rej_rows = [
+            (ts_text(r.received_at), r.source, r.topic, r.payload, r.reason, json.dumps(r.errors))
+            for r in rejects
+        ]
+
+        def write(conn: sqlite3.Connection) -> list[InsertOutcome]:
+            out: list[InsertOutcome] = []
+            seen: dict[tuple[str, str], int] = {}
+            with _transaction(conn):
+                for row in msg_rows:
+                    key = (row[0], row[1])
+                    if key in seen:
+                        out.append(InsertOutcome(seen[key], True))
+                        continue
+                    cur = conn.execute(_INSERT_MESSAGE, row)
+                    if cur.rowcount == 1:
+                        assert cur.lastrowid is not None
+                        seen[key] = cur.lastrowid
+                        out.append(InsertOutcome(cur.lastrowid, False))
+                    else:
+                        seen[key] = conn.execute(_SELECT_DUPLICATE, key).fetchone()[0]
+                        out.append(InsertOutcome(seen[key], True))
+                if rej_rows:
+                    conn.executemany(_INSERT_REJECT, rej_rows)
+            return out
+
+        if not msg_rows and not rej_rows:
+            return []
+        return await self._call(write)
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        """Lease up to ``limit`` due, unprocessed, not dead messages (oldest first) to ``owner``."""
+
+        def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
+            now = now_utc()
+            now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
+            with _transaction(conn):
+                rows = conn.execute(_CLAIM, (owner, until, now_text, now_text, limit)).fetchall()
+            return sorted((_message(r) for r in rows), key=lambda m: m.id)
+
+        if limit < 1:
+            return []
+        return await self._call(claim)
+
+    async def complete(
+        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+    ) -> list[Event]:
+        """Mark processed/failed and append events, only for messages still leased to ``owner``."""
+
+        def complete(conn: sqlite3.Connection) -> list[Event]:
+            now = ts_text(now_utc())
+            with _transaction(conn):
+                owned: set[int] = set()
+                if processed:
+                    rows = conn.execute(_MARK_PROCESSED, (now, json.dumps(processed), owner)).fetchall()
+                    owned.update(r[0] for r in rows)
+                for f in failed:
+                    retry = ts_text(f.retry_at) if f.retry_at is not None else None
+                    cur = conn.execute(_MARK_FAILED, (f.error, retry, retry, now, f.message_id, owner))
+                    if cur.rowcount:
+                        owned.add(f.message_id)
+                keep = [e for e in events if e.message_id is None or e.message_id in owned]
+                return _append(conn, keep)
+
+        return await self._call(complete)
+
+    async def append_events(self, events: list[NewEvent]) -> list[Event]:
+        """Append events not tied to a lease (alerts); returns them with ids."""
+
+        def append(conn: sqlite3.Connection) -> list[Event]:
+            with _transaction(conn):
+                return _append(conn, events)
+
+        if not events:
+            return []
+        return await self._call(append)
+
+    async def read_events(
+        self,
+        after_id: int,
+        limit: int,
+        types: frozenset[str] | None = None,
+        device_id: str | None = None,
+    ) -> list[Event]:
+        """Events with ``id > after_id`` in id order, optionally filtered by type and device."""
+        where = ["id > ?"]
+        params: list[Any] = [after_id]
+        if types is not None:
+            where.append("type IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(sorted(types)))
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        sql = f"SELECT {_EVENT_COLS} FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        params.append(limit)
+        rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
+        return [Event(r[0], r[1], json.loads(r[2]), ts_parse(r[3]), r[4]) for r in rows]
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """(oldest kept id, newest id); (0, 0) when there are none."""
+        row = await self._call(lambda conn: conn.execute("SELECT min(id), max(id) FROM events").fetchone())
+        return (row[0], row[1]) if row[0] is not None else (0, 0)
+
+    async def prune_events(self, older_than: datetime) -> int:
+        """Delete events created before ``older_than``; returns how many."""
+
+        def prune(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                cur = conn.execute("DELETE FROM events WHERE created_at < ?", (ts_text(older_than),))
+                return cur.rowcount
+
+        return await self._call(prune)
+
+    async def query_messages(self, query: MessageQuery) -> Page:
+        """A page of messages, newest first, with the total matching and the next cursor.
+
+        Raises ValueError for a malformed cursor, a limit below 1 or a value without a key.
+        """
+        before = check_query(query)
+        where, params = _message_filters(query)
+        cond = " AND ".join(where) or "1"
+        page_cond = cond + (" AND id < ?" if before is not None else "")
+        page_params = [*params, *([before] if before is not None else []), query.limit + 1]
+        count_sql = f"SELECT count(*) FROM messages WHERE {cond}"
+        page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+            total = conn.execute(count_sql, params).fetchone()[0]
+            return total, conn.execute(page_sql, page_params).fetchall()
+
+        total, rows = await self._call(read)
+        items = [_message(r) for r in rows[: query.limit]]
+        more = len(rows) > query.limit
+        return Page(items, total, encode_cursor(items[-1].id) if more else None)
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One message by id, or None."""
+        sql = f"SELECT {_MSG_COLS} FROM messages WHERE id = ?"
+        row = await self._call(lambda conn: conn.execute(sql, (message_id,)).fetchone())
+        return _message(row) if row is not None else None
+
+    async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
+        """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
+        before = check_query(MessageQuery(limit=limit, cursor=cursor))
+        cond = "id < ?" if before is not None else "1"
+        sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE {cond} ORDER BY id DESC LIMIT ?"
+        params = [*([before] if before is not None else []), limit + 1]
+
+        def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+            total = conn.execute("SELECT count(*) FROM rejects").fetchone()[0]
+            return total, conn.execute(sql, params).fetchall()
+
+        total, rows = await self._call(read)
+        items = [
+            StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6]))
+            for r in rows[:limit]
+        ]
+        return Page(items, total, encode_cursor(items[-1].id) if len(rows) > limit else None)
+
+    async def backlog(self) -> Backlog:
+        """How many messages wait (and the oldest arrival), and how many are dead."""
+        count, oldest, dead = await self._call(lambda conn: conn.execute(_BACKLOG).fetchone())
+        return Backlog(count, ts_parse(oldest) if oldest else None, dead)
+
+    async def watch(
+        self,
+        on_message: Callable[[], None],
+        on_event: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Only this process writes, so there is nothing to hear: report started and wait."""
+        task_status.started()
+        await trio.sleep_forever()
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a busy database fails at BEGIN, not mid-way.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a SQL script into complete statements (so it can run inside our transaction)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        raise StoreCorrupt("migration ends with an incomplete statement")
+
+
+def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
+    now = now_utc()
+    now_text = ts_text(now)
+    out = []
+    for e in events:
+        cur = conn.execute(_INSERT_EVENT, (e.type, json.dumps(e.data), now_text, e.device_id, e.message_id))
+        assert cur.lastrowid is not None
+        out.append(Event(cur.lastrowid, e.type, e.data, now, e.device_id))
+    return out
+
+
+def _message(r: Any) -> StoredMessage:
+    return StoredMessage(
+        id=r[0],
+        device_id=r[1],
+        device_ts=ts_parse(r[2]),
+        received_at=ts_parse(r[3]),
+        seq=r[4],
+        measurements=json.loads(r[5]),
+        status=r[6],
+        battery=r[7],
+        source=r[8],
+        processed_at=ts_parse(r[9]) if r[9] else None,
+        attempts=r[10],
+        last_error=r[11],
+        dead=r[12] is not None,
+    )
+
+
+def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
+    """WHERE fragments (fixed text, values as parameters) for a message query."""
+    where: list[str] = []
+    params: list[Any] = []
+    if query.start_time is not None:
+        where.append("device_ts >= ?")
+        params.append(ts_text(query.start_time))
+    if query.end_time is not None:
+        where.append("device_ts < ?")
+        params.append(ts_text(query.end_time))
+    if query.device_id is not None:
+        where.append("device_id = ?")
+        params.append(query.device_id)
+    key, value = query.key, query.value
+    if key is None:
+        return where, params
+    if key in TEXT_FIELDS or key in NUMBER_FIELDS:
+        column = key  # from a fixed set of names, never free text
+        if value is None:
+            where.append(f"{column} IS NOT NULL")
+        elif key in TEXT_FIELDS:
+            where.append(f"{column} = ?")
+            params.append(value)
+        elif (number := parse_number(value)) is None:
+            where.append("0")  # a number column never equals text
+        else:
+            where.append(f"{column} = ?")
+            params.append(number)
+    elif value is None:
+        where.append("EXISTS (SELECT 1 FROM json_each(measurements) WHERE key = ?)")
+        params.append(key)
+    elif (number := parse_number(value)) is None:
+        where.append("0")  # measurements are numbers: text never matches
+    else:
+        # json_each yields SQL numbers, compared numerically (21 = 21.0).
+        where.append("EXISTS (SELECT 1 FROM json_each(measurements) WHERE key = ? AND value = ?)")
+        params.extend([key, number])
+    return where, params
