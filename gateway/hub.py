@@ -1,0 +1,342 @@
+"""Fan-out of stored events to SSE subscribers, with replay after ``Last-Event-ID``.
+
+The ``events`` table is the truth. One tailer task keeps ``position`` (the highest id it has read) and,
+when notified (this instance's processor committed events, or another instance's NOTIFY arrived) or
+every ``poll_interval`` as a safety net, reads ``id > position`` in pages and hands each event to every
+live subscriber's bounded channel. Event ids grow in commit order (the store guarantees it), so tailing
+``id > position`` never misses an event from any instance.
+
+A subscriber with a ``last_event_id`` is registered first (from then on it receives every event above
+the tailer's position P at that moment) and then replays ``(last_event_id, P]`` from the store; live
+events the replay already yielded are skipped by id. So there is no gap and no repeat.
+
+Overflow policy: the tailer never waits for a subscriber. A subscriber whose bounded channel is full is
+detached: it reads what was buffered, then catches up from the store (the same replay, re-registering
+at the new position). One that stays behind longer than ``max_lag`` is dropped and counted: its
+iteration ends, the HTTP side closes the stream, and the browser reconnects and replays with
+``Last-Event-ID``. A burst larger than the buffer therefore costs a few store reads, not a reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from gateway import metrics
+from gateway.backoff import Backoff
+from gateway.errors import StoreUnavailable
+from gateway.store.base import Event, Store
+from gateway.wake import Nudge
+
+log = logging.getLogger("gateway.hub")
+
+_TAIL_PAGE = 1000
+
+
+class Subscription:
+    """One subscriber's stream of events: replay (if asked), then live. Async-iterable.
+
+    Iteration yields :class:`~gateway.store.base.Event` in id order, first a ``reset`` event when the
+    requested id is older than the oldest kept event (or unknown); it ends when the subscriber was
+    dropped for being too slow or when the hub stops.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        last_event_id: int | None,
+        types: frozenset[str] | None,
+        device_id: str | None,
+        buffer: int,
+    ) -> None:
+        self._hub = hub
+        self.types = types
+        self.device_id = device_id
+        self._buffer = buffer
+        self._send: trio.MemorySendChannel[Event]
+        self._recv: trio.MemoryReceiveChannel[Event]
+        self._send, self._recv = trio.open_memory_channel(buffer)
+        self._pending: deque[Event] = deque()
+        self._cursor = 0  # id of the last event yielded (live events at or below it are repeats)
+        self._last_event_id = last_event_id
+        self._replay_after = 0  # replay reads ids above this
+        self._target = 0  # replay until reaching this id (the tailer position at registration)
+        self._replaying = False
+        self.overflowed = False  # the live channel filled up during replay
+        self.dropped = False
+        self.started = False
+        self._position = 0
+
+    def matches(self, event: Event) -> bool:
+        """Whether ``event`` passes this subscriber's filters."""
+        if self.types is not None and event.type not in self.types:
+            return False
+        return self.device_id is None or event.device_id == self.device_id
+
+    # -- called by the hub (synchronously, so registration and fan-out never interleave) --
+
+    def _offer(self, event: Event) -> bool:
+        """Queue a live event; False when the channel is full (the hub then drops or re-registers)."""
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return True  # already closed; the hub removes it
+        return True
+
+    def _close(self) -> None:
+        self._send.close()
+
+    # -- iteration --
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if not self.started:
+            await self._start()
+        while True:
+            if self._pending:
+                event = self._pending.popleft()
+                if event.id > self._cursor or event.type == "reset":
+                    self._cursor = max(self._cursor, event.id)
+                    return event
+                continue
+            if self.dropped:
+                raise StopAsyncIteration
+            if self._replaying:
+                await self._replay_page()
+                continue
+            try:
+                event = await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if self.overflowed and not self.dropped and not self._hub._stopped:
+                    # Fell behind while live: what was buffered is delivered; catch up from the
+                    # store from here (the hub drops us if that takes too long).
+                    self._replaying = True
+                    self._replay_after = self._target = self._cursor
+                    continue
+                raise StopAsyncIteration from None
+            if event.id > self._cursor:
+                self._cursor = event.id
+                return event
+
+    def _attach(self) -> None:
+        """Register with the hub now: live events above its current position are ours."""
+        self._position = self._hub._register(self)
+        self._cursor = self._position
+
+    async def _start(self) -> None:
+        """On first iteration: decide between replay, reset and live only."""
+        self.started = True
+        hub = self._hub
+        position = self._position
+        if self._last_event_id is None:
+            return
+        requested = self._last_event_id
+        oldest, newest = await hub._store.event_bounds()
+        known = max(position, newest)
+        pruned = oldest - 1 if oldest > 0 else known  # every id up to here is gone
+        if requested > known or requested < pruned:
+            reason = "unknown" if requested > known else "expired"
+            self._pending.append(
+                Event(
+                    id=position,
+                    type="reset",
+                    data={"reason": reason, "last_event_id": requested, "oldest_id": oldest},
+                    created_at=datetime.now(UTC),
+                )
+            )
+            return
+        self._cursor = requested
+        self._replay_after = requested
+        self._target = position
+        self._replaying = requested < position
+
+    async def _replay_page(self) -> None:
+        hub = self._hub
+        if self._replay_after >= self._target:
+            if not self.overflowed:
+                self._replaying = False
+                hub._caught_up(self)
+                return
+            # Live events came faster than we read: register again (a fresh channel gets every
+            # event above the new position) and read the store up to that position.
+            self._send, self._recv = trio.open_memory_channel(self._buffer)
+            self.overflowed = False
+            self._target = hub._register(self)
+            return
+        page = await hub._store.read_events(
+            after_id=self._replay_after, limit=hub.replay_limit, types=self.types, device_id=self.device_id
+        )
+        if len(page) < hub.replay_limit:
+            # Short page: everything committed up to now is read, which includes the target.
+            self._replay_after = max(self._target, page[-1].id if page else 0)
+        else:
+            self._replay_after = page[-1].id
+        self._pending.extend(page)
+
+
+class Hub:
+    """Feeds SSE subscribers from the events table; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        poll_interval: float = 1.0,
+        subscriber_buffer: int = 1000,
+        replay_limit: int = 10000,
+        max_lag: float = 30.0,
+    ) -> None:
+        """``replay_limit`` is the page size of replay reads (rows per query), not a cap on replay.
+        ``max_lag``: seconds a subscriber may stay behind (catching up from the store) before it is
+        dropped."""
+        self._store = store
+        self.poll_interval = poll_interval
+        self.subscriber_buffer = subscriber_buffer
+        self.replay_limit = replay_limit
+        self.max_lag = max_lag
+        self._subscribers: set[Subscription] = set()
+        self._lagging: dict[Subscription, float] = {}  # subscriber → when it first fell behind
+        self._position = 0
+        self._nudge = Nudge()
+        self._ready = trio.Event()
+        self._stopped = False
+        self.clients = 0
+        self.dropped = 0
+        self.delivered = 0
+
+    @property
+    def position(self) -> int:
+        """The highest event id the tailer has read."""
+        return self._position
+
+    def notify(self) -> None:
+        """Events were appended (by this instance or, via NOTIFY, another): tail them now."""
+        self._nudge.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tail the events table and fan out. Reports started once it knows the newest id.
+
+        Retries a failing store with backoff. Runs until cancelled; then every subscription ends.
+        """
+        backoff = Backoff(0.2, 10.0)
+        self._stopped = False
+        try:
+            # Only the first start reads the newest id; a restart resumes tailing where it stopped.
+            while not self._ready.is_set():
+                try:
+                    self._position = (await self._store.event_bounds())[1]
+                    break
+                except StoreUnavailable as exc:
+                    log.warning("hub cannot read event bounds error=%r", str(exc))
+                    await trio.sleep(backoff.next())
+            backoff.reset()
+            self._ready.set()
+            task_status.started()
+            while True:
+                try:
+                    await self._tail()
+                    self._drop_laggards()
+                    backoff.reset()
+                except StoreUnavailable as exc:
+                    log.warning("hub cannot read events error=%r", str(exc))
+                    await trio.sleep(backoff.next())
+                    continue
+                await self._nudge.wait(self.poll_interval)
+        finally:
+            self._stopped = True
+            for sub in list(self._subscribers):
+                self._subscribers.discard(sub)
+                sub._close()
+
+    async def _tail(self) -> None:
+        while True:
+            page = await self._store.read_events(after_id=self._position, limit=_TAIL_PAGE)
+            if not page:
+                return
+            self._fan_out(page)
+            if len(page) < _TAIL_PAGE:
+                return
+
+    def _fan_out(self, page: list[Event]) -> None:
+        # Synchronous on purpose: no checkpoint between reading the position and sending, so a
+        # subscriber registering concurrently sees either all of this page or none of it.
+        for sub in list(self._subscribers):
+            for event in page:
+                if event.id <= self._position or not sub.matches(event):
+                    continue
+                if not sub._offer(event):
+                    # Full: detach it; it reads what it has, then catches up from the store.
+                    sub.overflowed = True
+                    sub._close()
+                    self._subscribers.discard(sub)
+                    self._lagging.setdefault(sub, trio.current_time())
+                    break
+                self.delivered += 1
+        self._position = max(self._position, page[-1].id)
+
+    def _drop_laggards(self) -> None:
+        deadline = trio.current_time() - self.max_lag
+        for sub, since in list(self._lagging.items()):
+            if since < deadline:
+                self._drop(sub)
+
+    def _caught_up(self, sub: Subscription) -> None:
+        self._lagging.pop(sub, None)
+
+    def _register(self, sub: Subscription) -> int:
+        if not self._stopped:
+            self._subscribers.add(sub)
+        else:
+            sub._close()
+        return self._position
+
+    def _drop(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+        self._lagging.pop(sub, None)
+        if not sub.dropped:
+            sub.dropped = True
+            sub._close()
+            self.dropped += 1
+            metrics.SSE_DROPPED.inc()
+            log.info("sse subscriber dropped for being too slow device_id=%s types=%s", sub.device_id,
+                     ",".join(sorted(sub.types)) if sub.types else "*")
+
+    @asynccontextmanager
+    async def subscribe(
+        self, *, last_event_id: int | None, types: frozenset[str] | None, device_id: str | None
+    ) -> AsyncIterator[Subscription]:
+        """A subscription for the duration of the block (waits until the tailer is ready).
+
+        ``last_event_id``: replay every event after it first (None: live only, from now).
+        ``types`` / ``device_id``: filters applied to replay and live alike.
+        """
+        await self._ready.wait()
+        sub = Subscription(
+            self, last_event_id=last_event_id, types=types, device_id=device_id, buffer=self.subscriber_buffer
+        )
+        sub._attach()
+        self.clients += 1
+        metrics.SSE_CLIENTS.inc()
+        try:
+            yield sub
+        finally:
+            self.clients -= 1
+            metrics.SSE_CLIENTS.dec()
+            self._subscribers.discard(sub)
+            self._lagging.pop(sub, None)
+            sub._close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for health detail and /ping."""
+        return {"clients": self.clients, "dropped": self.dropped, "position": self._position}
