@@ -91,19 +91,28 @@ class _Spec:
     summary: str
     severity: Literal["critical", "warning"]
     for_seconds: float
+    prometheus: str  # the matching rule in ops/prometheus/alerts.yml
 
 
 def _specs(t: AlertThresholds) -> dict[str, _Spec]:
-    # Names match the Prometheus rules (GatewayMqttDisconnected ↔ mqtt_disconnected, ...).
     return {
-        "mqtt_disconnected": _Spec("not connected to the MQTT broker", "critical", t.mqtt_for),
-        "database_unavailable": _Spec("the database does not answer", "critical", t.database_for),
-        "backlog_too_old": _Spec("the oldest unprocessed message is too old", "critical", t.backlog_age_for),
-        "backlog_growing": _Spec("the processing backlog keeps growing", "warning", t.backlog_window / 2),
-        "disk_almost_full": _Spec("little free disk space where the database or logs live", "critical",
-                                  t.disk_for),
-        "processing_errors": _Spec("high processing error rate", "warning", t.error_for),
-        "http_errors": _Spec("high rate of HTTP 5xx responses", "warning", t.error_for),
+        "mqtt_disconnected": _Spec(
+            "not connected to the MQTT broker", "critical", t.mqtt_for, "GatewayMqttDisconnected"),
+        "database_unavailable": _Spec(
+            "the database does not answer", "critical", t.database_for, "GatewayDatabaseUnavailable"),
+        "backlog_too_old": _Spec(
+            "the oldest unprocessed message is too old", "critical", t.backlog_age_for,
+            "GatewayBacklogTooOld"),
+        "backlog_growing": _Spec(
+            "the processing backlog keeps growing", "warning", t.backlog_window / 2,
+            "GatewayBacklogGrowing"),
+        "disk_almost_full": _Spec(
+            "little free disk space where the database or logs live", "critical", t.disk_for,
+            "GatewayDiskAlmostFull"),
+        "processing_errors": _Spec(
+            "high processing error rate", "warning", t.error_for, "GatewayHighProcessingErrorRate"),
+        "http_errors": _Spec(
+            "high rate of HTTP 5xx responses", "warning", t.error_for, "GatewayHighHttpErrorRate"),
     }
 
 
