@@ -151,11 +151,11 @@ def test_sse_fields_and_rename() -> None:
         'fields = ["device_id", "measurements.temperature", "measurements.co2"], '
         'rename = {"measurements.temperature" = "temp"}}]'
     )
-    ev = rs.evaluate(msg())[0].action.build(msg())  # type: ignore[union-attr]
+    ev = rs.evaluate(msg())[0].action.build(msg())
     assert ev.type == "alert"
     assert ev.data == {"device_id": "dev-1", "temp": 21.5, "measurements.co2": None}
     rs = rules('[[rule]]\nname = "r"\nactions = [{type = "sse", rename = {device_id = "sensor"}}]')
-    data = rs.evaluate(msg())[0].action.build(msg()).data  # type: ignore[union-attr]
+    data = rs.evaluate(msg())[0].action.build(msg()).data
     assert data["sensor"] == "dev-1" and "device_id" not in data and data["id"] == 1
 
 

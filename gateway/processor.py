@@ -1,0 +1,323 @@
+"""The processor: claim stored messages, evaluate the rules, run the actions, mark them done.
+
+Each run claims up to ``PROCESSOR_BATCH_SIZE`` unprocessed messages with a lease (so processors in this
+or another instance never work on the same message at once; a crashed instance's lease expires and
+the message is claimed again), runs script actions (outside any transaction), then in ONE store
+transaction marks the messages processed or failed and appends their SSE events. MQTT publishes go
+out after that commit, so they can carry the event id. It runs while claims come back full, then
+sleeps until nudged (ingest committed, or another instance's NOTIFY) or ``PROCESSOR_INTERVAL`` passes.
+
+Failures of one message (a script's non-zero exit or timeout, a broken template) are logged with
+context, counted, and recorded on the message: retried after an exponential backoff with jitter, and
+dead-lettered (kept, marked dead) after ``PROCESSOR_MAX_ATTEMPTS``. They never stop the loop. A database
+outage marks the component degraded and is retried with backoff.
+
+Delivery guarantees: SSE events are exactly-once (appended in the transaction that marks the message).
+Scripts run at least once per message (again after a crash before commit, or after a failure of another
+script of the same message); they get a stable key to deduplicate. MQTT publishes are queued after the
+commit: a crash between the commit and the broker's PUBACK loses that publish (see the notes in
+:meth:`Processor._publish`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import trio
+
+from gateway import metrics
+from gateway.actions import ActionFailed, MqttAction, ScriptAction, SseAction
+from gateway.backoff import Backoff
+from gateway.errors import GatewayError, StoreUnavailable
+from gateway.health import ComponentHealth
+from gateway.publish import Publisher
+from gateway.rules import PlannedAction, RuleSet, load_rules
+from gateway.settings import ProcessorSettings
+from gateway.store.base import Event, Failure, NewEvent, Store, StoredMessage
+from gateway.wake import Nudge
+
+log = logging.getLogger("gateway.processor")
+
+_STATS_EVERY = 5.0  # seconds between backlog queries (health detail, gauges)
+_PRUNE_EVERY = 300.0  # seconds between event-retention prunes
+_SCRIPTS_AT_ONCE = 4  # messages whose scripts run concurrently
+
+
+@dataclass
+class _Work:
+    """One claimed message on its way through a run."""
+
+    message: StoredMessage
+    planned: list[PlannedAction]
+    events: list[tuple[PlannedAction, NewEvent]] = field(default_factory=list)
+    error: ActionFailed | None = None
+
+
+class Processor:
+    """Turns stored messages into events, publishes and script runs; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: ProcessorSettings,
+        store: Store,
+        publisher: Publisher,
+        nudge: Nudge,
+        health: ComponentHealth,
+        *,
+        instance_id: str,
+        rules: RuleSet | None = None,
+        on_events: Callable[[], None] | None = None,
+        event_retention: float = 7 * 86400.0,
+        stats_every: float = _STATS_EVERY,
+        prune_every: float = _PRUNE_EVERY,
+    ) -> None:
+        """``rules`` None loads ``settings.rules_file`` (default rules when unset; may raise RuleError).
+
+        ``on_events`` is called after a commit that appended events (the hub then tails them).
+        """
+        self._settings = settings
+        self._store = store
+        self._publisher = publisher
+        self._nudge = nudge
+        self._health = health
+        self._rules = rules if rules is not None else load_rules(settings.rules_file)
+        self._on_events = on_events
+        self._interval = settings.interval
+        self._retention = event_retention
+        self._stats_every = stats_every
+        self._prune_every = prune_every
+        # Unique per processor object: two processors of one instance must not share leases.
+        self.owner = f"{instance_id}/{secrets.token_hex(4)}"
+        self._limiter = trio.CapacityLimiter(_SCRIPTS_AT_ONCE)
+        self._next_stats = -float("inf")
+        self._next_prune = -float("inf")
+        self.processed = 0
+        self.failed = 0
+        self.dead = 0
+        self.runs = 0
+
+    @property
+    def rules(self) -> RuleSet:
+        """The rules in force."""
+        return self._rules
+
+    def set_rules(self, rules: RuleSet) -> None:
+        """Use ``rules`` from the next batch on (hot reload; a batch in flight keeps the old set)."""
+        self._rules = rules
+        log.info("processor rules replaced rules=%d", len(rules))
+
+    def set_interval(self, seconds: float) -> None:
+        """Change the idle interval; takes effect at once."""
+        if not seconds > 0:
+            raise ValueError("interval must be > 0")
+        self._interval = seconds
+        self._nudge.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Process until cancelled: at every nudge and every interval, drain the backlog.
+
+        Reports started at once (the first drain follows). Runs until cancelled.
+        """
+        outage = Backoff(self._settings.retry_min, min(30.0, self._settings.retry_max))
+        task_status.started()
+        while True:
+            try:
+                await self._drain()
+                await self._housekeeping()
+            except StoreUnavailable as exc:
+                delay = outage.next()
+                self._health.set("degraded", f"database: {exc}")
+                log.warning("processor store unavailable error=%r retry_in=%.2fs", str(exc), delay)
+                await trio.sleep(delay)
+                continue
+            outage.reset()
+            if self._health.state != "ok":
+                self._health.set("ok")
+            await self._nudge.wait(self._interval)
+
+    async def _drain(self) -> None:
+        """Claim and process batches until a claim comes back short."""
+        batch_size = self._settings.batch_size
+        while True:
+            started = trio.current_time()
+            batch = await self._store.claim(self.owner, batch_size, self._settings.lease_seconds)
+            if not batch:
+                return
+            await self._process(batch)
+            self.runs += 1
+            metrics.PROCESSOR_RUN.observe(trio.current_time() - started)
+            if len(batch) < batch_size:
+                return
+
+    async def _process(self, batch: list[StoredMessage]) -> None:
+        rules = self._rules
+        work = [self._plan(rules, m) for m in batch]
+        scripted = [
+            w for w in work if w.error is None and any(isinstance(p.action, ScriptAction) for p in w.planned)
+        ]
+        if scripted:
+            async with trio.open_nursery() as nursery:
+                for w in scripted:
+                    nursery.start_soon(self._run_scripts, w)
+        processed: list[int] = []
+        failures: list[Failure] = []
+        new_events: list[NewEvent] = []
+        now = datetime.now(UTC)
+        for w in work:
+            if w.error is None:
+                processed.append(w.message.id)
+                new_events.extend(e for _, e in w.events)
+            else:
+                failures.append(self._failure(w, now))
+        stored = await self._store.complete(self.owner, processed, failures, new_events)
+        metrics.PROCESSOR_PROCESSED.inc(len(processed))
+        self.processed += len(processed)
+        for ev in stored:
+            metrics.EVENTS_APPENDED.labels(ev.type).inc()
+        if stored and self._on_events is not None:
+            self._on_events()
+        await self._publish([w for w in work if w.error is None], stored)
+
+    def _plan(self, rules: RuleSet, message: StoredMessage) -> _Work:
+        """Evaluate the rules and build the events (pure); a failure is recorded on the work item."""
+        try:
+            planned = rules.evaluate(message)
+        except Exception as exc:  # a bug in a predicate must not stop the loop
+            return _Work(message, [], error=ActionFailed("rules", f"{type(exc).__name__}: {exc}"))
+        w = _Work(message, planned)
+        for p in planned:
+            if isinstance(p.action, SseAction):
+                try:
+                    w.events.append((p, p.action.build(message)))
+                except Exception as exc:
+                    w.error = ActionFailed("sse", f"rule {p.rule}: {type(exc).__name__}: {exc}")
+                    break
+        return w
+
+    async def _run_scripts(self, w: _Work) -> None:
+        async with self._limiter:
+            for p in w.planned:
+                if not isinstance(p.action, ScriptAction):
+                    continue
+                try:
+                    await p.action.run(
+                        w.message,
+                        rule=p.rule,
+                        key=f"{w.message.id}:{p.key}",
+                        default_timeout=self._settings.script_timeout,
+                    )
+                except ActionFailed as exc:
+                    w.error = ActionFailed(exc.action, f"rule {p.rule}: {exc.problem}")
+                    return
+
+    def _failure(self, w: _Work, now: datetime) -> Failure:
+        """Record a failed attempt: retry after a backoff for this attempt number, or dead-letter."""
+        assert w.error is not None
+        m = w.message
+        attempt = m.attempts + 1
+        action = w.error.action
+        error = str(w.error)
+        metrics.PROCESSOR_FAILED.labels(action).inc()
+        self.failed += 1
+        if attempt >= self._settings.max_attempts:
+            metrics.PROCESSOR_DEAD.inc()
+            self.dead += 1
+            log.error(
+                "message dead-lettered message_id=%d device_id=%s action=%s attempts=%d error=%r",
+                m.id, m.device_id, action, attempt, error,
+            )
+            return Failure(m.id, error, None)
+        delay = retry_delay(attempt, self._settings.retry_min, self._settings.retry_max)
+        log.warning(
+            "processing failed message_id=%d device_id=%s action=%s attempt=%d/%d error=%r retry_in=%.2fs",
+            m.id, m.device_id, action, attempt, self._settings.max_attempts, error, delay,
+        )
+        return Failure(m.id, error, now + timedelta(seconds=delay))
+
+    async def _publish(self, done: list[_Work], stored: list[Event]) -> None:
+        """Queue the MQTT publishes of committed messages, each carrying its event id.
+
+        The publisher's queue is in memory: a crash after the commit and before the broker confirms
+        loses these publishes. Making that durable needs an outbox (publishes written in the same
+        transaction and deleted on PUBACK) -- not done yet.
+        """
+        if not any(isinstance(p.action, MqttAction) for w in done for p in w.planned):
+            return
+        ids = _event_ids(done, stored)
+        for w in done:
+            for p in w.planned:
+                if not isinstance(p.action, MqttAction):
+                    continue
+                mine = ids.get(w.message.id, {})
+                event_id = mine.get(p.rule, mine.get(None))
+                try:
+                    payload = p.action.render(w.message, rule=p.rule, event_id=event_id)
+                    await self._publisher.publish(payload, p.action.subtopic)
+                except (GatewayError, ValueError, TypeError) as exc:
+                    # Already committed: count and log, the next messages go on.
+                    metrics.PROCESSOR_FAILED.labels("mqtt").inc()
+                    log.warning(
+                        "publish failed message_id=%d device_id=%s action=mqtt rule=%s error=%r",
+                        w.message.id, w.message.device_id, p.rule, str(exc),
+                    )
+
+    async def _housekeeping(self) -> None:
+        """Every few seconds: backlog gauges and health detail; every few minutes: prune events."""
+        now = trio.current_time()
+        if now >= self._next_stats:
+            self._next_stats = now + self._stats_every
+            backlog = await self._store.backlog()
+            lag = (datetime.now(UTC) - backlog.oldest).total_seconds() if backlog.oldest else 0.0
+            metrics.PROCESSOR_BACKLOG.set(backlog.count)
+            metrics.PROCESSOR_LAG.set(max(0.0, lag))
+            self._health.detail.update(
+                backlog=backlog.count,
+                lag_seconds=round(max(0.0, lag), 3),
+                dead=backlog.dead,
+                processed=self.processed,
+                failed=self.failed,
+                rules=len(self._rules),
+            )
+        if now >= self._next_prune:
+            self._next_prune = now + self._prune_every
+            pruned = await self._store.prune_events(datetime.now(UTC) - timedelta(seconds=self._retention))
+            if pruned:
+                log.info("events pruned count=%d retention_s=%g", pruned, self._retention)
+
+
+def retry_delay(attempt: int, retry_min: float, retry_max: float) -> float:
+    """Seconds before retry number ``attempt`` (1-based): exponential from ``retry_min``, jittered."""
+    backoff = Backoff(retry_min, max(retry_min, retry_max))
+    delay = 0.0
+    for _ in range(min(attempt, 64)):
+        delay = backoff.next()
+    return delay
+
+
+def _event_ids(done: list[_Work], stored: list[Event]) -> dict[int, dict[str | None, int]]:
+    """Map message id → {rule: first event id of that rule, None: first event id of the message}.
+
+    The store returns the appended events in the order given, leaving out those of messages whose
+    lease was lost; so the planned events are matched in order, by content when some are missing.
+    """
+    planned = [(w.message.id, p.rule, e) for w in done for p, e in w.events]
+    out: dict[int, dict[str | None, int]] = {}
+    if len(planned) != len(stored):
+        log.warning("lease lost for some messages planned_events=%d stored=%d", len(planned), len(stored))
+    exact = len(planned) == len(stored)
+    j = 0
+    for message_id, rule, new in planned:
+        if j >= len(stored):
+            break
+        ev = stored[j]
+        if not exact and (ev.type, ev.device_id, ev.data) != (new.type, new.device_id, new.data):
+            continue
+        j += 1
+        ids = out.setdefault(message_id, {})
+        ids.setdefault(rule, ev.id)
+        ids.setdefault(None, ev.id)
+    return out
