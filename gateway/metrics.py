@@ -54,3 +54,6 @@ ALERTS_ACTIVE = Gauge("gateway_alert_active", "1 while a built-in alert is firin
 DISK_FREE_RATIO = Gauge(
     "gateway_disk_free_ratio", "Free fraction of the filesystem holding the path (database, logs)", ["path"]
 )
+API_PUBLISH_OVERFLOW = Counter(
+    "gateway_api_publish_overflow_total", "API packets stored but not queued for MQTT (outbound queue full)"
+)

@@ -21,8 +21,26 @@ MAX_PACKET_BYTES = 64 * 1024
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 MEASUREMENT_NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 _MS_THRESHOLD = 1e11
+_MAX_EPOCH_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 Status = Literal["ok", "warning", "error", "maintenance"]
+
+
+def _timestamp_schema(schema: dict[str, Any]) -> None:
+    # A string (RFC 3339) or an epoch number; pydantic alone would publish "string" only.
+    schema.pop("type", None)
+    schema.pop("format", None)
+    schema["anyOf"] = [
+        {"type": "string", "format": "date-time", "maxLength": 64},
+        {"type": "number", "minimum": 0, "maximum": _MAX_EPOCH_MS},
+    ]
+
+
+def _measurements_schema(schema: dict[str, Any]) -> None:
+    # pydantic publishes patternProperties, which would let other names through with any value.
+    names = schema.pop("patternProperties", {})
+    schema["propertyNames"] = {"pattern": MEASUREMENT_NAME_PATTERN}
+    schema["additionalProperties"] = next(iter(names.values()), {"type": "number"})
 
 
 class Packet(BaseModel):
@@ -35,16 +53,23 @@ class Packet(BaseModel):
         datetime,
         Field(
             description="RFC 3339 with a zone offset, or seconds (milliseconds above 1e11) since the epoch",
-            json_schema_extra={"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]},
+            json_schema_extra=lambda schema: _timestamp_schema(schema),
         ),
     ]
-    seq: Annotated[int | None, Field(ge=0, le=2**63 - 1, description="per-device counter")] = None
+    seq: Annotated[
+        int | None, Field(ge=0, le=2**63 - 1, strict=True, description="per-device counter")
+    ] = None
     measurements: Annotated[
         dict[Annotated[str, Field(pattern=MEASUREMENT_NAME_PATTERN)], StrictFloat | StrictInt],
-        Field(min_length=1, max_length=64, description="name -> finite number"),
+        Field(
+            min_length=1,
+            max_length=64,
+            description="name -> finite number",
+            json_schema_extra=lambda schema: _measurements_schema(schema),
+        ),
     ]
     status: Status
-    battery: Annotated[float | None, Field(ge=0, le=100, description="percent")] = None
+    battery: Annotated[float | None, Field(ge=0, le=100, strict=True, description="percent")] = None
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -77,7 +102,10 @@ class Packet(BaseModel):
     def _utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("timestamp has no zone offset (naive times are refused)")
-        return v.astimezone(UTC)
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("timestamp out of range") from None
 
     @field_validator("measurements")
     @classmethod

@@ -1,0 +1,181 @@
+"""The HTTP application: app factory, per-request hooks (request id, rate limit, auth, headers,
+access log, metrics) and :func:`serve`, which runs it on hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, g, request
+from quart_schema import QuartSchema
+from quart_trio import QuartTrio
+
+from gateway import metrics
+from gateway.http import dashboard, errors, routes
+from gateway.http.auth import authenticate, presented_key
+from gateway.http.context import AppContext
+from gateway.http.errors import ApiError
+from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
+from gateway.http.ratelimit import RateLimiter, retry_after_header
+from gateway.http.sse import SseStreams
+
+log = logging.getLogger("gateway.http")
+
+
+def create_app(ctx: AppContext) -> QuartTrio:
+    """Build the Quart app serving ``ctx``. Settings are read from ``ctx.settings`` per request."""
+    app = QuartTrio("gateway.http", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = ctx.settings.http.max_body
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    app.extensions["gateway.ctx"] = ctx
+    app.extensions["gateway.sse"] = SseStreams()
+    limiter = RateLimiter()
+    QuartSchema(
+        app,
+        info={"title": "Sensor gateway API", "version": ctx.version},
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        security_schemes=SECURITY_SCHEMES,
+        openapi_provider_class=GatewayOpenAPIProvider,
+    )
+    errors.register(app)
+    routes.register(app)
+    dashboard.register(app)
+
+    @app.before_request
+    async def _before() -> None:
+        g.request_id = uuid.uuid4().hex[:16]
+        g.started = time.perf_counter()
+        g.principal = None
+        http = ctx.settings.http
+        # Keeps the body limit live across reloads (Quart reads it when a request starts).
+        app.config["MAX_CONTENT_LENGTH"] = http.max_body
+        if request.content_length or request.headers.get("Transfer-Encoding"):
+            # Receive the whole body before anything can answer: hypercorn's HTTP/1.1 connection
+            # hangs when a response (e.g. 401 or 415) is sent before the body has arrived.
+            # Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
+            await request.get_data(cache=True)
+        spec = spec_of(app.view_functions.get(request.endpoint)) if request.endpoint else None
+        token = request.args.get("access_token") if spec is not None and spec.query_token else None
+        key = presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"), token)
+        principal = authenticate(key, http.api_keys) if key else None
+        g.principal = principal
+        identity = f"key:{principal.name}" if principal else f"addr:{request.remote_addr}"
+        count, period = http.rate
+        wait = limiter.check(identity, count, period)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"rate limit is {http.rate_limit}",
+                           headers={"Retry-After": retry_after_header(wait)})
+        if spec is None or spec.role is None or request.method == "OPTIONS":
+            return
+        if key is None:
+            detail = "send an API key in X-API-Key or Authorization: Bearer"
+            if not http.api_keys:
+                detail += " (no API keys are configured: see `gateway apikey new`)"
+            raise ApiError(401, "auth_missing", detail,
+                           headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
+        if principal is None:
+            raise ApiError(401, "auth_invalid", "the API key is not valid",
+                           headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'})
+        if not principal.may(spec.role):
+            raise ApiError(403, "forbidden", f"this needs the {spec.role} role; the key has {principal.role}")
+
+    @app.after_request
+    async def _after(response: Response) -> Response:
+        request_id = g.get("request_id") or uuid.uuid4().hex[:16]
+        headers = response.headers
+        headers["X-Request-ID"] = request_id
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Referrer-Policy"] = "no-referrer"  # SSE URLs may carry access_token
+        headers.setdefault("X-Frame-Options", "DENY")
+        if "Cache-Control" not in headers:
+            headers["Cache-Control"] = "no-store"
+        if response.status_code >= 400 and (
+            request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        ):
+            # The body may be unread: hypercorn (h11) hangs the connection when the rest of a body
+            # arrives after the response, so end the connection instead of keeping it alive.
+            headers["Connection"] = "close"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.HTTP_LATENCY.labels(route).observe(elapsed)
+        principal = g.get("principal")
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %d %.1fms key=%s rid=%s",
+                request.method, _loggable_path(), response.status_code, elapsed * 1000,
+                principal.name if principal else "-", request_id,
+            )
+        return response
+
+    return app
+
+
+def _loggable_path() -> str:
+    """The request path and query with secrets (``access_token``) masked."""
+    path = request.path
+    if not request.query_string:
+        return path
+    pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True)
+    masked = [(k, "***" if k.lower() in ("access_token", "api_key", "key_token") else v) for k, v in pairs]
+    return f"{path}?{urlencode(masked)}"
+
+
+def _config(ctx: AppContext) -> Config:
+    http = ctx.settings.http
+    config = Config()
+    host = f"[{http.host}]" if ":" in http.host and not http.host.startswith("[") else http.host
+    config.bind = [f"{host}:{http.port}"]
+    if http.tls:
+        config.certfile = str(http.cert_file)
+        config.keyfile = str(http.key_file)
+    config.graceful_timeout = 2.0
+    config.accesslog = None  # we log one line per request ourselves, secrets masked
+    config.errorlog = logging.getLogger("gateway.http.server")
+    config.include_server_header = False
+    config.h11_max_incomplete_size = 16 * 1024
+    return config
+
+
+async def serve(
+    ctx: AppContext,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until cancelled (or until ``stop`` is set, then stop gracefully and return).
+
+    Reports the bound port (the real one when 0 was asked) once the socket listens. SSE streams
+    end as soon as the stop begins, so shutdown takes milliseconds.
+    Raises OSError when the address cannot be bound.
+    """
+    app = create_app(ctx)
+    streams: SseStreams = app.extensions["gateway.sse"]
+
+    async def _shutdown_trigger() -> None:
+        if stop is None:
+            await trio.sleep_forever()
+        else:
+            await stop.wait()
+        streams.close()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(streams.run)
+
+        async def _server(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await hypercorn_serve(
+                app, _config(ctx), shutdown_trigger=_shutdown_trigger, task_status=task_status
+            )
+            nursery.cancel_scope.cancel()  # stopped: end the stream owner too
+
+        binds: list[str] = await nursery.start(partial(_server))
+        log.info("HTTP API listening on %s", ", ".join(binds))
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

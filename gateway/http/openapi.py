@@ -1,0 +1,287 @@
+"""The API's OpenAPI description: response models, the ``@api`` decorator, and a provider that
+declares every response a route can give (problem+json errors included), so the description is true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field
+from quart_schema import (
+    APIKeySecurityScheme,
+    HttpSecurityScheme,
+    OpenAPIProvider,
+    document_headers,
+    document_querystring,
+    document_request,
+)
+from werkzeug.routing import Rule
+
+from gateway.http.auth import Role
+from gateway.packets import DEVICE_ID_PATTERN, MEASUREMENT_NAME_PATTERN
+
+F = TypeVar("F", bound=Callable[..., Any])
+SPEC_ATTR = "_gateway_api_spec"
+EVENT_TYPE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+TYPES_PATTERN = r"^[A-Za-z0-9._-]{1,64}(,[A-Za-z0-9._-]{1,64}){0,15}$"
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+
+
+# ---- response bodies ----------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: the stable ``code`` says what went wrong."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    request_id: str | None = None
+
+
+class PacketStored(BaseModel):
+    """The stored reading's id; ``duplicate`` is true for a redelivery of a stored packet."""
+
+    id: int
+    duplicate: bool = False
+
+
+class Ping(BaseModel):
+    """Liveness; with a valid key also component detail."""
+
+    status: Literal["ok", "degraded"]
+    time: str
+    version: str | None = None
+    uptime_seconds: float | None = None
+    components: dict[str, Any] | None = None
+    backlog: dict[str, Any] | None = None
+    sse_clients: int | None = None
+    devices: int | None = None
+
+
+class ReloadResult(BaseModel):
+    """What a reload changed (variable names only) and which components it restarted."""
+
+    changed: list[str]
+    restarted: list[str]
+
+
+class MessageItem(BaseModel):
+    """A stored reading."""
+
+    id: int
+    device_id: str
+    timestamp: str
+    received_at: str
+    seq: int | None
+    measurements: dict[str, float | int]
+    status: str
+    battery: float | None
+    source: str
+    processed_at: str | None
+    attempts: int
+    last_error: str | None
+    dead: bool
+
+
+class MessagePage(BaseModel):
+    """One page of readings, newest first, with the total matching and the next page's cursor."""
+
+    items: list[MessageItem]
+    total: int
+    next_cursor: str | None
+
+
+class RejectItem(BaseModel):
+    """A refused packet with its reason and field errors."""
+
+    id: int
+    received_at: str
+    source: str
+    topic: str | None
+    payload: str
+    reason: str
+    errors: list[dict[str, Any]]
+
+
+class RejectPage(BaseModel):
+    """One page of rejects, newest first."""
+
+    items: list[RejectItem]
+    total: int
+    next_cursor: str | None
+
+
+class Latest(BaseModel):
+    """The latest reading seen per device since start (in memory)."""
+
+    devices: dict[str, dict[str, Any]]
+
+
+class JsonSchemaDoc(BaseModel):
+    """A JSON Schema document."""
+
+
+# ---- request parameters (documentation; parsing is done by the routes, strictly) ----------------
+
+
+class MessagesQuery(BaseModel):
+    """Filters for GET /messages. ``value`` needs ``key``; ``cursor`` comes from ``next_cursor``."""
+
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    start_time: datetime | None = Field(None, description="RFC 3339 with a zone offset")
+    end_time: datetime | None = Field(None, description="RFC 3339 with a zone offset")
+    device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
+    key: Annotated[
+        str | None, Field(pattern=MEASUREMENT_NAME_PATTERN, description="field or measurement")
+    ] = None
+    value: Annotated[
+        str | None, Field(min_length=1, max_length=256, description="compared as a number when numeric")
+    ] = None
+    cursor: Annotated[str | None, Field(pattern=CURSOR_PATTERN)] = None
+
+
+class RejectsQuery(BaseModel):
+    """Paging for GET /rejects."""
+
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    cursor: Annotated[str | None, Field(pattern=CURSOR_PATTERN)] = None
+
+
+class EventsQuery(BaseModel):
+    """Filters and resume point for the event stream."""
+
+    device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
+    types: Annotated[
+        str | None, Field(pattern=TYPES_PATTERN, description="comma-separated event types")
+    ] = None
+    last_event_id: Annotated[int | None, Field(ge=0, le=2**63 - 1)] = None
+    access_token: str | None = Field(None, description="API key, for EventSource (cannot send headers)")
+
+
+class EventsHeaders(BaseModel):
+    """Resume point sent by EventSource on reconnect."""
+
+    last_event_id: Annotated[int | None, Field(ge=0, le=2**63 - 1)] = None
+
+
+# ---- the decorator ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    """How a route is authorised and what it answers."""
+
+    role: Role | None
+    ok: dict[int, tuple[type[BaseModel] | None, str]]
+    errors: tuple[int, ...] = ()
+    query_token: bool = False
+    query_params: frozenset[str] = field(default_factory=frozenset)
+
+
+def api(
+    *,
+    role: Role | None,
+    ok: dict[int, tuple[type[BaseModel] | None, str]],
+    errors: Iterable[int] = (),
+    query: type[BaseModel] | None = None,
+    headers: type[BaseModel] | None = None,
+    body: type[BaseModel] | None = None,
+    query_token: bool = False,
+) -> Callable[[F], F]:
+    """Attach the route's role and responses (read by the app's auth hook and the provider)."""
+
+    def decorator(func: F) -> F:
+        params = frozenset(query.model_fields) if query is not None else frozenset()
+        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token, params))
+        if query is not None:
+            func = document_querystring(query)(func)
+        if headers is not None:
+            func = document_headers(headers)(func)
+        if body is not None:
+            func = document_request(body)(func)
+        return func
+
+    return decorator
+
+
+def spec_of(func: Callable[..., Any] | None) -> ApiSpec | None:
+    """The :class:`ApiSpec` of a view function, if it has one."""
+    return getattr(func, SPEC_ATTR, None) if func is not None else None
+
+
+# ---- the provider -------------------------------------------------------------------------------
+
+_DESCRIPTIONS = {
+    200: "OK", 201: "Created", 304: "Not modified (ETag matches)", 400: "Invalid request",
+    401: "API key missing or invalid", 403: "The key's role is not allowed", 404: "Not found",
+    413: "Body too large", 415: "Body is not JSON", 429: "Rate limited",
+    500: "Internal error (quote the request id)", 503: "Database or broker unavailable",
+}
+_HEADER_REF = {"X-Request-ID": {"description": "Request id, also in logs", "schema": {"type": "string"}}}
+_SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+SECURITY_SCHEMES: dict[str, Any] = {
+    "ApiKeyHeader": APIKeySecurityScheme(name="X-API-Key", in_="header"),
+    "BearerAuth": HttpSecurityScheme(scheme="bearer"),
+    "AccessToken": APIKeySecurityScheme(name="access_token", in_="query"),
+}
+
+
+def _schema_of(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    if model is JsonSchemaDoc:
+        return {"type": "object"}
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+    components.update(schema.pop("$defs", {}))
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+class GatewayOpenAPIProvider(OpenAPIProvider):
+    """quart-schema's provider, with every response of every route declared from its ``@api`` spec."""
+
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        func = self._app.view_functions[rule.endpoint]
+        spec = spec_of(func)
+        if spec is None:
+            return paths, components
+        for path_item in paths.values():
+            for method, operation in list(path_item.items()):
+                op = dict(operation)
+                op["responses"] = self._responses(spec, components)
+                if spec.role is not None:
+                    op["security"] = _SECURITY + ([{"AccessToken": []}] if spec.query_token else [])
+                else:
+                    op["security"] = []
+                path_item[method] = op
+        return paths, components
+
+    def _responses(self, spec: ApiSpec, components: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for status, (model, content_type) in spec.ok.items():
+            response: dict[str, Any] = {
+                "description": _DESCRIPTIONS.get(status, "OK"), "headers": dict(_HEADER_REF)
+            }
+            if status != 304:
+                schema = _schema_of(model, components) if model is not None else {"type": "string"}
+                response["content"] = {content_type: {"schema": schema}}
+            out[str(status)] = response
+        problem = _schema_of(Problem, components)
+        codes = set(spec.errors) | {429, 500}
+        if spec.role is not None:
+            codes |= {401, 403}
+        for status in sorted(codes):
+            headers = dict(_HEADER_REF)
+            if status in (429, 503):
+                headers["Retry-After"] = {"description": "Seconds to wait", "schema": {"type": "string"}}
+            out[str(status)] = {
+                "description": _DESCRIPTIONS.get(status, "Error"),
+                "headers": headers,
+                "content": {"application/problem+json": {"schema": problem}},
+            }
+        return out

@@ -1,0 +1,385 @@
+"""API v1 routes. Parameters are parsed strictly here (each mistake is a 400 naming the parameter);
+the ``@api`` specs declare role and responses for the auth hook and the OpenAPI description."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Quart, Response, current_app, g, request
+
+from gateway import metrics
+from gateway.errors import MqttUnavailable, PacketInvalid, StoreError
+from gateway.http.context import AppContext
+from gateway.http.errors import ApiError
+from gateway.http.openapi import (
+    CURSOR_PATTERN,
+    EVENT_TYPE_PATTERN,
+    EventsHeaders,
+    EventsQuery,
+    JsonSchemaDoc,
+    Latest,
+    MessagePage,
+    MessagesQuery,
+    PacketStored,
+    Ping,
+    RejectPage,
+    RejectsQuery,
+    ReloadResult,
+    api,
+    spec_of,
+)
+from gateway.http.sse import SseStreams
+from gateway.packets import (
+    DEVICE_ID_PATTERN,
+    MAX_PACKET_BYTES,
+    MEASUREMENT_NAME_PATTERN,
+    Packet,
+    packet_json_schema,
+    parse_packet,
+)
+from gateway.store.base import MessageQuery, NewMessage, NewReject
+
+log = logging.getLogger("gateway.http")
+
+JSON = "application/json"
+_DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
+_KEY_RE = re.compile(MEASUREMENT_NAME_PATTERN)
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
+_INT_RE = re.compile(r"^[0-9]{1,19}$")
+_PACKET_SCHEMA: bytes | None = None
+
+
+def ctx() -> AppContext:
+    """The application's context (set by ``create_app``)."""
+    return cast(AppContext, current_app.extensions["gateway.ctx"])
+
+
+def streams() -> SseStreams:
+    """The SSE stream owner (run by ``serve``)."""
+    return cast(SseStreams, current_app.extensions["gateway.sse"])
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A compact JSON response."""
+    return Response(json.dumps(body, separators=(",", ":")), status=status, content_type=JSON)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# ---- strict parameter parsing -------------------------------------------------------------------
+
+
+def _bad(param: str, detail: str) -> ApiError:
+    return ApiError(400, "query_invalid", f"{param}: {detail}", parameter=param)
+
+
+def _args(allowed: frozenset[str]) -> dict[str, str]:
+    """The query parameters, each at most once and all known."""
+    out: dict[str, str] = {}
+    for name in request.args:
+        values = request.args.getlist(name)
+        if name not in allowed:
+            raise _bad(name, "unknown parameter")
+        if len(values) != 1:
+            raise _bad(name, "given more than once")
+        out[name] = values[0]
+    return out
+
+
+def _int(args: dict[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = args.get(name)
+    if raw is None:
+        return default
+    if not _INT_RE.match(raw) or not low <= int(raw) <= high:
+        raise _bad(name, f"must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _time(args: dict[str, str], name: str) -> datetime | None:
+    raw = args.get(name)
+    if raw is None:
+        return None
+    try:
+        if len(raw) > 64:
+            raise ValueError
+        parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            raise _bad(name, "needs a zone offset (RFC 3339, e.g. 2026-11-27T09:00:00Z)")
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise _bad(name, "must be RFC 3339 with a zone offset, e.g. 2026-11-27T09:00:00Z") from None
+
+
+def _match(args: dict[str, str], name: str, pattern: re.Pattern[str], what: str) -> str | None:
+    raw = args.get(name)
+    if raw is not None and not pattern.match(raw):
+        raise _bad(name, what)
+    return raw
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+
+@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)},
+     errors=(400, 413, 415, 503), body=Packet)
+async def post_packet() -> Response:
+    """Store a sensor packet
+
+    Validated against the packet schema, stored idempotently (a redelivery answers 200 with the
+    existing id) and published to MQTT. An invalid packet is stored as a reject and answered 400.
+    """
+    c = ctx()
+    limit = min(c.settings.http.max_body, MAX_PACKET_BYTES)
+    mimetype = request.mimetype
+    if mimetype != JSON and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type", "send the packet as application/json")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+    body = cast(bytes, await request.get_data(cache=False, as_text=False))
+    if len(body) > limit:
+        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+    received = datetime.now(UTC)
+    try:
+        try:
+            packet = parse_packet(body, max_bytes=limit)
+        except (OverflowError, RecursionError) as exc:
+            # Values pydantic lets through but datetime arithmetic cannot represent.
+            errs = [{"loc": [], "msg": "value out of range", "type": "range"}]
+            raise PacketInvalid("schema", errs) from exc
+    except PacketInvalid as exc:
+        metrics.INGEST_REJECTED.labels(exc.reason).inc()
+        try:
+            await c.store.write_batch(
+                [], [NewReject(received, "api", None, body, exc.reason, exc.errors)]
+            )
+        except StoreError:
+            log.warning("could not store a rejected API packet (request %s)", g.get("request_id"))
+        raise ApiError(400, "packet_invalid", f"packet refused: {exc.reason}",
+                       reason=exc.reason, errors=exc.errors) from None
+    message = NewMessage(
+        device_id=packet.device_id, device_ts=packet.timestamp, seq=packet.seq,
+        dedupe_key=packet.dedupe_key(), measurements=dict(packet.measurements), status=packet.status,
+        battery=packet.battery, source="api", received_at=received,
+    )
+    outcome = (await c.store.write_batch([message], []))[0]
+    if outcome.duplicate:
+        metrics.INGEST_DUPLICATES.labels("api").inc()
+        return json_response({"id": outcome.id, "duplicate": True}, 200)
+    metrics.INGEST_STORED.labels("api").inc()
+    reading = {
+        "id": outcome.id, "device_id": packet.device_id,
+        "timestamp": packet.timestamp.isoformat().replace("+00:00", "Z"),
+        "received_at": received.isoformat().replace("+00:00", "Z"), "seq": packet.seq,
+        "measurements": dict(packet.measurements), "status": packet.status, "battery": packet.battery,
+        "source": "api",
+    }
+    c.live.stored([reading])
+    c.on_commit()
+    payload = json.dumps({"type": "packet", "message_id": outcome.id, "data": reading}, separators=(",", ":"))
+    try:
+        c.publisher.publish_nowait(payload.encode())
+    except MqttUnavailable:
+        # Stored is what we promised; the processor publishes it again when it processes it.
+        metrics.API_PUBLISH_OVERFLOW.inc()
+        log.warning("outbound MQTT queue full: API packet %d not published now", outcome.id)
+    return json_response({"id": outcome.id, "duplicate": False}, 201)
+
+
+@api(role=None, ok={200: (Ping, JSON)})
+async def ping() -> Response:
+    """Liveness and, with any valid key, component detail
+
+    Without a key: status and time. With a key: components, backlog and lag, SSE clients, uptime.
+    """
+    c = ctx()
+    _args(frozenset())
+    status = c.health.overall
+    body: dict[str, Any] = {"status": status, "time": _now()}
+    if g.get("principal") is not None:
+        backlog: dict[str, Any] | None
+        try:
+            b = await c.store.backlog()
+            lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
+            backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
+        except StoreError:
+            backlog, body["status"] = None, "degraded"
+        body.update(
+            version=c.version,
+            uptime_seconds=round(time.time() - c.health.started_at, 3),
+            components=c.health.as_dict(),
+            backlog=backlog,
+            sse_clients=int(getattr(c.hub, "clients", 0)),
+            devices=len(c.live.latest()),
+        )
+    return json_response(body)
+
+
+@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
+async def rereadenv() -> Response:
+    """Re-read the configuration and apply it
+
+    Validates the new configuration as a whole; applies what can change live and restarts the
+    components whose settings changed. An invalid configuration is refused (400 config_invalid)
+    and the running one stays.
+    """
+    _args(frozenset())
+    principal = g.get("principal")
+    result = await ctx().reload()
+    log.info("configuration reloaded by key %s: changed=%s restarted=%s",
+             principal.name if principal else "-", result.get("changed"), result.get("restarted"))
+    return json_response(result)
+
+
+@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=(400, 503), query=MessagesQuery)
+async def messages() -> Response:
+    """Query stored readings
+
+    Newest first. Identical queries are served from a short-lived cache that new inserts
+    invalidate; send If-None-Match with the ETag to get 304.
+    """
+    c = ctx()
+    args = _args(frozenset(MessagesQuery.model_fields))
+    limit = _int(args, "limit", 100, 1, 1000)
+    assert limit is not None
+    start, end = _time(args, "start_time"), _time(args, "end_time")
+    if start is not None and end is not None and start > end:
+        raise _bad("end_time", "is before start_time")
+    key = _match(args, "key", _KEY_RE, "must be a field or measurement name")
+    value = args.get("value")
+    if value is not None:
+        if key is None:
+            raise _bad("value", "needs key")
+        if not 1 <= len(value) <= 256:
+            raise _bad("value", "must be 1 to 256 characters")
+    query = MessageQuery(
+        limit=limit, start_time=start, end_time=end,
+        device_id=_match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -"),
+        key=key, value=value, cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
+    )
+    generation = c.live.generation
+    cached = c.live.get(query)
+    if cached is None:
+        try:
+            page = await c.store.query_messages(query)
+        except ValueError:
+            raise _bad("cursor", "malformed cursor") from None
+        items = [m.to_json() for m in page.items]
+        text = json.dumps({"items": items, "total": page.total, "next_cursor": page.next_cursor},
+                          separators=(",", ":"))
+        cached = c.live.put(query, generation, text.encode())
+    headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
+    if cached.etag in _etags(request.headers.get("If-None-Match")):
+        return Response(b"", status=304, headers=headers)
+    return Response(cached.body, status=200, content_type=JSON, headers=headers)
+
+
+def _etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {t.strip().removeprefix("W/") for t in header.split(",")}
+
+
+@api(role="read", ok={200: (RejectPage, JSON)}, errors=(400, 503), query=RejectsQuery)
+async def rejects() -> Response:
+    """Rejected packets with their reasons
+
+    Newest first; the raw payload as text.
+    """
+    args = _args(frozenset(RejectsQuery.model_fields))
+    limit = _int(args, "limit", 100, 1, 1000)
+    assert limit is not None
+    cursor = _match(args, "cursor", _CURSOR_RE, "malformed cursor")
+    try:
+        page = await ctx().store.query_rejects(limit, cursor)
+    except ValueError:
+        raise _bad("cursor", "malformed cursor") from None
+    return json_response({"items": [r.to_json() for r in page.items], "total": page.total,
+                          "next_cursor": page.next_cursor})
+
+
+@api(role="read", ok={200: (Latest, JSON)})
+async def latest() -> Response:
+    """The latest reading per device
+
+    Kept in memory since start, from packets stored through this instance.
+    """
+    _args(frozenset())
+    return json_response({"devices": ctx().live.latest()})
+
+
+@api(role=None, ok={200: (JsonSchemaDoc, "application/schema+json")})
+async def packet_schema() -> Response:
+    """The sensor packet JSON Schema"""
+    global _PACKET_SCHEMA
+    _args(frozenset())
+    if _PACKET_SCHEMA is None:
+        _PACKET_SCHEMA = json.dumps(packet_json_schema()).encode()
+    return Response(_PACKET_SCHEMA, content_type="application/schema+json")
+
+
+@api(role="read", ok={200: (None, "text/event-stream")}, errors=(400, 503), query=EventsQuery,
+     headers=EventsHeaders, query_token=True)
+async def events() -> Response:
+    """Server-Sent Events
+
+    ``retry:`` first, then events with growing ids and a comment line at least every 15 s.
+    ``Last-Event-ID`` (header, or ``last_event_id``) replays every event after that id first.
+    """
+    c = ctx()
+    args = _args(frozenset(EventsQuery.model_fields))
+    last = _int(args, "last_event_id", None, 0, 2**63 - 1)
+    header = request.headers.get("Last-Event-ID")
+    if header is not None and header.strip():
+        if not _INT_RE.match(header.strip()):
+            raise _bad("Last-Event-ID", "must be an event id (a non-negative integer)")
+        last = int(header.strip())
+    types: frozenset[str] | None = None
+    if "types" in args:
+        names = args["types"].split(",")
+        if len(names) > 16 or not all(_TYPE_RE.match(n) for n in names):
+            raise _bad("types", "comma-separated event types (up to 16)")
+        types = frozenset(names)
+    device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
+    owner = streams()
+    if not owner.ready:
+        raise ApiError(503, "shutting_down", "the server is stopping", headers={"Retry-After": "1"})
+    body = owner.stream(
+        c.hub, {"last_event_id": last, "types": types, "device_id": device},
+        heartbeat=c.sse_heartbeat, retry_ms=c.sse_retry_ms,
+    )
+    response = Response(body, content_type="text/event-stream")
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut the stream
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+@api(role="read", ok={200: (None, CONTENT_TYPE_LATEST)})
+async def prometheus() -> Response:
+    """Prometheus metrics (text format)"""
+    _args(frozenset())
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
+def register(app: Quart) -> None:
+    """Add the routes to ``app``."""
+    prefix = "/api/v1"
+    app.add_url_rule(f"{prefix}/packets", "post_packet", post_packet, methods=["POST"])
+    app.add_url_rule(f"{prefix}/ping", "ping", ping, methods=["GET"])
+    app.add_url_rule(f"{prefix}/rereadenv", "rereadenv", rereadenv, methods=["GET", "POST"])
+    app.add_url_rule(f"{prefix}/messages", "messages", messages, methods=["GET"])
+    app.add_url_rule(f"{prefix}/rejects", "rejects", rejects, methods=["GET"])
+    app.add_url_rule(f"{prefix}/latest", "latest", latest, methods=["GET"])
+    app.add_url_rule(f"{prefix}/schema/packet", "packet_schema", packet_schema, methods=["GET"])
+    app.add_url_rule(f"{prefix}/events", "events", events, methods=["GET"])
+    app.add_url_rule("/metrics", "metrics", prometheus, methods=["GET"])
+    assert all(spec_of(f) for f in (post_packet, ping, messages, events))
