@@ -13,6 +13,7 @@ from pathlib import Path
 from gateway.errors import ConfigError
 
 _DEFAULT_KEY_FILE = "secrets.key"
+_BAD_KEY = "not a valid key (make one with `gateway secrets keygen`)"
 
 
 def generate_key() -> bytes:
@@ -44,7 +45,7 @@ def encrypt_value(key: bytes, plaintext: str) -> str:
     try:
         token = Fernet(key).encrypt(plaintext.encode("utf-8")).decode("ascii")
     except ValueError:
-        raise ConfigError("SECRETS_KEY_FILE", "not a valid key (make one with `gateway secrets keygen`)") from None
+        raise ConfigError("SECRETS_KEY_FILE", _BAD_KEY) from None
     return "enc:" + token
 
 
@@ -53,13 +54,16 @@ def decrypt_value(variable: str, value: str, env: Mapping[str, str]) -> str:
     from cryptography.fernet import Fernet, InvalidToken
 
     if "SECRETS_KEY" in env:
+        key_variable = "SECRETS_KEY"
         key = env["SECRETS_KEY"].encode("ascii", "replace").strip()
     else:
+        key_variable = "SECRETS_KEY_FILE"
         key = read_key(Path(env.get("SECRETS_KEY_FILE", _DEFAULT_KEY_FILE)))
     try:
         fernet = Fernet(key)
     except ValueError:
-        raise ConfigError("SECRETS_KEY_FILE", "not a valid key (make one with `gateway secrets keygen`)") from None
+        # Name the variable the key came from; never echo the key itself.
+        raise ConfigError(key_variable, _BAD_KEY) from None
     try:
         return fernet.decrypt(value[4:].encode("ascii", "replace")).decode("utf-8")
     except (InvalidToken, UnicodeDecodeError):
