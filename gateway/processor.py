@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import trio
 
@@ -54,6 +55,7 @@ class _Work:
     message: StoredMessage
     planned: list[PlannedAction]
     events: list[tuple[PlannedAction, NewEvent]] = field(default_factory=list)
+    as_json: dict[str, Any] | None = None  # message.to_json(), computed once for all its actions
     error: ActionFailed | None = None
 
 
@@ -189,10 +191,12 @@ class Processor:
         except Exception as exc:  # a bug in a predicate must not stop the loop
             return _Work(message, [], error=ActionFailed("rules", f"{type(exc).__name__}: {exc}"))
         w = _Work(message, planned)
+        if planned:
+            w.as_json = message.to_json()
         for p in planned:
             if isinstance(p.action, SseAction):
                 try:
-                    w.events.append((p, p.action.build(message)))
+                    w.events.append((p, p.action.build(message, w.as_json)))
                 except Exception as exc:
                     w.error = ActionFailed("sse", f"rule {p.rule}: {type(exc).__name__}: {exc}")
                     break
@@ -255,7 +259,7 @@ class Processor:
                 mine = ids.get(w.message.id, {})
                 event_id = mine.get(p.rule, mine.get(None))
                 try:
-                    payload = p.action.render(w.message, rule=p.rule, event_id=event_id)
+                    payload = p.action.render(w.message, rule=p.rule, event_id=event_id, as_json=w.as_json)
                     await self._publisher.publish(payload, p.action.subtopic)
                 except (GatewayError, ValueError, TypeError) as exc:
                     # Already committed: count and log, the next messages go on.

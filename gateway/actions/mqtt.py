@@ -48,11 +48,19 @@ class MqttAction:
         payload = Template(spec["payload"]) if "payload" in spec else None
         return cls(subtopic=subtopic, payload=payload)
 
-    def render(self, message: StoredMessage, *, rule: str, event_id: int | None) -> bytes:
-        """The JSON payload for ``message``."""
+    def render(
+        self,
+        message: StoredMessage,
+        *,
+        rule: str,
+        event_id: int | None,
+        as_json: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The JSON payload for ``message`` (``as_json``: its ``to_json()`` if the caller has it)."""
         value: Any
         if self.payload is None:
-            value = {"event_id": event_id, "type": "packet", "rule": rule, "data": message.to_json()}
+            data = as_json if as_json is not None else message.to_json()
+            value = {"event_id": event_id, "type": "packet", "rule": rule, "data": data}
         else:
             value = self.payload.render(Context(message=message, rule=rule, event_id=event_id))
             if isinstance(value, dict) and "event_id" not in value:

@@ -61,10 +61,13 @@ class SseAction:
             raise ValueError(f"rename names fields not selected: {sorted(unknown)}")
         return cls(event=event, fields=fields, rename=dict(rename))
 
-    def build(self, message: StoredMessage) -> NewEvent:
-        """The event for ``message`` (not yet stored, so without an id)."""
+    def build(self, message: StoredMessage, as_json: dict[str, Any] | None = None) -> NewEvent:
+        """The event for ``message`` (not yet stored, so without an id).
+
+        ``as_json``: ``message.to_json()`` when the caller already has it (saves work per action).
+        """
         if self.fields is None:
-            data = message.to_json()
+            data = dict(as_json) if as_json is not None else message.to_json()
             if self.rename:
                 data = {self.rename.get(k, k): v for k, v in data.items()}
         else:
