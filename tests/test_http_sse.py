@@ -1,0 +1,178 @@
+"""``GET /api/v1/events`` over a real socket with httpx streaming (quart's test client deadlocks on
+streams): retry first, heartbeats, replay after Last-Event-ID, filters, reset, and fast shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from gateway.store.base import NewEvent
+from tests.support.http import ApiServer
+from tests.test_http_api import assert_problem
+
+Factory = Callable[..., AbstractAsyncContextManager[ApiServer]]
+
+
+async def frames(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    """Parse an SSE stream into frames ({"id", "event", "data", "retry", "comment"} as present)."""
+    frame: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if frame:
+                yield frame
+            frame = {}
+            continue
+        field, _, value = line.partition(":")
+        frame["comment" if field == "" else field] = value.removeprefix(" ")
+
+
+async def add_events(server: ApiServer, *specs: tuple[str, str | None]) -> list[int]:
+    events = await server.store.append_events(
+        [NewEvent(type=t, data={"n": i, "device_id": d}, device_id=d) for i, (t, d) in enumerate(specs)]
+    )
+    server.hub.notify()
+    return [e.id for e in events]
+
+
+async def collect(
+    server: ApiServer,
+    n: int,
+    *,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    role: str | None = "read",
+    during: Callable[[], Awaitable[Any]] | None = None,
+) -> list[dict[str, str]]:
+    """Open a stream, start ``during`` once the ``retry`` frame arrived, read until ``n`` data frames."""
+    out: list[dict[str, str]] = []
+    async with (
+        trio.open_nursery() as nursery, server.client(role) as c,
+        c.stream("GET", "/api/v1/events", params=params, headers=headers) as r,
+    ):
+        assert r.status_code == 200, await r.aread()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        with trio.fail_after(10):
+            async for frame in frames(r):
+                out.append(frame)
+                if len(out) == 1:
+                    assert "retry" in frame, frame  # retry comes first
+                    if during is not None:
+                        nursery.start_soon(during)
+                if sum("data" in f for f in out) >= n:
+                    break
+    return out
+
+
+def later(server: ApiServer, *specs: tuple[str, str | None]) -> Callable[[], Awaitable[None]]:
+    """A task that appends events half a second later (after the stream went live)."""
+
+    async def go() -> None:
+        await trio.sleep(0.5)
+        await add_events(server, *specs)
+
+    return go
+
+
+async def test_retry_first_then_live_events_and_heartbeat(api_factory: Factory) -> None:
+    async with api_factory(heartbeat=0.2) as server:
+        got = await collect(server, 2, during=later(server, ("packet", "d1"), ("alert", "d2")))
+        assert got[0]["retry"] == "3000"
+        data = [f for f in got if "data" in f]
+        assert [f["event"] for f in data] == ["packet", "alert"]
+        assert int(data[0]["id"]) < int(data[1]["id"])
+        assert any("comment" in f for f in got), got  # a heartbeat before the events arrived
+
+
+async def test_replay_after_last_event_id_then_live(api: ApiServer) -> None:
+    ids = await add_events(api, *[("packet", "d1")] * 5)
+    got = await collect(api, 4, headers={"Last-Event-ID": str(ids[1])}, during=later(api, ("packet", "d1")))
+    data_ids = [int(f["id"]) for f in got if "data" in f]
+    assert data_ids == [*ids[2:], ids[-1] + 1]
+    # The query parameter works the same (EventSource cannot set headers on the first connect).
+    got = await collect(api, 2, params={"last_event_id": str(ids[3])})
+    assert [int(f["id"]) for f in got if "data" in f] == [ids[4], ids[4] + 1]
+
+
+async def test_filters_by_type_and_device(api: ApiServer) -> None:
+    await add_events(
+        api, ("packet", "d1"), ("alert", "d1"), ("packet", "d2"), ("alert", "d2"), ("packet", "d1")
+    )
+    got = await collect(api, 2, params={"last_event_id": "0", "types": "alert"})
+    assert [f["event"] for f in got if "data" in f] == ["alert", "alert"]
+    got = await collect(api, 2, params={"last_event_id": "0", "device_id": "d1", "types": "packet,alert"})
+    data = [f for f in got if "data" in f]
+    assert [f["event"] for f in data] == ["packet", "alert"] and all('"d1"' in f["data"] for f in data)
+
+
+async def test_unknown_last_event_id_gets_reset_first(api: ApiServer) -> None:
+    await add_events(api, ("packet", "d1"))
+    got = await collect(api, 1, headers={"Last-Event-ID": "999999"})
+    first = next(f for f in got if "data" in f)
+    assert first["event"] == "reset"
+
+
+async def test_access_token_query_and_kept_out_of_logs(
+    api: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await add_events(api, ("packet", "d1"))
+    with caplog.at_level(logging.INFO, logger="gateway.http"):
+        got = await collect(
+            api, 1, role=None, params={"access_token": api.keys["read"], "last_event_id": "0"}
+        )
+    assert [f["event"] for f in got if "data" in f] == ["packet"]
+    assert api.keys["read"] not in caplog.text
+    assert "access_token=%2A%2A%2A" in caplog.text and "key=test-read" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "parameter"),
+    [
+        ({"last_event_id": "-1"}, {}, "last_event_id"),
+        ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),
+        ({"types": "a b"}, {}, "types"),
+        ({"device_id": "bad id"}, {}, "device_id"),
+    ],
+)
+async def test_bad_parameters(
+    api: ApiServer, params: dict[str, str], headers: dict[str, str], parameter: str
+) -> None:
+    async with api.client("read") as c:
+        r = await c.get("/api/v1/events", params=params, headers=headers)
+    assert assert_problem(r, 400, "query_invalid")["parameter"] == parameter
+
+
+async def test_stream_ends_promptly_on_server_stop(api: ApiServer) -> None:
+    async with api.client("read") as c, c.stream("GET", "/api/v1/events") as r:
+        assert r.status_code == 200
+        stream = frames(r)
+        first = await stream.__anext__()
+        assert "retry" in first
+        started = trio.current_time()
+        api.stop.set()
+        with trio.fail_after(3):
+            async for _ in stream:
+                pass
+        assert trio.current_time() - started < 1.0
+
+
+async def test_stream_ends_when_hub_drops_the_subscriber(api: ApiServer) -> None:
+    async with api.client("read") as c, c.stream("GET", "/api/v1/events") as r:
+        stream = frames(r)
+        assert "retry" in await stream.__anext__()
+        await add_events(api, ("packet", "d1"))
+        assert (await stream.__anext__())["event"] == "packet"
+        assert api.hub.clients == 1
+        for sub in list(api.hub._subscribers):
+            api.hub._drop(sub)  # what the hub does to a subscriber too slow to keep up
+        with trio.fail_after(3):
+            rest = [f async for f in stream]
+        assert rest == []
+    with trio.fail_after(3):
+        while api.hub.clients:  # noqa: ASYNC110 (a plain counter on the hub; nothing to wait on)
+            await trio.sleep(0.01)
