@@ -214,7 +214,8 @@ class PostgresStore:
     async def _create_pool(self) -> Any:
         s = self._settings
         try:
-            with trio.fail_after(s.connect_timeout):
+            # asyncpg's own connect timeout (cancelling a connect from Trio could hang).
+            with trio.fail_after(s.connect_timeout * 2 + 5):  # backstop
                 return await self._aio(asyncpg.create_pool)(
                     dsn=s.url.get_secret_value(),
                     min_size=min(s.pool_min, s.pool_max),
@@ -229,12 +230,10 @@ class PostgresStore:
             raise StoreUnavailable(f"cannot connect to database: {_describe(exc)}") from exc
 
     async def _close_pool(self, pool: Any) -> None:
-        with trio.move_on_after(self._settings.connect_timeout) as scope:
-            try:
-                await self._aio(pool.close)()
-            except _UNAVAILABLE:
-                scope.cancel()
-        if scope.cancelled_caught:
+        # asyncio-side timeout: Pool.close() terminates every connection when it expires.
+        try:
+            await self._aio(asyncio.wait_for)(pool.close(), self._settings.connect_timeout)
+        except (*_UNAVAILABLE, asyncpg.PostgresError):
             pool.terminate()
 
     async def _check_health(self) -> None:
@@ -267,37 +266,43 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             raise StoreUnavailable(f"database not connected ({self.health.last_error or 'starting'})")
+        seconds = self._settings.query_timeout
 
-        async def body() -> T:
-            async with pool.acquire() as conn:
-                return await fn(conn)
+        async def body(expired: list[bool]) -> T:
+            async with pool.acquire(timeout=seconds) as conn:
+                return await _guarded(conn, seconds, fn, expired)
 
-        result = await self._translate(body, self._settings.query_timeout, pool)
+        result = await self._translate(body, seconds)
         if self.health.state != "ok":
             self._set_ok()
         return result
 
-    async def _translate(self, body: Callable[[], Awaitable[T]], seconds: float, pool: Any) -> T:
+    async def _translate(self, body: Callable[[list[bool]], Awaitable[T]], seconds: float) -> T:
+        """Run ``body`` on the asyncio side; its errors become StoreUnavailable / StoreCorrupt.
+
+        The deadline is enforced inside asyncio by terminating the connection (see
+        :func:`_guarded`), not by cancelling from Trio: a cancelled asyncpg query first sends a
+        cancel request and waits for the server, which hangs when the server is frozen.
+        """
+        expired: list[bool] = []
         try:
-            with trio.fail_after(seconds):
-                return await self._aio(body)()
+            # Backstop only; the asyncio-side deadline fires first.
+            with trio.fail_after(seconds + self._settings.connect_timeout + 5):
+                return await self._aio(body)(expired)
         except trio.TooSlowError as exc:
             error = f"database did not answer within {seconds:g} s"
-            await self._lost(pool, error)
+            self._set_degraded(error)
             raise StoreUnavailable(error) from exc
         except _UNAVAILABLE as exc:
-            error = f"database unavailable: {_describe(exc)}"
-            await self._lost(pool, error)
+            error = (
+                f"database did not answer within {seconds:g} s"
+                if expired
+                else f"database unavailable: {_describe(exc)}"
+            )
+            self._set_degraded(error)
             raise StoreUnavailable(error) from exc
         except asyncpg.PostgresError as exc:
             raise StoreCorrupt(f"database error: {_describe(exc)}") from exc
-
-    async def _lost(self, pool: Any, error: str) -> None:
-        self._set_degraded(error)
-        if pool is not None:
-            # Connections opened before an outage are dead: replace them on the next acquire
-            # (no I/O: it only marks them).
-            await self._aio(pool.expire_connections)()
 
     # -- migrations ----------------------------------------------------------------------
 
@@ -325,25 +330,29 @@ class PostgresStore:
         return _migrate.merge_status(files, applied)
 
     async def _migrate_on(self, pool: Any) -> list[Migration]:
-        async def body() -> list[Migration]:
-            async with pool.acquire() as conn:
-                return await _apply_migrations(conn)
+        # Migrations may build indexes: allow them longer than a query.
+        seconds = self._settings.query_timeout * 10
 
-        return await self._translate(body, self._settings.query_timeout * 10, pool)
+        async def body(expired: list[bool]) -> list[Migration]:
+            async with pool.acquire(timeout=seconds) as conn:
+                return await _guarded(conn, seconds, _apply_migrations, expired)
+
+        return await self._translate(body, seconds)
 
     async def _direct(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """``fn`` on a fresh connection (no pool yet), closed afterwards."""
         s = self._settings
+        seconds = s.query_timeout * 10
 
-        async def body() -> T:
+        async def body(expired: list[bool]) -> T:
             conn = await asyncpg.connect(s.url.get_secret_value(), timeout=s.connect_timeout)
             try:
                 await _init_connection(conn)
-                return await fn(conn)
+                return await _guarded(conn, seconds, fn, expired)
             finally:
-                await conn.close()
+                await conn.close(timeout=s.connect_timeout)
 
-        return await self._translate(body, s.query_timeout * 10, None)
+        return await self._translate(body, seconds)
 
     # -- operations ----------------------------------------------------------------------
 
@@ -378,7 +387,7 @@ class PostgresStore:
 
         async def write(conn: Conn) -> dict[tuple[str, str], tuple[int, bool]]:
             ids: dict[tuple[str, str], tuple[int, bool]] = {}
-            async with conn.transaction():
+            async with _transaction(conn):
                 if unique:
                     for r in await conn.fetch(_INSERT_MESSAGES, *cols):
                         ids[(r[1], r[2])] = (r[0], False)
@@ -419,7 +428,7 @@ class PostgresStore:
 
         async def complete(conn: Conn) -> list[Event]:
             owned: set[int] = set()
-            async with conn.transaction():
+            async with _transaction(conn):
                 if processed:
                     owned.update(r[0] for r in await conn.fetch(_MARK_PROCESSED, processed, owner))
                 if failed:
@@ -442,7 +451,7 @@ class PostgresStore:
         """Append events not tied to a lease (alerts); returns them with ids."""
 
         async def append(conn: Conn) -> list[Event]:
-            async with conn.transaction():
+            async with _transaction(conn):
                 return await _append(conn, events)
 
         if not events:
@@ -545,13 +554,11 @@ class PostgresStore:
             conn: Any = None
             lost = trio.Event()
             try:
-                with trio.fail_after(s.connect_timeout):
-                    conn = await self._aio(asyncpg.connect)(
-                        s.url.get_secret_value(), timeout=s.connect_timeout
-                    )
-                    # Listener callbacks run on the Trio thread: they only call ours.
-                    await self._aio(conn.add_listener)("gateway_messages", lambda *_: on_message())
-                    await self._aio(conn.add_listener)("gateway_events", lambda *_: on_event())
+                # asyncpg's own connect timeout (cancelling a connect from Trio could hang).
+                conn = await self._aio(asyncpg.connect)(s.url.get_secret_value(), timeout=s.connect_timeout)
+                # Listener callbacks run on the Trio thread: they only call ours.
+                await self._aio(conn.add_listener)("gateway_messages", lambda *_: on_message())
+                await self._aio(conn.add_listener)("gateway_events", lambda *_: on_event())
                 conn.add_termination_listener(lambda *_, lost=lost: lost.set())
                 attempt = 0
                 if not started:
@@ -564,19 +571,16 @@ class PostgresStore:
                         await lost.wait()
                     if lost.is_set():
                         raise ConnectionError("listen connection closed")
-                    with trio.fail_after(s.query_timeout):
-                        await self._aio(conn.fetchval)("SELECT 1")
-            except (trio.TooSlowError, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                    await self._aio(_guarded)(conn, s.query_timeout, _select_one, [])
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("database LISTEN connection lost, reconnecting: %s", _describe(exc))
             finally:
                 if conn is not None:
-                    with trio.CancelScope(shield=True), trio.move_on_after(s.connect_timeout) as scope:
+                    with trio.CancelScope(shield=True):
                         try:
-                            await self._aio(conn.close)()
-                        except _UNAVAILABLE:
-                            scope.cancel()
-                    if scope.cancelled_caught:
-                        conn.terminate()
+                            await self._aio(conn.close)(timeout=s.connect_timeout)
+                        except (*_UNAVAILABLE, asyncpg.PostgresError):
+                            conn.terminate()
             if not started:
                 task_status.started()
                 started = True
@@ -585,6 +589,47 @@ class PostgresStore:
 
 
 # -- asyncio-side helpers (run on a connection inside one aio_as_trio call) -----------------
+
+
+async def _guarded(conn: Conn, seconds: float, fn: Callable[[Conn], Awaitable[T]], expired: list[bool]) -> T:
+    """``fn(conn)``, with the connection terminated if it takes longer than ``seconds`` or is
+    cancelled: its state is then unknown, and a graceful cancel could wait on a dead server."""
+
+    def expire() -> None:
+        expired.append(True)
+        conn.terminate()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await fn(conn)
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    finally:
+        timer.cancel()
+
+
+@asynccontextmanager
+async def _transaction(conn: Conn) -> AsyncIterator[None]:
+    """BEGIN/COMMIT; ROLLBACK on a server-side error. On cancellation or a lost connection the
+    connection is terminated instead (asyncpg's own rollback would first wait for the cancel)."""
+    await conn.execute("BEGIN")
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, _UNAVAILABLE):
+            conn.terminate()
+        else:
+            await conn.execute("ROLLBACK")
+        raise
+    except BaseException:
+        conn.terminate()
+        raise
+    await conn.execute("COMMIT")
+
+
+async def _select_one(conn: Conn) -> None:
+    await conn.fetchval("SELECT 1")
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -596,11 +641,11 @@ async def _init_connection(conn: Conn) -> None:
 async def _apply_migrations(conn: Conn) -> list[Migration]:
     files = _migrate.load_migrations("postgres")
     done: list[Migration] = []
-    async with conn.transaction():
+    async with _transaction(conn):
         await conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
         await conn.execute(_migrate.BOOTSTRAP["postgres"])
     for mig in files:
-        async with conn.transaction():
+        async with _transaction(conn):
             # Instances starting together: one applies, the others see it recorded.
             await conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
             if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", mig.version):

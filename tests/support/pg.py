@@ -12,6 +12,7 @@ stoppable servers for outage tests. Also the ``store`` fixture over both backend
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -121,7 +122,8 @@ class PgServer:
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
         self._as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start"
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"),
+            "-w", "start",
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -144,10 +146,8 @@ class PgServer:
     def destroy(self) -> None:
         """Stop if running and delete the directory."""
         if self.running:
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.stop("immediate")
-            except RuntimeError:
-                pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, dbname: str = "postgres") -> str:
