@@ -17,9 +17,11 @@ from datetime import datetime
 from importlib import resources
 from typing import Literal
 
+import trio
+
 from gateway.errors import StoreCorrupt
 from gateway.settings import DatabaseSettings
-from gateway.store.base import Migration
+from gateway.store.base import Migration, Store
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -84,7 +86,10 @@ async def migrate(settings: DatabaseSettings) -> list[Migration]:
     from gateway.store import open_store
 
     async with open_store(settings) as store:
-        return await store.migrate()
+        try:
+            return await store.migrate()
+        finally:
+            await _close(store)
 
 
 async def migration_status(settings: DatabaseSettings) -> list[Migration]:
@@ -92,4 +97,16 @@ async def migration_status(settings: DatabaseSettings) -> list[Migration]:
     from gateway.store import open_store
 
     async with open_store(settings) as store:
-        return await store.migration_status()
+        try:
+            return await store.migration_status()
+        finally:
+            await _close(store)
+
+
+async def _close(store: Store) -> None:
+    # SQLite opens its file on first use; PostgreSQL used a one-off connection, already closed.
+    from gateway.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        with trio.CancelScope(shield=True):
+            await store.aclose()

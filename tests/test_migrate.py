@@ -1,0 +1,133 @@
+"""Migrations: discovery (checkout and package data), idempotence, concurrency, atomicity,
+and the two dialects keeping the same table and column names."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.errors import StoreCorrupt
+from gateway.store import migrate, open_store
+from gateway.store.base import Migration
+from gateway.store.sqlite import _statements
+from tests.support.pg import db_settings, psql
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_load_migrations(dialect: migrate.Dialect) -> None:
+    files = migrate.load_migrations(dialect)
+    assert [f.version for f in files] == sorted(f.version for f in files)
+    assert files[0].version == 1 and files[0].name == "initial"
+    assert all("CREATE TABLE" in f.sql or f.sql.strip() for f in files)
+    # Package data (gateway/store/migrations) is the same as db/migrations in the checkout.
+    on_disk = sorted(p.name for p in (REPO / "db" / "migrations" / dialect).glob("*.sql"))
+    assert on_disk == [f"{f.version:04d}_{f.name}.sql" for f in files]
+    for f in files:
+        assert (REPO / "db" / "migrations" / dialect / f"{f.version:04d}_{f.name}.sql").read_text() == f.sql
+
+
+def test_dialects_have_the_same_migrations() -> None:
+    pg = [(f.version, f.name) for f in migrate.load_migrations("postgres")]
+    lite = [(f.version, f.name) for f in migrate.load_migrations("sqlite")]
+    assert pg == lite
+
+
+def test_duplicate_versions_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "migrations" / "sqlite").mkdir(parents=True)
+    (tmp_path / "migrations" / "sqlite" / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "migrations" / "sqlite" / "0001_b.sql").write_text("SELECT 1;")
+    monkeypatch.setattr(migrate.resources, "files", lambda _pkg: tmp_path)
+    with pytest.raises(StoreCorrupt, match="0001"):
+        migrate.load_migrations("sqlite")
+
+
+def test_merge_status_keeps_unknown_applied_versions() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    files = [migrate.MigrationFile(1, "initial", ""), migrate.MigrationFile(2, "two", "")]
+    assert migrate.merge_status(files, {1: ("initial", at), 9: ("future", at)}) == [
+        Migration(1, "initial", at),
+        Migration(2, "two", None),
+        Migration(9, "future", at),
+    ]
+
+
+def test_sqlite_statement_splitter() -> None:
+    script = """
+    -- a comment; with a semicolon
+    CREATE TABLE a (x TEXT DEFAULT ';');
+    CREATE TRIGGER t AFTER INSERT ON a BEGIN
+        UPDATE a SET x = 'y;z';
+    END;
+    -- trailing comment
+    """
+    statements = list(_statements(script))
+    assert len(statements) == 2
+    assert "CREATE TRIGGER" in statements[1] and statements[1].rstrip().endswith("END;")
+    with pytest.raises(StoreCorrupt):
+        list(_statements("CREATE TABLE b (x INT)"))
+
+
+async def test_sqlite_failed_migration_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "pkg" / "migrations" / "sqlite"
+    folder.mkdir(parents=True)
+    (folder / "0001_ok.sql").write_text("CREATE TABLE one (x INT);\n")
+    (folder / "0002_bad.sql").write_text("CREATE TABLE two (x INT);\nINSERT INTO nowhere VALUES (1);\n")
+    monkeypatch.setattr(migrate.resources, "files", lambda _pkg: tmp_path / "pkg")
+    db = tmp_path / "gw.db"
+    async with open_store(db_settings(f"sqlite:///{db}")) as store:
+        with pytest.raises(StoreCorrupt):
+            await store.migrate()
+        status = await store.migration_status()
+    assert [(m.version, m.applied_at is not None) for m in status] == [(1, True), (2, False)]
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "one" in tables and "two" not in tables
+
+
+async def test_pg_concurrent_migrators(pg_url: str) -> None:
+    """Instances starting together: each migration is applied exactly once, nobody fails."""
+    results: list[list[Migration]] = []
+
+    async def one() -> None:
+        async with open_store(db_settings(pg_url)) as store:
+            results.append(await store.migrate())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+    applied = [m.version for r in results for m in r]
+    assert sorted(applied) == [f.version for f in migrate.load_migrations("postgres")]
+    status = await migrate.migration_status(db_settings(pg_url))
+    assert all(m.applied_at is not None for m in status)
+
+
+async def test_same_names_in_both_dialects(pg_url: str, tmp_path: Path) -> None:
+    """Operators query either database with the same table and column names."""
+    await migrate.migrate(db_settings(pg_url))
+    db = tmp_path / "gw.db"
+    await migrate.migrate(db_settings(f"sqlite:///{db}"))
+
+    rows = await trio.to_thread.run_sync(
+        psql,
+        pg_url,
+        "SELECT table_name || '.' || column_name FROM information_schema.columns"
+        " WHERE table_schema = 'public'",
+    )
+    pg_cols = set(rows.split())
+    with sqlite3.connect(db) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        lite_cols = {
+            f"{t}.{c[1]}"
+            for t in tables
+            if not t.startswith("sqlite_")
+            for c in conn.execute(f"PRAGMA table_info({t})")
+        }
+    assert pg_cols == lite_cols
+    assert {"messages.id", "messages.device_ts", "rejects.payload", "events.created_at"} <= pg_cols
+    assert "schema_migrations.version" in pg_cols
