@@ -135,14 +135,19 @@ class Subscription:
         self._cursor = self._position
 
     async def _start(self) -> None:
-        """On first iteration: decide between replay, reset and live only."""
-        self.started = True
+        """On first iteration: decide between replay, reset and live only.
+
+        Cancel-safe (a heartbeat timeout around ``__anext__`` may cancel it): nothing changes
+        before the only await, so a cancelled start simply runs again.
+        """
         hub = self._hub
         position = self._position
         if self._last_event_id is None:
+            self.started = True
             return
         requested = self._last_event_id
         oldest, newest = await hub._store.event_bounds()
+        self.started = True
         known = max(position, newest)
         pruned = oldest - 1 if oldest > 0 else known  # every id up to here is gone
         if requested > known or requested < pruned:

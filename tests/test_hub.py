@@ -82,6 +82,26 @@ async def test_replay_then_live_no_gap_no_repeat(store: Store) -> None:
             assert [e.data["n"] for e in got] == list(range(2, 130, 2))
 
 
+async def test_iteration_is_cancel_safe(store: Store) -> None:
+    """The HTTP side may wrap each step in a heartbeat timeout: cancelling never loses an event."""
+    first = await store.append_events(new_events(0, 300))
+    async with (
+        running_hub(store, replay_limit=20) as hub,
+        hub.subscribe(last_event_id=first[9].id, types=None, device_id=None) as sub,
+    ):
+        live = await append(store, hub, new_events(300, 100))
+        got: list[Event] = []
+        cancelled = 0
+        with trio.fail_after(30):
+            while len(got) < 390:
+                # Mostly tiny timeouts (cancelling mid-query), sometimes room to finish one.
+                with trio.move_on_after(0.05 if cancelled % 4 == 3 else 0.0002) as scope:
+                    got.append(await sub.__anext__())
+                cancelled += scope.cancelled_caught
+        assert [e.id for e in got] == [e.id for e in first[10:] + live]
+        assert cancelled > 0
+
+
 async def test_reset_when_id_expired_or_unknown(store: Store) -> None:
     old = await store.append_events(new_events(0, 10))
     await store.prune_events(datetime.now(UTC) + timedelta(seconds=1))  # everything so far is gone
