@@ -1,0 +1,164 @@
+"""Ingest: validate → batch insert → ack in arrival order → wake the processor.
+
+Overflow policy: ingest never drops. While the database is down the current batch is retried
+(with backoff) and nothing new is read from the channel, so the MQTT reader blocks and the broker
+stops sending once Receive Maximum messages are unacknowledged. A message is acknowledged only
+after the transaction holding it (as a reading or as a reject) committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import trio
+
+from gateway import metrics
+from gateway.backoff import Backoff
+from gateway.errors import PacketInvalid, StoreUnavailable
+from gateway.health import ComponentHealth
+from gateway.mqtt import Inbound
+from gateway.packets import parse_packet
+from gateway.settings import IngestSettings
+from gateway.store.base import InsertOutcome, NewMessage, NewReject, Store
+
+log = logging.getLogger("gateway.ingest")
+
+RETRY_MIN = 0.05
+RETRY_MAX = 5.0
+
+
+def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMessage], list[NewReject]]:
+    """Validate each message: valid ones become :class:`NewMessage`, the rest :class:`NewReject`.
+
+    Pure; never raises for a bad payload. A too-large payload is kept truncated to ``max_payload``
+    bytes (its reason and size are in the errors).
+    """
+    messages: list[NewMessage] = []
+    rejects: list[NewReject] = []
+    for m in batch:
+        try:
+            p = parse_packet(m.payload, max_bytes=max_payload)
+        except PacketInvalid as exc:
+            raw = m.payload[:max_payload]
+            rejects.append(NewReject(m.received_at, "mqtt", m.topic, raw, exc.reason, exc.errors))
+            continue
+        except Exception as exc:  # a bug in validation must not stall the stream: keep it as a reject
+            log.exception("validation crashed topic=%s", m.topic)
+            errors = [{"loc": [], "msg": f"validation failed: {type(exc).__name__}", "type": "internal"}]
+            raw = m.payload[:max_payload]
+            rejects.append(NewReject(m.received_at, "mqtt", m.topic, raw, "internal", errors))
+            continue
+        messages.append(
+            NewMessage(
+                device_id=p.device_id,
+                device_ts=p.timestamp,
+                seq=p.seq,
+                dedupe_key=p.dedupe_key(),
+                measurements=dict(p.measurements),
+                status=p.status,
+                battery=p.battery,
+                source="mqtt",
+                received_at=m.received_at,
+                topic=m.topic,
+            )
+        )
+    return messages, rejects
+
+
+class Ingest:
+    """Moves batches of :class:`Inbound` from the MQTT bridge into the store, exactly once."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        store: Store,
+        ack: Callable[[Sequence[Inbound]], None],
+        on_commit: Callable[[], None],
+        health: ComponentHealth,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._ack = ack
+        self._on_commit = on_commit
+        self._health = health
+        self.committed = 0
+        """Messages (readings and rejects) committed since start."""
+
+    async def run(
+        self,
+        inbound: trio.MemoryReceiveChannel[list[Inbound]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Batch, store and ack everything from ``inbound``.
+
+        A batch is written when it holds ``batch_size`` messages or ``flush_ms`` after it started
+        filling. Returns when ``inbound`` is closed (after storing what it had); otherwise runs
+        until cancelled. Raises what the store raises besides StoreUnavailable (a bug or a broken
+        schema), leaving the batch unacked for redelivery.
+        """
+        size = self._settings.batch_size
+        flush = self._settings.flush_ms / 1000.0
+        self._health.set("ok")
+        task_status.started()
+        pending: list[Inbound] = []
+        while True:
+            if not pending:
+                try:
+                    pending.extend(await inbound.receive())
+                except trio.EndOfChannel:
+                    return
+            closed = False
+            if len(pending) < size:
+                with trio.move_on_after(flush):
+                    try:
+                        while len(pending) < size:
+                            pending.extend(await inbound.receive())
+                    except trio.EndOfChannel:
+                        closed = True
+            # A read burst may exceed batch_size: commit a full batch, keep the rest for the next.
+            chunk, pending = pending[:size], pending[size:]
+            await self._commit(chunk)
+            if closed:
+                while pending:
+                    chunk, pending = pending[:size], pending[size:]
+                    await self._commit(chunk)
+                return
+
+    async def _commit(self, chunk: list[Inbound]) -> None:
+        """Store one batch (retrying while the database is unavailable), then ack it in order."""
+        messages, rejects = to_records(chunk, self._settings.max_payload)
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        while True:
+            try:
+                outcomes = await self._store.write_batch(messages, rejects)
+                break
+            except StoreUnavailable as exc:
+                metrics.INGEST_DB_ERRORS.inc()
+                self._health.set("degraded", f"database: {exc}")
+                delay = backoff.next()
+                log.warning("store unavailable batch=%d retry_in=%.2fs error=%s", len(chunk), delay, exc)
+                await trio.sleep(delay)
+        if self._health.state != "ok":
+            log.info("store available again batch=%d attempts=%d", len(chunk), backoff.attempt + 1)
+            self._health.set("ok")
+        self._ack(chunk)
+        self.committed += len(chunk)
+        self._observe(chunk, outcomes, rejects)
+        self._on_commit()
+
+    def _observe(self, chunk: list[Inbound], outcomes: list[InsertOutcome], rejects: list[NewReject]) -> None:
+        dup = sum(1 for o in outcomes if o.duplicate)
+        if len(outcomes) - dup:
+            metrics.INGEST_STORED.labels("mqtt").inc(len(outcomes) - dup)
+        if dup:
+            metrics.INGEST_DUPLICATES.labels("mqtt").inc(dup)
+        for r in rejects:
+            metrics.INGEST_REJECTED.labels(r.reason).inc()
+        metrics.INGEST_BATCH.observe(len(chunk))
+        now = datetime.now(UTC)
+        for m in chunk:
+            metrics.INGEST_LATENCY.observe((now - m.received_at).total_seconds())
+        self._health.detail.update(committed=self.committed)

@@ -1,0 +1,570 @@
+"""The only place paho-mqtt lives: its socket bridged into Trio, no paho thread.
+
+One connection = one paho ``Client`` and one *generation* number. Inside a connection's nursery:
+
+* reader: ``wait_readable`` → ``loop_read()`` while the socket (FIONREAD) or the SSL buffer
+  (``pending()``) holds data, at most :data:`READ_CAP` packets per wakeup, then ONE
+  ``inbound.send(batch)``. A full channel stops the reader, so the broker stops sending once
+  Receive Maximum messages are unacknowledged (backpressure, never a drop).
+* writer: woken by ``on_socket_register_write``; writes while ``want_write()``.
+* housekeeping: ``loop_misc()`` every second (keepalive).
+* publisher: drains the outbound queue with QoS 1, re-sends what the broker did not confirm.
+
+paho callbacks only hand data over (append to a list, set an event, cancel the connection's scope).
+They may fire from the ``connect()`` worker thread or from ``Client.__del__``: each checks that it
+runs on the Trio thread and belongs to the live generation before touching anything.
+
+Delivery: QoS 1, persistent session, ``manual_ack=True``; :meth:`MqttBridge.ack` sends PUBACKs
+only after ingest committed, in arrival order. Acks for an older generation are dropped: the
+broker redelivers those messages on the new connection and the store recognises the duplicates.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import ssl
+import termios
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as paho
+import trio
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway import metrics
+from gateway.backoff import Backoff
+from gateway.errors import MqttUnavailable
+from gateway.health import ComponentHealth
+from gateway.settings import MqttSettings
+
+log = logging.getLogger("gateway.mqtt")
+
+READ_CAP = 2000
+"""Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
+
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message received from the broker; ``generation`` is the connection it came on."""
+
+    topic: str
+    payload: bytes
+    received_at: datetime
+    mid: int
+    qos: int
+    dup: bool
+    generation: int
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A queued publish; ``sent_at`` is the monotonic time of the latest attempt."""
+
+    topic: str
+    payload: bytes
+    queued_at: float
+    sent_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Connection:
+    """State of one connection (one paho client, one generation)."""
+
+    generation: int
+    client: paho.Client
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    sock: Any = None
+    batch: list[Inbound] = field(default_factory=list)
+    write_wanted: trio.Event = field(default_factory=trio.Event)
+    connack: trio.Event = field(default_factory=trio.Event)
+    connack_failure: str | None = None
+    session_present: bool = False
+    broker_receive_max: int | None = None
+    suback: trio.Event = field(default_factory=trio.Event)
+    suback_failure: str | None = None
+    sub_mid: int | None = None
+    lost: str | None = None
+    unconfirmed: dict[int, _Outgoing] = field(default_factory=dict)
+    confirmed: trio.Event = field(default_factory=trio.Event)
+    inflight: int = 0
+
+    def lose(self, reason: str) -> None:
+        """Mark the connection dead (first reason wins) and stop its tasks."""
+        if self.lost is None:
+            self.lost = reason
+        self.scope.cancel()
+
+
+class MqttBridge:
+    """The broker connection: inbound QoS 1 stream, manual acks, and a QoS 1 outbound queue.
+
+    Also satisfies :class:`gateway.publish.Publisher`. The outbound queue is created here, so
+    publishes survive restarts of :meth:`run` (and the broker being down).
+    """
+
+    def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
+        self.settings = settings
+        self._health = health
+        self._out_send, self._out_recv = trio.open_memory_channel[_Outgoing](settings.outbound_queue)
+        # Publishes taken off the queue but not confirmed by a PUBACK yet, oldest first; they
+        # are re-sent on the next connection.
+        self._resend: deque[_Outgoing] = deque()
+        self._conn: _Connection | None = None
+        self._generation = 0
+        self._trio_thread: int | None = None
+        self._ever_connected = False
+        self.connected = False
+        self.reconnects = 0
+        self._set_detail()
+
+    # ----------------------------------------------------------------------------------- public
+
+    async def run(
+        self,
+        inbound: trio.MemorySendChannel[list[Inbound]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, subscribe, stream messages into ``inbound``; reconnect forever with backoff.
+
+        Reports started after CONNACK and SUBACK, or after the first failed attempt (health
+        ``degraded``) so the gateway can start without its broker. Does not close ``inbound``.
+        Runs until cancelled.
+        """
+        self._trio_thread = threading.get_ident()
+        s = self.settings
+        backoff = Backoff(s.reconnect_min, s.reconnect_max)
+        started = False
+        while True:
+            self._generation += 1
+            conn = _Connection(self._generation, self._make_client(self._generation))
+            self._conn = conn
+            ready = False
+            try:
+                ready = await self._connection(conn, inbound, task_status if not started else None)
+            finally:
+                was_connected = self.connected
+                self._conn = None
+                self._set_connected(False)
+                self._drop_connection(conn)
+            if ready:
+                started = True
+            reason = conn.lost or "closed"
+            if was_connected:
+                log.warning("disconnected host=%s generation=%d reason=%s", s.host, conn.generation, reason)
+                backoff.reset()
+            else:
+                log.warning("connect failed host=%s port=%d reason=%s", s.host, s.port, reason)
+            self._health.set("degraded", f"broker: {reason}")
+            if not started:
+                started = True
+                task_status.started()
+            delay = backoff.next()
+            log.info("reconnecting in=%.2fs attempt=%d", delay, backoff.attempt)
+            await trio.sleep(delay)
+
+    def ack(self, messages: Sequence[Inbound]) -> None:
+        """Acknowledge committed messages (PUBACK), in the given (arrival) order.
+
+        Messages from an older connection are skipped: the broker redelivers them.
+        """
+        conn = self._conn
+        if conn is None or conn.lost is not None:
+            return
+        gen = conn.generation
+        client = conn.client
+        n = 0
+        for m in messages:
+            if m.generation == gen and m.qos > 0:
+                client.ack(m.mid, m.qos)
+                n += 1
+        if n:
+            conn.inflight -= n
+            metrics.MQTT_INFLIGHT.set(conn.inflight)
+
+    async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
+        """Queue a QoS 1 publish on the publish topic (or ``<topic>/<subtopic>``); waits for room."""
+        await self._out_send.send(_Outgoing(self._topic(subtopic), payload, time.monotonic()))
+        self._queue_gauge()
+
+    def publish_nowait(self, payload: bytes, subtopic: str | None = None) -> None:
+        """Queue a QoS 1 publish; raises :class:`MqttUnavailable` when the queue is full."""
+        try:
+            self._out_send.send_nowait(_Outgoing(self._topic(subtopic), payload, time.monotonic()))
+        except trio.WouldBlock:
+            limit = self.settings.outbound_queue
+            raise MqttUnavailable(f"outbound MQTT queue full ({limit} publishes)") from None
+        self._queue_gauge()
+
+    # ---------------------------------------------------------------------------- connection
+
+    async def _connection(
+        self,
+        conn: _Connection,
+        inbound: trio.MemorySendChannel[list[Inbound]],
+        task_status: trio.TaskStatus[None] | None,
+    ) -> bool:
+        """Run one connection until it is lost; returns whether it got as far as subscribed."""
+        s = self.settings
+        client = conn.client
+        with conn.scope:
+            # connect() blocks (DNS, TCP, TLS handshake): a worker thread, under the timeout.
+            with trio.move_on_after(s.connect_timeout) as cs:
+                try:
+                    await trio.to_thread.run_sync(self._connect_blocking, client, abandon_on_cancel=True)
+                except (OSError, ValueError) as exc:
+                    conn.lose(_describe(exc))
+                    return False
+            if cs.cancelled_caught:
+                conn.lose(f"connect timed out after {s.connect_timeout}s")
+                return False
+            conn.sock = client.socket()
+            if conn.sock is None:
+                conn.lose("no socket after connect")
+                return False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, conn, inbound)
+                nursery.start_soon(self._writer, conn)
+                nursery.start_soon(self._housekeeping, conn)
+                conn.write_wanted.set()  # CONNECT was queued on the connect thread
+                if not await self._handshake(conn):
+                    return False
+                self._on_ready(conn)
+                if task_status is not None:
+                    task_status.started()
+                nursery.start_soon(self._publisher, conn)
+        # Reached when conn.lose() cancelled the scope (never by a plain return of the nursery).
+        return conn.connack.is_set() and conn.suback.is_set()
+
+    async def _handshake(self, conn: _Connection) -> bool:
+        """Wait for CONNACK, subscribe, wait for SUBACK; False (connection lost) on failure."""
+        s = self.settings
+        with trio.move_on_after(s.connect_timeout):
+            await conn.connack.wait()
+        if not conn.connack.is_set():
+            conn.lose("no CONNACK in time")
+            return False
+        if conn.connack_failure is not None:
+            conn.lose(f"broker refused the connection: {conn.connack_failure}")
+            return False
+        if s.protocol == "5":
+            rc, mid = conn.client.subscribe(s.subscription, options=SubscribeOptions(qos=1))
+        else:
+            rc, mid = conn.client.subscribe(s.subscription, qos=1)
+        if rc != _SUCCESS:
+            conn.lose(f"subscribe failed: {paho.error_string(rc)}")
+            return False
+        conn.sub_mid = mid
+        with trio.move_on_after(s.connect_timeout):
+            await conn.suback.wait()
+        if not conn.suback.is_set():
+            conn.lose("no SUBACK in time")
+            return False
+        if conn.suback_failure is not None:
+            conn.lose(f"subscription {s.subscription!r} refused: {conn.suback_failure}")
+            return False
+        return True
+
+    def _on_ready(self, conn: _Connection) -> None:
+        s = self.settings
+        if self._ever_connected:
+            self.reconnects += 1
+            metrics.MQTT_RECONNECTS.inc()
+        self._ever_connected = True
+        self._set_connected(True)
+        self._health.set("ok")
+        log.info(
+            "connected host=%s port=%d client_id=%s protocol=%s session_present=%s subscription=%s "
+            "generation=%d",
+            s.host, s.port, s.client_id, s.protocol, conn.session_present, s.subscription, conn.generation,
+        )
+        if not conn.session_present:
+            log.warning(
+                "no session on the broker client_id=%s: messages published while the gateway was away "
+                "were not kept (normal on the very first start, or after the session expired)",
+                s.client_id,
+            )
+
+    def _connect_blocking(self, client: paho.Client) -> None:
+        """Runs in a worker thread: TCP (+TLS) connect and queue CONNECT."""
+        s = self.settings
+        if s.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry
+            props.ReceiveMaximum = s.receive_maximum
+            client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
+        else:
+            client.connect(s.host, s.port, keepalive=s.keepalive)
+
+    def _make_client(self, generation: int) -> paho.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            clean_session=None if v5 else False,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            manual_ack=True,
+        )
+        # An exception in a callback would make paho deliver the same message again.
+        client.suppress_exceptions = True
+        client.connect_timeout = s.connect_timeout
+        client.max_inflight_messages_set(s.receive_maximum)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls:
+            client.tls_set_context(self._tls_context())
+        client.on_connect = lambda c, u, flags, rc, props: self._cb_connect(generation, flags, rc, props)
+        client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
+        client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
+        client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, rc)
+        client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
+        client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
+        return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.settings
+        cafile = str(s.ca_file) if s.ca_file else None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if s.cert_file is not None:
+            ctx.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+        return ctx
+
+    def _drop_connection(self, conn: _Connection) -> None:
+        """Close the socket (if paho did not) and keep unconfirmed publishes for the next connection."""
+        if conn.unconfirmed:
+            pending = [*conn.unconfirmed.values(), *self._resend]
+            self._resend = deque(sorted(pending, key=lambda o: o.queued_at))
+            conn.unconfirmed.clear()
+        sock = conn.client.socket()
+        if sock is not None:
+            trio.lowlevel.notify_closing(sock)
+            # Stopping (not lost): send DISCONNECT if the socket takes it at once. The session, and
+            # every unacked message in it, stays on the broker.
+            if conn.lost is None:
+                try:
+                    conn.client.disconnect()
+                    conn.client.loop_write()
+                except OSError:
+                    pass
+            if conn.client.socket() is not None:
+                conn.client._sock_close()  # paho has no public "close now"
+        if conn.lost is None:
+            conn.lost = "stopped"
+        metrics.MQTT_INFLIGHT.set(0)
+        self._queue_gauge()
+
+    # ------------------------------------------------------------------------------ tasks
+
+    async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
+        client, sock = conn.client, conn.sock
+        ssl_sock = isinstance(sock, ssl.SSLSocket)
+        fionread = array.array("i", [0])
+        fd = sock.fileno()
+
+        def pending() -> bool:
+            if ssl_sock:
+                return bool(sock.pending())
+            fcntl.ioctl(fd, termios.FIONREAD, fionread)
+            return fionread[0] > 0
+
+        while True:
+            if pending():
+                await trio.lowlevel.checkpoint()
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    conn.lose("socket closed")
+                    return
+            for _ in range(READ_CAP):
+                rc = client.loop_read()
+                if rc != _SUCCESS:
+                    conn.lose(f"read: {paho.error_string(rc)}")
+                    break
+                if conn.lost is not None or not pending():
+                    break
+            if conn.batch:
+                batch, conn.batch = conn.batch, []
+                n = sum(1 for m in batch if m.qos > 0)
+                conn.inflight += n
+                metrics.MQTT_RECEIVED.inc(len(batch))
+                metrics.MQTT_INFLIGHT.set(conn.inflight)
+                # Blocks while ingest is behind: we stop reading, the broker stops sending.
+                await inbound.send(batch)
+            if conn.lost is not None:
+                return
+
+    async def _writer(self, conn: _Connection) -> None:
+        client = conn.client
+        while True:
+            await conn.write_wanted.wait()
+            conn.write_wanted = trio.Event()
+            while client.want_write():
+                rc = client.loop_write()
+                if rc != _SUCCESS:
+                    conn.lose(f"write: {paho.error_string(rc)}")
+                    return
+                if client.want_write():
+                    try:
+                        await trio.lowlevel.wait_writable(conn.sock)
+                    except trio.ClosedResourceError:
+                        conn.lose("socket closed")
+                        return
+
+    async def _housekeeping(self, conn: _Connection) -> None:
+        while True:
+            await trio.sleep(1.0)
+            rc = conn.client.loop_misc()
+            if rc != _SUCCESS:
+                conn.lose(f"keepalive: {paho.error_string(rc)}")
+                return
+
+    async def _publisher(self, conn: _Connection) -> None:
+        """Send queued publishes, re-sends first, keeping at most the broker's window unconfirmed.
+
+        An item stays in ``_resend`` until paho took it, so a connection lost (or the gateway
+        stopped) while waiting never loses it.
+        """
+        window = self.settings.receive_maximum
+        if conn.broker_receive_max is not None:
+            window = min(window, conn.broker_receive_max)
+        if self._resend:
+            log.info("re-sending unconfirmed publishes count=%d", len(self._resend))
+        while True:
+            while self._resend:
+                while len(conn.unconfirmed) >= window:
+                    await conn.confirmed.wait()
+                    conn.confirmed = trio.Event()
+                item = self._resend[0]
+                item.sent_at = time.monotonic()
+                info = conn.client.publish(item.topic, item.payload, qos=1)
+                if info.rc != _SUCCESS:
+                    conn.lose(f"publish: {paho.error_string(info.rc)}")
+                    await trio.lowlevel.checkpoint()
+                    return
+                self._resend.popleft()
+                conn.unconfirmed[info.mid] = item
+                self._queue_gauge()
+            # No checkpoint between receive() returning and the append: the item cannot get lost.
+            self._resend.append(await self._out_recv.receive())
+
+    # -------------------------------------------------------------------------- callbacks
+
+    def _live(self, generation: int) -> _Connection | None:
+        """The connection a callback belongs to, if it is live and we are on the Trio thread."""
+        conn = self._conn
+        if conn is None or conn.generation != generation or threading.get_ident() != self._trio_thread:
+            return None
+        return conn
+
+    def _cb_message(self, generation: int, msg: paho.MQTTMessage) -> None:
+        conn = self._conn
+        if conn is None or conn.generation != generation:
+            return
+        try:
+            topic = msg._topic.decode("utf-8", "replace")  # .topic raises on bad UTF-8
+            payload = bytes(msg.payload)
+            conn.batch.append(
+                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation)
+            )
+        except Exception:  # never let paho see an exception: it would redeliver
+            log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
+
+    def _cb_connect(self, generation: int, flags: Any, rc: Any, props: Any) -> None:
+        conn = self._live(generation)
+        if conn is None:
+            return
+        if rc.is_failure:
+            conn.connack_failure = str(rc)
+            conn.lose(f"broker refused the connection: {rc}")
+        conn.session_present = bool(flags.session_present)
+        rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        conn.broker_receive_max = int(rm) if rm else None
+        conn.connack.set()
+
+    def _cb_subscribe(self, generation: int, mid: int, rcs: Sequence[Any]) -> None:
+        conn = self._live(generation)
+        if conn is None or mid != conn.sub_mid:
+            return
+        bad = [str(rc) for rc in rcs if rc.is_failure]
+        if bad:
+            conn.suback_failure = ", ".join(bad)
+        conn.suback.set()
+
+    def _cb_publish(self, generation: int, mid: int) -> None:
+        conn = self._live(generation)
+        if conn is None:
+            return
+        item = conn.unconfirmed.pop(mid, None)
+        if item is None:
+            return
+        metrics.MQTT_PUBLISHED.inc()
+        metrics.MQTT_PUBLISH_LATENCY.observe(time.monotonic() - item.sent_at)
+        conn.confirmed.set()
+        self._queue_gauge()
+
+    def _cb_disconnect(self, generation: int, rc: Any) -> None:
+        # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
+        conn = self._live(generation)
+        if conn is not None:
+            conn.lose(f"disconnected: {rc}")
+
+    def _cb_socket_close(self, generation: int, sock: Any) -> None:
+        # Also called from Client.__del__ (any thread, possibly after Trio ended).
+        conn = self._live(generation)
+        if conn is not None:
+            trio.lowlevel.notify_closing(sock)  # wake (with ClosedResourceError) whoever waits on it
+            conn.lose("socket closed")
+
+    def _cb_register_write(self, generation: int) -> None:
+        conn = self._live(generation)
+        if conn is not None:
+            conn.write_wanted.set()
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _topic(self, subtopic: str | None) -> str:
+        base = self.settings.publish_topic
+        return f"{base}/{subtopic}" if subtopic else base
+
+    def _set_connected(self, value: bool) -> None:
+        self.connected = value
+        metrics.MQTT_CONNECTED.set(1 if value else 0)
+        self._set_detail()
+
+    def _set_detail(self) -> None:
+        self._health.detail.update(
+            connected=self.connected,
+            reconnects=self.reconnects,
+            broker=f"{self.settings.host}:{self.settings.port}",
+        )
+
+    def _queue_gauge(self) -> None:
+        conn = self._conn
+        waiting = self._out_recv.statistics().current_buffer_used + len(self._resend)
+        metrics.MQTT_PUBLISH_QUEUE.set(waiting + (len(conn.unconfirmed) if conn else 0))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, ssl.SSLError) else f"TLS: {text}"
+
+
+__all__ = ["READ_CAP", "Inbound", "MqttBridge"]

@@ -1,0 +1,202 @@
+"""Ingest: batching, validation into rejects, ack-after-commit, retry while the store is down."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from gateway.errors import StoreUnavailable
+from gateway.health import ComponentHealth
+from gateway.ingest import Ingest, to_records
+from gateway.mqtt import Inbound
+from gateway.settings import IngestSettings
+from gateway.store.base import InsertOutcome, MessageQuery, NewMessage, NewReject, Store
+from tests.support.mqtt import eventually, malformed_packets, packet
+
+
+def inbound(payload: bytes, mid: int = 1, *, dup: bool = False, topic: str = "sensors/x/data") -> Inbound:
+    return Inbound(topic, payload, datetime.now(UTC), mid, 1, dup, 1)
+
+
+class FakeStore:
+    """Just enough Store for failure-handling tests: fails ``fail`` times, then records batches."""
+
+    kind = "fake"
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.calls = 0
+        self.batches: list[tuple[list[NewMessage], list[NewReject]]] = []
+        self.commit_times: list[float] = []
+
+    async def write_batch(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        if self.fail > 0:
+            self.fail -= 1
+            raise StoreUnavailable("database down (fake)")
+        self.batches.append((messages, rejects))
+        self.commit_times.append(trio.current_time())
+        return [InsertOutcome(i, False) for i, _ in enumerate(messages)]
+
+
+class Recorder:
+    """Collects acks and commit notifications, remembering what the store held at each ack."""
+
+    def __init__(self, store: FakeStore | None = None) -> None:
+        self.acked: list[Inbound] = []
+        self.commits = 0
+        self.store = store
+        self.stored_at_ack: list[int] = []
+
+    def ack(self, messages: Sequence[Inbound]) -> None:
+        if self.store is not None:
+            self.stored_at_ack.append(sum(len(m) + len(r) for m, r in self.store.batches))
+        self.acked.extend(messages)
+
+    def on_commit(self) -> None:
+        self.commits += 1
+
+
+def make_ingest(store: Any, rec: Recorder, health: ComponentHealth | None = None, **kw: Any) -> Ingest:
+    settings = IngestSettings(**{"batch_size": 100, "flush_ms": 5.0, **kw})
+    return Ingest(settings, store, rec.ack, rec.on_commit, health or ComponentHealth("ingest"))
+
+
+def test_to_records_splits_good_and_bad() -> None:
+    batch = [inbound(packet("a", 1)), inbound(b"{oops"), inbound(packet("a", 2, ts=1.79e12))]
+    messages, rejects = to_records(batch, 65536)
+    assert [m.seq for m in messages] == [1, 2]
+    assert messages[0].dedupe_key == "seq:1" and messages[0].source == "mqtt"
+    assert messages[1].device_ts.year == 2026  # milliseconds since the epoch
+    assert [r.reason for r in rejects] == ["bad_json"] and rejects[0].payload == b"{oops"
+    assert rejects[0].topic == "sensors/x/data" and rejects[0].errors
+
+
+def test_every_malformed_kind_has_its_reason() -> None:
+    cases = malformed_packets()
+    _, rejects = to_records([inbound(p) for _, p in cases], 65536)
+    assert [r.reason for r in rejects] == [reason for reason, _ in cases]
+    too_large = rejects[-1]
+    assert len(too_large.payload) == 65536  # kept, truncated to the limit
+
+
+async def test_batches_by_size_and_by_timer(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    rec = Recorder(store)
+    ingest = make_ingest(store, rec, batch_size=100, flush_ms=50)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ingest.run, recv)
+        # 250 at once: two full batches immediately, the rest after the flush delay.
+        t0 = trio.current_time()
+        await send.send([inbound(packet("b", i), i) for i in range(250)])
+        await trio.sleep(1)
+        assert [len(m) for m, _ in store.batches] == [100, 100, 50]
+        assert store.commit_times[1] - t0 < 0.001 and 0.049 < store.commit_times[2] - t0 < 0.051
+        # A trickle: one batch per flush window, not one per message.
+        for i in range(10):
+            await send.send([inbound(packet("c", i), 1000 + i)])
+        await trio.sleep(1)
+        assert len(store.batches) == 4 and len(store.batches[3][0]) == 10
+        nursery.cancel_scope.cancel()
+    assert [m.mid for m in rec.acked] == list(range(250)) + list(range(1000, 1010))  # arrival order
+    assert rec.commits == 4
+
+
+async def test_store_outage_keeps_batch_unacked_and_retries(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore(fail=6)
+    rec = Recorder(store)
+    health = ComponentHealth("ingest")
+    ingest = make_ingest(store, rec, health)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ingest.run, recv)
+        t0 = trio.current_time()
+        await send.send([inbound(packet("o", i), i) for i in range(10)] + [inbound(b"bad", 99)])
+        await trio.sleep(0.1)
+        assert rec.acked == [] and health.state == "degraded" and "database" in (health.last_error or "")
+        await eventually(lambda: bool(rec.acked), 60)
+        elapsed = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert store.calls == 7
+    # Six backoff sleeps: at least 6 x 0.05 s, at most 0.05+0.1+0.2+0.4+0.8+1.6 (+ flush).
+    assert 0.3 <= elapsed <= 3.2
+    assert rec.stored_at_ack == [11]  # acked only after the commit holding all of them
+    assert [m.mid for m in rec.acked] == [*range(10), 99]
+    assert len(store.batches) == 1 and len(store.batches[0][0]) == 10 and len(store.batches[0][1]) == 1
+    assert health.state == "ok"
+
+
+async def test_closing_the_channel_flushes_and_returns(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    rec = Recorder(store)
+    ingest = make_ingest(store, rec, batch_size=10, flush_ms=10_000)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    await send.send([inbound(packet("z", i), i) for i in range(25)])
+    await send.aclose()
+    with trio.fail_after(1):
+        await ingest.run(recv)
+    assert [len(m) for m, _ in store.batches] == [10, 10, 5]
+
+
+async def test_other_store_errors_propagate_without_ack(autojump_clock: trio.testing.MockClock) -> None:
+    class Broken(FakeStore):
+        async def write_batch(self, m: list[NewMessage], r: list[NewReject]) -> list[InsertOutcome]:
+            raise RuntimeError("schema missing")
+
+    rec = Recorder()
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    await send.send([inbound(packet("e", 1))])
+    with pytest.raises(RuntimeError):
+        await make_ingest(Broken(), rec).run(recv)
+    assert rec.acked == []
+
+
+# ----------------------------------------------------------------------------------- real stores
+
+
+async def run_ingest(store: Store, batches: list[list[Inbound]], rec: Recorder) -> None:
+    ingest = make_ingest(store, rec)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run, recv)
+        for b in batches:
+            await send.send(b)
+        await send.aclose()
+
+
+async def test_redelivery_stored_once(store: Store) -> None:
+    rec = Recorder()
+    first = [inbound(packet("r", i), i) for i in range(20)]
+    redelivered = [inbound(packet("r", i), 100 + i, dup=True) for i in range(20)]
+    no_dup_flag = [inbound(packet("r", 5), 500)]  # a device re-publishing the same seq
+    await run_ingest(store, [first, redelivered, no_dup_flag], rec)
+    page = await store.query_messages(MessageQuery(limit=100, device_id="r"))
+    assert page.total == 20
+    assert sorted(m.seq for m in page.items) == list(range(20))
+    assert len(rec.acked) == 41  # duplicates are acked too (they are committed)
+
+
+async def test_malformed_interleaved_with_good(store: Store) -> None:
+    kinds = malformed_packets()
+    bad = [kinds[i % len(kinds)] for i in range(1000)]
+    stream: list[Inbound] = []
+    for i in range(2000):
+        stream.append(inbound(packet("g", i), len(stream)))
+        if i % 2 == 0:
+            stream.append(inbound(bad[i // 2][1], len(stream), topic=f"sensors/bad{i}/data"))
+    rec = Recorder()
+    with trio.fail_after(60):
+        await run_ingest(store, [stream[i : i + 37] for i in range(0, len(stream), 37)], rec)
+    assert (await store.query_messages(MessageQuery(limit=1, device_id="g"))).total == 2000
+    rejects = await store.query_rejects(limit=1000)
+    assert rejects.total == 1000
+    assert {r.reason for r in rejects.items} == {reason for reason, _ in kinds}
+    assert all(r.errors and r.topic and r.topic.startswith("sensors/bad") for r in rejects.items)
+    assert [m.mid for m in rec.acked] == list(range(3000))

@@ -1,0 +1,264 @@
+"""MqttBridge against real mosquitto brokers: delivery, acks, sessions, publishing, TLS, sharing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from gateway.errors import MqttUnavailable
+from gateway.health import ComponentHealth
+from gateway.mqtt import Inbound, MqttBridge
+from gateway.settings import MqttSettings
+from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, publish
+
+
+def settings_for(server: MosquittoServer | None, **kw: Any) -> MqttSettings:
+    base: dict[str, Any] = {
+        "url": server.url if server else f"mqtt://127.0.0.1:{free_port()}",
+        "client_id": "test-gateway",
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.3,
+        "connect_timeout": 5.0,
+        "keepalive": 5,
+    }
+    base.update(kw)
+    return MqttSettings(**base)
+
+
+@asynccontextmanager
+async def running(
+    settings: MqttSettings, health: ComponentHealth | None = None
+) -> AsyncIterator[tuple[MqttBridge, trio.MemoryReceiveChannel[list[Inbound]]]]:
+    """Start a bridge in a nursery (waiting for started), cancel it on exit."""
+    bridge = MqttBridge(settings, health or ComponentHealth("mqtt"))
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        yield bridge, recv
+        nursery.cancel_scope.cancel()
+
+
+async def collect(recv: trio.MemoryReceiveChannel[list[Inbound]], n: int, wait: float = 10) -> list[Inbound]:
+    out: list[Inbound] = []
+    with trio.move_on_after(wait):
+        while len(out) < n:
+            out.extend(await recv.receive())
+    return out
+
+
+async def quiet(recv: trio.MemoryReceiveChannel[list[Inbound]], seconds: float = 0.5) -> list[Inbound]:
+    """Whatever arrives within ``seconds`` (expected: nothing)."""
+    return await collect(recv, 10**9, seconds)
+
+
+async def pub(server: MosquittoServer, payloads: list[bytes], **kw: Any) -> int:
+    result = await trio.to_thread.run_sync(lambda: publish(server.host, server.port, payloads, **kw))
+    return result.count
+
+
+async def test_receives_acks_and_is_not_redelivered(mosquitto: MosquittoServer) -> None:
+    health = ComponentHealth("mqtt")
+    settings = settings_for(mosquitto)
+    async with running(settings, health) as (bridge, recv):
+        assert bridge.connected and health.state == "ok" and health.detail["connected"] is True
+        assert await pub(mosquitto, [packet("d1", i) for i in range(300)], topic="sensors/d1/data") == 300
+        got = await collect(recv, 300)
+        assert [m.payload for m in got] == [packet("d1", i) for i in range(300)]  # arrival order kept
+        assert {m.qos for m in got} == {1} and got[0].topic == "sensors/d1/data"
+        assert got[0].received_at.tzinfo is not None
+        bridge.ack(got)
+        await trio.sleep(0.3)  # let the PUBACKs go out
+    assert not bridge.connected
+    async with running(settings) as (_, recv):
+        assert await quiet(recv) == []
+
+
+async def test_unacked_messages_are_redelivered_and_old_acks_ignored(mosquitto: MosquittoServer) -> None:
+    settings = settings_for(mosquitto)
+    async with running(settings) as (bridge, recv):
+        await pub(mosquitto, [packet("d2", i) for i in range(50)], topic="sensors/d2/data")
+        first = await collect(recv, 50)
+        bridge.ack(first[:20])
+        await trio.sleep(0.3)
+    async with running(settings) as (bridge2, recv):
+        again = await collect(recv, 30)
+        assert [m.payload for m in again] == [packet("d2", i) for i in range(20, 50)]
+        assert all(m.dup for m in again)
+        assert again[0].generation == 1  # a new bridge counts from 1 again
+        bridge2.ack(again)
+        await trio.sleep(0.3)
+    async with running(settings) as (_, recv):
+        assert await quiet(recv) == []
+
+
+async def test_session_kept_while_stopped_mqtt5_and_311(mosquitto: MosquittoServer) -> None:
+    for protocol in ("5", "3.1.1"):
+        settings = settings_for(mosquitto, protocol=protocol, client_id=f"sess-{protocol}")
+        async with running(settings):
+            pass  # creates the session and the subscription
+        await pub(mosquitto, [packet("d3", i) for i in range(100)], topic="sensors/d3/data")
+        async with running(settings) as (bridge, recv):
+            got = await collect(recv, 100)
+            assert sorted(m.payload for m in got) == sorted(packet("d3", i) for i in range(100)), protocol
+            bridge.ack(got)
+            await trio.sleep(0.2)
+
+
+async def test_lost_session_logs_a_warning(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    server = MosquittoServer(tmp_path / "b")
+    server.start()
+    try:
+        settings = settings_for(server)
+        async with running(settings):
+            pass
+        caplog.clear()
+        async with running(settings):
+            pass
+        assert not [r for r in caplog.records if "no session on the broker" in r.getMessage()]
+        server.stop()
+        for f in server.directory.glob("mosquitto.db"):
+            f.unlink()  # the broker forgets every session
+        server.start()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "gateway.mqtt"):
+            async with running(settings):
+                pass
+        warnings = [r for r in caplog.records if "no session on the broker" in r.getMessage()]
+        assert warnings and warnings[0].levelno == logging.WARNING
+    finally:
+        server.kill()
+
+
+async def test_starts_degraded_without_broker_then_connects(tmp_path: Any) -> None:
+    server = MosquittoServer(tmp_path / "late")
+    health = ComponentHealth("mqtt")
+    async with running(settings_for(server), health) as (bridge, recv):
+        assert not bridge.connected and health.state == "degraded"
+        assert health.last_error and "broker" in health.last_error
+        server.start()
+        try:
+            await eventually(lambda: bridge.connected, 10)
+            assert health.state == "ok" and bridge.reconnects == 0  # the first real connection
+            await pub(server, [packet("d4", 1)], topic="sensors/d4/data")
+            assert len(await collect(recv, 1)) == 1
+        finally:
+            server.kill()
+
+
+async def test_reconnects_after_broker_restart(mosquitto: MosquittoServer) -> None:
+    health = ComponentHealth("mqtt")
+    async with running(settings_for(mosquitto), health) as (bridge, recv):
+        mosquitto.stop()
+        await eventually(lambda: not bridge.connected, 10)
+        assert health.state == "degraded"
+        mosquitto.start()
+        await eventually(lambda: bridge.connected, 10)
+        assert bridge.reconnects == 1 and health.detail["reconnects"] == 1
+        await pub(mosquitto, [packet("d5", i) for i in range(10)], topic="sensors/d5/data")
+        got = await collect(recv, 10)
+        assert len(got) == 10 and got[0].generation == 2
+        bridge.ack(got)
+
+
+async def test_publish_confirmed_and_resent_after_outage(mosquitto: MosquittoServer) -> None:
+    listener = settings_for(mosquitto, client_id="listener", subscribe_topic="gateway/events/#")
+    sender = settings_for(mosquitto, client_id="sender", subscribe_topic="nothing/here")
+    async with running(listener) as (lbridge, lrecv), running(sender) as (bridge, _):
+        await bridge.publish(b'{"n": 1}')
+        bridge.publish_nowait(b'{"n": 2}', "alerts")
+        got = await collect(lrecv, 2)
+        assert [(m.topic, m.payload) for m in got] == [
+            ("gateway/events", b'{"n": 1}'),
+            ("gateway/events/alerts", b'{"n": 2}'),
+        ]
+        lbridge.ack(got)
+        mosquitto.stop()
+        await eventually(lambda: not bridge.connected, 10)
+        for i in range(3, 53):
+            bridge.publish_nowait(f'{{"n": {i}}}'.encode())  # queued while the broker is down
+        mosquitto.start()
+        got = await collect(lrecv, 51, wait=15)
+        payloads = {m.payload for m in got}
+        assert {f'{{"n": {i}}}'.encode() for i in range(3, 53)} <= payloads
+        lbridge.ack(got)
+
+
+async def test_publish_nowait_refuses_when_queue_full(tmp_path: Any) -> None:
+    bridge = MqttBridge(settings_for(None, outbound_queue=2), ComponentHealth("mqtt"))
+    bridge.publish_nowait(b"1")
+    bridge.publish_nowait(b"2")
+    with pytest.raises(MqttUnavailable):
+        bridge.publish_nowait(b"3")
+
+
+async def test_share_group_splits_the_stream(mosquitto: MosquittoServer) -> None:
+    a = settings_for(mosquitto, client_id="inst-a", share_group="gw")
+    b = settings_for(mosquitto, client_id="inst-b", share_group="gw")
+    async with running(a) as (ba, ra), running(b) as (bb, rb):
+        await pub(mosquitto, [packet("d6", i) for i in range(200)], topic="sensors/d6/data")
+        got_a: list[Inbound] = []
+        got_b: list[Inbound] = []
+        with trio.move_on_after(5):
+            while len(got_a) + len(got_b) < 200:
+                with trio.move_on_after(0.05):
+                    got_a.extend(await ra.receive())
+                with trio.move_on_after(0.05):
+                    got_b.extend(await rb.receive())
+        assert len(got_a) + len(got_b) == 200
+        assert got_a and got_b  # both instances got a share
+        assert {m.payload for m in got_a}.isdisjoint({m.payload for m in got_b})
+        ba.ack(got_a)
+        bb.ack(got_b)
+
+
+async def test_tls_right_ca(mosquitto_tls: MosquittoServer, mqtt_tls_files: TlsFiles) -> None:
+    settings = settings_for(mosquitto_tls, ca_file=mqtt_tls_files.ca)
+    async with running(settings) as (bridge, recv):
+        assert bridge.connected
+        await pub(mosquitto_tls, [packet("t", i) for i in range(500)], topic="sensors/t/data",
+                  ca_file=mqtt_tls_files.ca)
+        got = await collect(recv, 500)
+        assert len(got) == 500  # nothing stuck in the SSL buffer
+        bridge.ack(got)
+
+
+async def test_tls_wrong_ca_refused(mosquitto_tls: MosquittoServer, mqtt_tls_files: TlsFiles) -> None:
+    health = ComponentHealth("mqtt")
+    settings = settings_for(mosquitto_tls, ca_file=mqtt_tls_files.other_ca)
+    async with running(settings, health) as (bridge, _):
+        assert not bridge.connected and health.state == "degraded"
+        assert health.last_error and "CERTIFICATE_VERIFY_FAILED" in health.last_error
+
+
+async def test_tls_hostname_is_verified(mosquitto_tls: MosquittoServer, mqtt_tls_files: TlsFiles) -> None:
+    health = ComponentHealth("mqtt")
+    # The certificate names localhost and 127.0.0.1, not this address.
+    settings = settings_for(mosquitto_tls, url=f"mqtts://127.0.0.2:{mosquitto_tls.port}",
+                            ca_file=mqtt_tls_files.ca)
+    async with running(settings, health) as (bridge, _):
+        assert not bridge.connected and health.state == "degraded"
+
+
+async def test_tls_client_certificate(mosquitto_mtls: MosquittoServer, mqtt_tls_files: TlsFiles) -> None:
+    without = settings_for(mosquitto_mtls, ca_file=mqtt_tls_files.ca)
+    async with running(without) as (bridge, _):
+        assert not bridge.connected
+    with_cert = settings_for(
+        mosquitto_mtls, ca_file=mqtt_tls_files.ca, cert_file=mqtt_tls_files.client_cert,
+        key_file=mqtt_tls_files.client_key,
+    )
+    async with running(with_cert) as (bridge, _):
+        assert bridge.connected
+
+
+async def test_password_never_logged(mosquitto: MosquittoServer, caplog: pytest.LogCaptureFixture) -> None:
+    settings = settings_for(mosquitto, username="gw", password="s3cret-pw")
+    with caplog.at_level(logging.DEBUG):
+        async with running(settings) as (bridge, _):
+            assert bridge.connected
+    assert "s3cret-pw" not in caplog.text
