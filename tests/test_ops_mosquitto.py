@@ -60,7 +60,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     conf = conf.replace("/etc/mosquitto/gateway.acl", str(OPS / "gateway.acl"))
     conf = conf.replace("/var/lib/mosquitto/", f"{tmp_path}/data/")
     conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
-    conf = conf.replace("listener 1883 127.0.0.1", f"listener {free_port()} 127.0.0.1")
     log = tmp_path / "mosquitto.log"
     conf = f"user root\nlog_dest file {log}\nlog_type all\n" + conf
     (tmp_path / "mosquitto.conf").write_text(conf)
