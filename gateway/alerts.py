@@ -29,6 +29,7 @@ from gateway import metrics
 from gateway.errors import GatewayError
 from gateway.health import Health
 from gateway.publish import Publisher
+from gateway.settings import DatabaseSettings, LogSettings
 from gateway.store.base import Backlog, Event, NewEvent, Store
 
 log = logging.getLogger("gateway.alerts")
@@ -149,6 +150,17 @@ def disk_free_ratios(paths: Iterable[Path]) -> dict[str, float]:
         out[str(path)] = ratio
         metrics.DISK_FREE_RATIO.labels(str(path)).set(ratio)
     return out
+
+
+def disk_paths_for(database: DatabaseSettings, log: LogSettings) -> list[Path]:
+    """Where the gateway writes: the SQLite file (PostgreSQL's disk is the database host's concern)
+    and the log file; the working directory when neither is configured."""
+    paths: list[Path] = []
+    if database.kind == "sqlite":
+        paths.append(database.sqlite_path.absolute())
+    if log.file is not None:
+        paths.append(log.file.absolute())
+    return paths or [Path.cwd()]
 
 
 def _counter_sum(counter: Any, where: Callable[[dict[str, str]], bool] = lambda _: True) -> float:

@@ -19,9 +19,10 @@ import trio.testing
 from prometheus_client import REGISTRY
 
 from gateway import metrics
-from gateway.alerts import Alerts, AlertState, AlertThresholds, disk_free_ratios
+from gateway.alerts import Alerts, AlertState, AlertThresholds, disk_free_ratios, disk_paths_for
 from gateway.errors import MqttUnavailable, StoreUnavailable
 from gateway.health import Health
+from gateway.settings import load_settings
 from gateway.store.base import Backlog, Event, NewEvent, StoreHealth
 
 EPOCH = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
@@ -314,3 +315,11 @@ async def test_announcing_survives_a_full_publish_queue(autojump_clock: trio.tes
         await alerts.run()
     assert [e.data["alert"] for e in store.events] == ["mqtt_disconnected"]
     assert pub.sent == []
+
+
+def test_disk_paths_for_settings(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/db/gw.db", "LOG_FILE": "/var/log/gateway/x.log"}
+    s = load_settings(None, env)
+    assert disk_paths_for(s.database, s.log) == [tmp_path / "db" / "gw.db", Path("/var/log/gateway/x.log")]
+    s = load_settings(None, {"DATABASE_URL": "postgresql://gw@db/gw"})  # the log only; relative → absolute
+    assert disk_paths_for(s.database, s.log) == [Path.cwd() / "logs" / "server.log"]
