@@ -259,8 +259,10 @@ class Alerts:
         with trio.move_on_after(t.check_timeout):
             try:
                 backlog = await self._store.backlog()
-            except GatewayError as exc:
-                error = str(exc)
+            # Broad on purpose: the watcher must outlive any database failure it is there to report
+            # (trio.Cancelled is a BaseException and passes through).
+            except Exception as exc:
+                error = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
         db_down = db_state != "ok" or backlog is None
         out["database_unavailable"] = db_down
         self._detail["database_unavailable"] = {"state": db_state, **({"error": error} if error else {})}
@@ -350,7 +352,7 @@ class Alerts:
         try:
             with trio.fail_after(self._t.check_timeout):
                 return await self._store.append_events(events)
-        except (GatewayError, trio.TooSlowError) as exc:
+        except Exception as exc:  # includes TooSlowError; same reason as in _conditions
             log.warning("alert event kept until the database is back: %s", exc)
             self._unsent.extend(events)
             return []
@@ -362,7 +364,7 @@ class Alerts:
         try:
             with trio.fail_after(self._t.check_timeout):
                 await self._store.append_events(batch)
-        except (GatewayError, trio.TooSlowError):
+        except Exception:
             return
         for _ in batch:
             self._unsent.popleft()

@@ -40,11 +40,14 @@ class FakeStore:
         self.health = StoreHealth(state="ok")
         self.events: list[Event] = []
         self.down = False
+        self.broken: Exception | None = None
         self.backlog_value = Backlog(count=0, oldest=None)
 
     async def backlog(self) -> Backlog:
         if self.down:
             raise StoreUnavailable("connection refused")
+        if self.broken is not None:
+            raise self.broken
         return self.backlog_value
 
     async def append_events(self, events: list[NewEvent]) -> list[Event]:
@@ -323,3 +326,16 @@ def test_disk_paths_for_settings(tmp_path: Path) -> None:
     assert disk_paths_for(s.database, s.log) == [tmp_path / "db" / "gw.db", Path("/var/log/gateway/x.log")]
     s = load_settings(None, {"DATABASE_URL": "postgresql://gw@db/gw"})  # the log only; relative → absolute
     assert disk_paths_for(s.database, s.log) == [Path.cwd() / "logs" / "server.log"]
+
+
+async def test_unexpected_store_error_is_a_database_alert_not_a_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    health, store, pub = Health(), FakeStore(), FakePublisher()
+    store.broken = RuntimeError("driver bug with secret dsn")
+    alerts = Alerts(health, store, pub, clock=wall, thresholds=FAST)
+    with trio.move_on_after(15):
+        await alerts.run()
+    assert [(e.data["alert"], e.data["detail"]) for e in store.events] == [
+        ("database_unavailable", {"state": "ok", "error": "RuntimeError"})  # the type, not the message
+    ]
