@@ -14,9 +14,6 @@ from gateway.store.base import MessageQuery
 TEXT_FIELDS = frozenset({"device_id", "status", "source"})
 NUMBER_FIELDS = frozenset({"seq", "battery"})
 
-# Fixed-width UTC text, so that text order is time order (SQLite stores times like this).
-_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def encode_cursor(last_id: int) -> str:
     """The opaque cursor that continues after (below) ``last_id``."""
@@ -62,10 +59,12 @@ def backoff(attempt: int, low: float, high: float) -> float:
 
 
 def ts_text(ts: datetime) -> str:
-    """A datetime as fixed-width UTC text (naive datetimes are taken as UTC)."""
+    """A datetime as fixed-width UTC text ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, so that text order is
+    time order (SQLite stores times like this). Naive datetimes are taken as UTC."""
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime(_TS_FORMAT)
+    # isoformat is several times faster than strftime; timespec keeps the width fixed.
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def ts_parse(text: str) -> datetime:

@@ -84,10 +84,11 @@ _MSG_COLS = (
 _INSERT_MESSAGES = """
 INSERT INTO messages (device_id, dedupe_key, device_ts, received_at, seq, measurements, status,
                       battery, source, topic)
-SELECT d, k, ts, ra, s, m::jsonb, st, b, src, t
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[], $6::text[],
+SELECT d, k, ts, ra, s, j.m, st, b, src, t
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
             $7::text[], $8::float8[], $9::text[], $10::text[])
-     WITH ORDINALITY AS u(d, k, ts, ra, s, m, st, b, src, t, ord)
+     WITH ORDINALITY AS u(d, k, ts, ra, s, st, b, src, t, ord)
+JOIN jsonb_array_elements($6::text::jsonb) WITH ORDINALITY AS j(m, ord) USING (ord)
 ORDER BY ord
 ON CONFLICT (device_id, dedupe_key) DO NOTHING
 RETURNING id, device_id, dedupe_key
@@ -369,17 +370,17 @@ class PostgresStore:
         for i, m in enumerate(messages):
             first.setdefault((m.device_id, m.dedupe_key), i)
         unique = [messages[i] for i in first.values()]
-        # Column arrays for unnest(): one round trip for the whole batch.
-        cols = _columns(
+        # Column arrays for unnest(): one round trip for the whole batch. The measurements go as
+        # ONE JSON array (a json.dumps per row costs ~3x more), split again by the server.
+        cols: list[Any] = _columns(
             [
-                (
-                    m.device_id, m.dedupe_key, m.device_ts, m.received_at, m.seq,
-                    json.dumps(m.measurements), m.status, m.battery, m.source, m.topic,
-                )
+                (m.device_id, m.dedupe_key, m.device_ts, m.received_at, m.seq, None,
+                 m.status, m.battery, m.source, m.topic)
                 for m in unique
             ],
             10,
         )
+        cols[5] = json.dumps([m.measurements for m in unique])
         rej_cols = _columns(
             [(r.received_at, r.source, r.topic, r.payload, r.reason, json.dumps(r.errors)) for r in rejects],
             6,
