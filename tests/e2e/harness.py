@@ -34,7 +34,8 @@ class GatewayProcess:
         self.workdir = workdir
         self.port = int(env.get("HTTP_PORT") or free_port())
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))}
-        self.env = {**base, "HTTP_PORT": str(self.port), **env}
+        # Short broker sessions: test client ids must not leave queues behind on a shared broker.
+        self.env = {**base, "HTTP_PORT": str(self.port), "MQTT_SESSION_EXPIRY": "60", **env}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
