@@ -30,8 +30,8 @@ def _promtool() -> str:
     exe = shutil.which("promtool")
     if exe is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI (see .ci/run: Debian package `prometheus`)")
-        pytest.skip("promtool not installed (Debian package `prometheus` ships /usr/bin/promtool)")
+            pytest.fail("promtool is missing in CI: .ci/run must run `bash ops/install-promtool.sh`")
+        pytest.skip("promtool not installed: run `sudo bash ops/install-promtool.sh`")
     return exe
 
 
