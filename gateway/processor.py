@@ -97,6 +97,7 @@ class Processor:
         self._limiter = trio.CapacityLimiter(_SCRIPTS_AT_ONCE)
         self._next_stats = -float("inf")
         self._next_prune = -float("inf")
+        self._batch_limit = self._limit_for(self._rules)
         self.processed = 0
         self.failed = 0
         self.dead = 0
@@ -110,7 +111,33 @@ class Processor:
     def set_rules(self, rules: RuleSet) -> None:
         """Use ``rules`` from the next batch on (hot reload; a batch in flight keeps the old set)."""
         self._rules = rules
-        log.info("processor rules replaced rules=%d", len(rules))
+        self._batch_limit = self._limit_for(rules)
+        log.info("processor rules replaced rules=%d batch_limit=%d", len(rules), self._batch_limit)
+
+    def _limit_for(self, rules: RuleSet) -> int:
+        """Messages to claim per batch: fewer when scripts could otherwise outlast the lease.
+
+        A lease that expires mid-batch lets another processor claim the same messages; so the
+        worst case (every script of every message timing out, ``_SCRIPTS_AT_ONCE`` at a time)
+        must fit in 80% of the lease.
+        """
+        s = self._settings
+        worst = sum(
+            a.timeout if a.timeout is not None else s.script_timeout
+            for r in rules.rules
+            for a in r.actions
+            if isinstance(a, ScriptAction)
+        )
+        if not worst:
+            return s.batch_size
+        budget = 0.8 * s.lease_seconds
+        if worst > budget:
+            log.warning(
+                "script timeouts (%.1fs per message) exceed 80%% of the lease (%.1fs): raise PROCESSOR_LEASE",
+                worst, s.lease_seconds,
+            )
+        rounds = max(1, int(budget // worst))
+        return max(1, min(s.batch_size, rounds * _SCRIPTS_AT_ONCE))
 
     def set_interval(self, seconds: float) -> None:
         """Change the idle interval; takes effect at once."""
@@ -143,7 +170,7 @@ class Processor:
 
     async def _drain(self) -> None:
         """Claim and process batches until a claim comes back short."""
-        batch_size = self._settings.batch_size
+        batch_size = self._batch_limit
         while True:
             started = trio.current_time()
             batch = await self._store.claim(self.owner, batch_size, self._settings.lease_seconds)

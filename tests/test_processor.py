@@ -461,3 +461,22 @@ async def test_two_processors_one_postgres_database_exactly_once(pg_url: str) ->
     assert len(events) == total
     assert len({e.data["id"] for e in events}) == total
     assert [e.id for e in events] == sorted(e.id for e in events)
+
+
+def test_batch_shrinks_so_scripts_fit_in_the_lease(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    exe = _script(tmp_path, "pass")
+
+    def rules(*timeouts: float) -> RuleSet:
+        actions = ", ".join(f'{{type = "script", command = ["{exe}"], timeout = {t}}}' for t in timeouts)
+        return parse_rules(f'[[rule]]\nname = "s"\nactions = [{{type = "sse"}}, {actions}]')
+
+    proc = Processor(
+        settings(lease_seconds=30.0, batch_size=500), None, FakePublisher(), Nudge(),  # type: ignore[arg-type]
+        ComponentHealth("p"), instance_id="t", rules=default_rules(),
+    )
+    assert proc._batch_limit == 500
+    proc.set_rules(rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
+    assert proc._batch_limit == 16
+    proc.set_rules(rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
+    assert proc._batch_limit == 4
+    assert any("raise PROCESSOR_LEASE" in r.getMessage() for r in caplog.records)
