@@ -22,9 +22,16 @@ SCENARIOS = ("ingest", "latency", "api", "processor", "sse_fanout", "footprint")
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small volumes (the whole run under 2 minutes)")
-    parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy (ingest)")
-    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], metavar="scenario",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the gateway with py-spy (ingest)"
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        choices=[*SCENARIOS, []],
+        metavar="scenario",
+        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+    )
     args = parser.parse_args()
     opts = Options(quick=args.quick, profile=args.profile)
     failed = []
@@ -35,14 +42,17 @@ def main() -> int:
         print(f"\n=== {name} ===", flush=True)
         try:
             result = trio.run(module.run, opts)
-        except Exception:  # noqa: BLE001 - report, go on with the other scenarios, exit non-zero
+        except Exception:
             traceback.print_exc()
             failed.append(name)
             continue
         for t in result.tables:
             print("\n" + t, flush=True)
         path = result.write(opts.quick)
-        print(f"\n({name}: {time.monotonic() - t0:.1f} s, wrote {path.relative_to(path.parents[2])})", flush=True)
+        print(
+            f"\n({name}: {time.monotonic() - t0:.1f} s, wrote {path.relative_to(path.parents[2])})",
+            flush=True,
+        )
     print(f"\nbench: {time.monotonic() - t_all:.1f} s in all", flush=True)
     if failed:
         print(f"bench: measurement failed for {', '.join(failed)}", file=sys.stderr)

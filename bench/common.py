@@ -23,11 +23,17 @@ async def counter(client: httpx.AsyncClient, gw: Gateway, name: str) -> float:
 
 
 async def wait_counter(
-    client: httpx.AsyncClient, gw: Gateway, name: str, target: float, *, timeout: float, interval: float = 0.1,
+    client: httpx.AsyncClient,
+    gw: Gateway,
+    name: str,
+    target: float,
+    *,
+    limit: float,
+    interval: float = 0.1,
 ) -> list[tuple[float, float]]:
-    """Poll ``name`` until it reaches ``target`` or ``timeout`` passes; returns (monotonic time, value) samples."""
+    """Poll ``name`` until it reaches ``target`` or ``limit`` s pass; returns (time, value) samples."""
     samples: list[tuple[float, float]] = []
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(limit):
         while True:
             value = await counter(client, gw, name)
             samples.append((time.monotonic(), value))
@@ -48,18 +54,19 @@ def slope(samples: list[tuple[float, float]], start_value: float, target: float)
 
 async def receiver(args: list[str]) -> dict[str, Any]:
     """Run ``python -m bench.receiver ARGS`` to completion; its JSON result."""
-    result = await trio.run_process([PY, "-m", "bench.receiver", *args], capture_stdout=True,
-                                    capture_stderr=True, check=False, cwd=ROOT)
+    result = await trio.run_process(
+        [PY, "-m", "bench.receiver", *args], capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT
+    )
     if result.returncode != 0:
         raise BenchFailed(f"receiver failed: {result.stderr.decode()[-2000:]}")
     out: dict[str, Any] = json.loads(result.stdout.decode().strip().splitlines()[-1])
     return out
 
 
-async def wait_file(path: Path, timeout: float = 20.0) -> None:
-    """Wait until a helper process says it is ready by creating ``path``."""
-    with trio.fail_after(timeout):
-        while not path.exists():
+async def wait_file(path: Path, limit: float = 20.0) -> None:
+    """Wait until a helper process says it is ready by creating ``path`` (another process: poll)."""
+    with trio.fail_after(limit):
+        while not await trio.Path(path).exists():  # noqa: ASYNC110 - nothing to wait on across processes
             await trio.sleep(0.05)
 
 

@@ -104,8 +104,9 @@ class Mosquitto:
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\n"
         )
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port, proc=self.proc)
         return self
 
@@ -134,8 +135,12 @@ class Postgres:
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/bench"
 
     def _as_postgres(self, *cmd: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def start(self) -> Postgres:
         self.dir.mkdir(parents=True)
@@ -144,10 +149,20 @@ class Postgres:
         os.chmod(self.dir.parent, 0o755)
         self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres")
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=100"
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-o", opts, "-l",
-                          str(self.dir / "log"), "-w", "start")
-        self._as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                          "bench")
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.dir),
+            "-o",
+            opts,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+        self._as_postgres(
+            str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "bench"
+        )
         return self
 
     def stop(self) -> None:
@@ -211,13 +226,18 @@ class Gateway:
             notify_path.unlink()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))
+        }
         env["NOTIFY_SOCKET"] = str(notify_path)
         self.stderr = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [PY, "-m", "gateway", "serve", "--env-file", str(self.env_file)],
-            cwd=self.dir, env=env, stdout=self.stderr, stderr=self.stderr,
+            cwd=self.dir,
+            env=env,
+            stdout=self.stderr,
+            stderr=self.stderr,
         )
         deadline = t0 + timeout
         try:
@@ -312,8 +332,17 @@ async def scrape(client: httpx.AsyncClient, gw: Gateway) -> dict[str, float]:
 
 
 async def run_simulator(
-    url: str, *, rate: float, duration: float, devices: int = 100, processes: int = 1, qos: int = 1,
-    record: Path | None = None, invalid_ratio: float = 0.0, protocol: str = "5", seed: int = 1,
+    url: str,
+    *,
+    rate: float,
+    duration: float,
+    devices: int = 100,
+    processes: int = 1,
+    qos: int = 1,
+    record: Path | None = None,
+    invalid_ratio: float = 0.0,
+    protocol: str = "5",
+    seed: int = 1,
     device_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m gateway.simulate`` (the product's own simulator) and return its JSON summary.
@@ -323,11 +352,32 @@ async def run_simulator(
     """
     prefix = device_prefix if device_prefix is not None else f"sim{secrets.token_hex(3)}-"
     cmd = [
-        PY, "-m", "gateway.simulate", "--device-prefix", prefix, "--url", url, "--devices", str(devices),
-        "--rate", str(rate),
-        "--duration", str(duration), "--processes", str(processes), "--qos", str(qos), "--json",
-        "--invalid-ratio", str(invalid_ratio), "--protocol", protocol, "--seed", str(seed),
-        "--drain-timeout", "30",
+        PY,
+        "-m",
+        "gateway.simulate",
+        "--device-prefix",
+        prefix,
+        "--url",
+        url,
+        "--devices",
+        str(devices),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--processes",
+        str(processes),
+        "--qos",
+        str(qos),
+        "--json",
+        "--invalid-ratio",
+        str(invalid_ratio),
+        "--protocol",
+        protocol,
+        "--seed",
+        str(seed),
+        "--drain-timeout",
+        "30",
     ]
     if record is not None:
         cmd += ["--record", str(record)]
@@ -408,8 +458,11 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [title, "-" * len(title)]
     for n, row in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                             strict=True))))
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -426,13 +479,22 @@ class Result:
     def write(self, quick: bool) -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"{self.scenario}.json"
-        payload = {"scenario": self.scenario, "quick": quick, "machine": machine(), **self.data,
-                   "tables": self.tables}
+        payload = {
+            "scenario": self.scenario,
+            "quick": quick,
+            "machine": machine(),
+            **self.data,
+            "tables": self.tables,
+        }
         path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         return path
 
 
 def machine() -> dict[str, Any]:
     """Enough about the host to compare runs: cores, load at the start, Python."""
-    return {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0],
-            "unix_time": int(time.time())}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "unix_time": int(time.time()),
+    }

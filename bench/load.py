@@ -32,18 +32,30 @@ def tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-async def load(url: str, *, duration: float, connections: int = 50, headers: dict[str, str] | None = None,
-               workdir: Path) -> dict[str, Any]:
+async def load(
+    url: str, *, duration: float, connections: int = 50, headers: dict[str, str] | None = None, workdir: Path
+) -> dict[str, Any]:
     """Hammer ``url`` for ``duration`` seconds with ``connections`` concurrent keep-alive connections."""
     if tool() == "wrk":
         return await _wrk(url, duration, connections, headers or {}, workdir)
     return await _httpx(url, duration, connections, headers or {})
 
 
-async def _wrk(url: str, duration: float, connections: int, headers: dict[str, str], d: Path) -> dict[str, Any]:
+async def _wrk(
+    url: str, duration: float, connections: int, headers: dict[str, str], d: Path
+) -> dict[str, Any]:
     script = d / "report.lua"
     script.write_text(_WRK_LUA)
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script)]
+    cmd = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+    ]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     result = await trio.run_process([*cmd, url], capture_stdout=True, capture_stderr=True, check=False)
@@ -53,9 +65,15 @@ async def _wrk(url: str, duration: float, connections: int, headers: dict[str, s
     raw = json.loads(line[5:])
     seconds = raw["duration_us"] / 1e6
     return {
-        "tool": "wrk", "requests": raw["requests"], "rps": raw["requests"] / seconds,
-        "p50": raw["p50"] / 1000, "p95": raw["p95"] / 1000, "p99": raw["p99"] / 1000, "max": raw["max"] / 1000,
-        "errors": raw["errors"], "non2xx": raw["non2xx"],
+        "tool": "wrk",
+        "requests": raw["requests"],
+        "rps": raw["requests"] / seconds,
+        "p50": raw["p50"] / 1000,
+        "p95": raw["p95"] / 1000,
+        "p99": raw["p99"] / 1000,
+        "max": raw["max"] / 1000,
+        "errors": raw["errors"],
+        "non2xx": raw["non2xx"],
     }
 
 
@@ -85,7 +103,13 @@ async def _httpx(url: str, duration: float, connections: int, headers: dict[str,
                 nursery.start_soon(worker)
         elapsed = time.monotonic() - t_start
     return {
-        "tool": "httpx", "requests": len(latencies), "rps": len(latencies) / elapsed,
-        "p50": pct(latencies, 50), "p95": pct(latencies, 95), "p99": pct(latencies, 99),
-        "max": max(latencies) if latencies else None, "errors": errors, "non2xx": non2xx,
+        "tool": "httpx",
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50": pct(latencies, 50),
+        "p95": pct(latencies, 95),
+        "p99": pct(latencies, 99),
+        "max": max(latencies) if latencies else None,
+        "errors": errors,
+        "non2xx": non2xx,
     }

@@ -16,6 +16,8 @@ from typing import Any
 
 import trio
 
+from bench.harness import table
+
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -30,10 +32,24 @@ async def record(pid: int, seconds: float, out: Path, rate: int = 200) -> bool:
     exe = py_spy()
     if exe is None:
         return False
-    cmd = [exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", str(rate), "-f", "raw",
-           "-o", str(out), "--nonblocking", "--full-filenames"]
+    cmd = [
+        exe,
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(max(1, round(seconds))),
+        "-r",
+        str(rate),
+        "-f",
+        "raw",
+        "-o",
+        str(out),
+        "--nonblocking",
+        "--full-filenames",
+    ]
     result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
-    return result.returncode == 0 and out.exists()
+    return result.returncode == 0 and await trio.Path(out).exists()
 
 
 def stage_of(stack: str) -> tuple[str, str]:
@@ -79,3 +95,31 @@ def attribute(path: Path) -> dict[str, Any]:
         "functions": [(f, n / total) for f, n in funcs.most_common(12)] if total else [],
         "leaves": [(f, n / total) for f, n in leaves.most_common(12)] if total else [],
     }
+
+
+def tables(title: str, prof: dict[str, Any]) -> list[str]:
+    """The stage and leaf-function tables of one profile (or a note that there is none)."""
+    if not prof.get("samples"):
+        return [f"{title}: py-spy not available or failed (pip install py-spy)"]
+    return [
+        table(
+            f"{title}: {prof['samples']:,} py-spy samples, share of on-CPU time",
+            ["stage (innermost gateway module)", "share", "hottest gateway functions", "share"],
+            [
+                [s, f"{a:.0%}", f, f"{b:.0%}"]
+                for (s, a), (f, b) in zip(prof["stages"][:10], prof["functions"][:10], strict=False)
+            ],
+        ),
+        table(
+            f"{title}: hottest leaf functions (any library)",
+            ["function", "share"],
+            [[f, f"{a:.0%}"] for f, a in prof["leaves"][:10]],
+        ),
+    ]
+
+
+async def sample(pid: int, seconds: float, out: Path) -> dict[str, Any]:
+    """Record and attribute in one go; ``{"samples": 0}`` when py-spy is missing or failed."""
+    if not await record(pid, seconds, out):
+        return {"samples": 0}
+    return attribute(out)

@@ -45,20 +45,23 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
             done.set()
 
     persistent = bool(args.client_id)
-    link_opts = LinkOptions(url=args.url, client_id=args.client_id or "", clean_start=not persistent,
-                            session_expiry=3600 if persistent else 0)
+    link_opts = LinkOptions(
+        url=args.url,
+        client_id=args.client_id or "",
+        clean_start=not persistent,
+        session_expiry=3600 if persistent else 0,
+        protocol=args.protocol,
+    )
     async with open_link(link_opts, on_message=on_message) as link:
         with trio.fail_after(10):
             await link.subscribe(args.topic, qos=1)
         if args.ready_file:
-            with open(args.ready_file, "w") as fh:
-                fh.write("ready\n")
+            await trio.Path(args.ready_file).write_text("ready\n")
         if not args.prime:
             with trio.move_on_after(args.duration):
                 await done.wait()
     if args.record:
-        with open(args.record, "w") as fh:
-            fh.writelines(records)
+        await trio.Path(args.record).write_text("".join(records))
     n, first, last = state["n"], state["first"], state["last"]
     rate = (n - 1) / ((last - first) / 1e9) if n > 1 and last > first else 0.0
     return {"received": n, "first_ns": first, "last_ns": last, "rate": rate}
@@ -74,6 +77,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--record", default="")
     p.add_argument("--ready-file", default="")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
     args = p.parse_args()
     print(json.dumps(trio.run(receive, args)))
     return 0

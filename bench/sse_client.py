@@ -24,8 +24,15 @@ _SEQ = re.compile(r'"seq":\s*(\d+)')
 
 
 async def client(
-    http: httpx.AsyncClient, url: str, key: str, out: list[str], state: dict[str, Any], expect: int,
-    finished: trio.Event, all_connected: trio.Event, total: int,
+    http: httpx.AsyncClient,
+    url: str,
+    key: str,
+    out: list[str],
+    state: dict[str, Any],
+    expect: int,
+    finished: trio.Event,
+    all_connected: trio.Event,
+    total: int,
 ) -> None:
     seen = 0
     try:
@@ -74,8 +81,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     timeout = httpx.Timeout(10.0, read=None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http, trio.open_nursery() as nursery:
         for _ in range(args.clients):
-            nursery.start_soon(client, http, args.url, args.key, out, state, args.expect, finished,
-                               all_connected, args.clients)
+            nursery.start_soon(
+                client,
+                http,
+                args.url,
+                args.key,
+                out,
+                state,
+                args.expect,
+                finished,
+                all_connected,
+                args.clients,
+            )
         with trio.move_on_after(60):
             await all_connected.wait()
         with open(args.ready_file, "w") as fh:  # noqa: ASYNC230 - a one-line marker file

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import ssl
@@ -47,6 +48,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 import trio
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 INVALID_KINDS: tuple[str, ...] = (
     "bad_json",
@@ -259,6 +262,8 @@ class LinkOptions:
     key_file: str | None = None
     keepalive: int = 30
     connect_timeout: float = 10.0
+    clean_start: bool = True
+    session_expiry: int = 0  # MQTT 5: seconds the broker keeps the session (with clean_start=False)
 
 
 class MqttLink:
@@ -355,7 +360,7 @@ async def open_link(
         CallbackAPIVersion.VERSION2,
         client_id=opts.client_id or f"sim-{uuid.uuid4().hex[:12]}",
         protocol=protocol,
-        clean_session=None if protocol == mqtt.MQTTv5 else True,
+        clean_session=None if protocol == mqtt.MQTTv5 else opts.clean_start,
     )
     client.suppress_exceptions = True
     client.max_inflight_messages_set(0)  # pacing is ours; paho must not hold messages back
@@ -374,12 +379,20 @@ async def open_link(
         connected.set()
 
     client.on_connect = on_connect
+    kwargs: dict[str, Any] = {}
+    if protocol == mqtt.MQTTv5:
+        kwargs["clean_start"] = opts.clean_start
+        if opts.session_expiry:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = opts.session_expiry
+            kwargs["properties"] = props
     if on_message is not None:
         client.on_message = lambda _c, _u, msg: on_message(msg)
     try:
         with trio.fail_after(opts.connect_timeout):
             # connect() blocks on DNS, TCP and TLS; its CONNECT packet is only queued.
-            await trio.to_thread.run_sync(client.connect, host, port, opts.keepalive)
+            connect = functools.partial(client.connect, host, port, opts.keepalive, **kwargs)
+            await trio.to_thread.run_sync(connect)
     except (OSError, ssl.SSLError, trio.TooSlowError) as exc:
         raise SimulateError(f"cannot connect to {host}:{port}: {exc}") from exc
     sock = client.socket()
@@ -435,6 +448,7 @@ class SimOptions:
     link: LinkOptions = field(default_factory=LinkOptions)
     first_index: int = 1
     stride: int = 1
+    device_prefix: str = "esp32-sim-"
 
 
 @dataclass
@@ -482,7 +496,7 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
     """
     fleet = Fleet(
         opts.devices, invalid_ratio=opts.invalid_ratio, seed=opts.seed,
-        first_index=opts.first_index, stride=opts.stride,
+        first_index=opts.first_index, stride=opts.stride, id_prefix=opts.device_prefix,
     )
     topics = {d.device_id: opts.topic_template.format(device_id=d.device_id) for d in fleet.devices}
     summary = Summary(offered_rate=opts.rate)
@@ -582,6 +596,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username", default=os.environ.get("MQTT_USERNAME"), help="broker user name")
     parser.add_argument("--password", default=os.environ.get("MQTT_PASSWORD"), help="broker password")
     parser.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
+    parser.add_argument("--device-prefix", type=_device_prefix, default="esp32-sim-",
+                        help="device ids are PREFIX0001, PREFIX0002, ... (esp32-sim-)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for repeatable runs")
     parser.add_argument("--drain-timeout", type=_non_negative_float, default=10.0,
                         help="seconds to wait for outstanding PUBACKs at the end (10)")
@@ -626,6 +642,7 @@ def _run_one(args: argparse.Namespace) -> Summary:
         drain_timeout=args.drain_timeout,
         first_index=1 + index,
         stride=count,
+        device_prefix=args.device_prefix,
         link=LinkOptions(
             url=args.url, protocol=args.protocol, username=args.username, password=args.password,
             ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
@@ -682,7 +699,7 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
     argv = [
         "--devices", str(args.devices), "--rate", str(args.rate), "--duration", str(args.duration),
         "--invalid-ratio", str(args.invalid_ratio), "--qos", str(args.qos), "--protocol", args.protocol,
-        "--url", args.url, "--topic-template", args.topic_template,
+        "--url", args.url, "--topic-template", args.topic_template, "--device-prefix", args.device_prefix,
         "--drain-timeout", str(args.drain_timeout),
     ]
     for opt in ("ca_file", "cert_file", "key_file", "username", "password", "seed"):
@@ -729,6 +746,12 @@ def _non_negative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError("must be a non-negative number")
     return value
+
+
+def _device_prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{0,56}", text):
+        raise argparse.ArgumentTypeError("must be at most 56 of A-Z a-z 0-9 . _ : -")
+    return text
 
 
 def _ratio(text: str) -> float:

@@ -14,17 +14,27 @@ import trio
 
 from bench import load
 from bench.harness import (
-    PY, ROOT, Gateway, Mosquitto, Options, Result, free_port, run_simulator, table, wait_port, workdir,
+    PY,
+    ROOT,
+    Gateway,
+    Mosquitto,
+    Options,
+    Result,
+    free_port,
+    run_simulator,
+    table,
+    wait_port,
+    workdir,
 )
 
 
 async def run(opts: Options) -> Result:
     res = Result("api")
-    duration = 3.0 if opts.quick else 10.0
+    duration = 2.0 if opts.quick else 10.0
     rows: list[dict[str, Any]] = []
     with workdir("api") as d, Mosquitto(d) as broker:
         port = free_port()
-        bare = subprocess.Popen([PY, "-m", "bench.bare_http", "--port", str(port)], cwd=ROOT)
+        bare = subprocess.Popen([PY, "-m", "bench.bare_http", "--port", str(port)], cwd=ROOT)  # noqa: ASYNC220
         try:
             wait_port(port, proc=bare)
             r = await load.load(f"http://127.0.0.1:{port}/api/v1/ping", duration=duration, workdir=d)
@@ -39,21 +49,41 @@ async def run(opts: Options) -> Result:
             rows.append({"target": "gateway /api/v1/ping", "load": "idle", **r})
             async with trio.open_nursery() as nursery:
                 ingest_time = 2 * duration + 4
-                nursery.start_soon(lambda: run_simulator(broker.url, rate=1000, duration=ingest_time, devices=100))
+                nursery.start_soon(
+                    lambda: run_simulator(broker.url, rate=1000, duration=ingest_time, devices=100)
+                )
                 await trio.sleep(1.0)
                 r = await load.load(gw.url + "/api/v1/ping", duration=duration, workdir=d)
                 rows.append({"target": "gateway /api/v1/ping", "load": "1,000 msg/s ingest", **r})
-                r = await load.load(gw.url + "/api/v1/messages?limit=100", duration=duration, workdir=d,
-                                    headers=gw.headers)
-                rows.append({"target": "gateway /api/v1/messages?limit=100", "load": "1,000 msg/s ingest", **r})
+                r = await load.load(
+                    gw.url + "/api/v1/messages?limit=100", duration=duration, workdir=d, headers=gw.headers
+                )
+                rows.append(
+                    {"target": "gateway /api/v1/messages?limit=100", "load": "1,000 msg/s ingest", **r}
+                )
     bare_rps = rows[0]["rps"]
     for row in rows:
         row["ratio_to_bare"] = row["rps"] / bare_rps if bare_rps else None
     res.data = {"duration_s": duration, "tool": load.tool(), "runs": rows}
-    res.tables.append(table(
-        f"api: {load.tool()}, 50 connections, {duration:.0f} s each (latency ms)",
-        ["target", "while", "req/s", "p50", "p95", "p99", "max", "errors", "non-2xx", "ratio to bare"],
-        [[r["target"], r["load"], r["rps"], r["p50"], r["p95"], r["p99"], r["max"], r["errors"], r["non2xx"],
-          r["ratio_to_bare"]] for r in rows],
-    ))
+    res.tables.append(
+        table(
+            f"api: {load.tool()}, 50 connections, {duration:.0f} s each (latency ms)",
+            ["target", "while", "req/s", "p50", "p95", "p99", "max", "errors", "non-2xx", "ratio to bare"],
+            [
+                [
+                    r["target"],
+                    r["load"],
+                    r["rps"],
+                    r["p50"],
+                    r["p95"],
+                    r["p99"],
+                    r["max"],
+                    r["errors"],
+                    r["non2xx"],
+                    r["ratio_to_bare"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     return res

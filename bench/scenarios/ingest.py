@@ -24,9 +24,9 @@ from bench.common import STORED, counter, quiesce, receiver, slope, wait_counter
 from bench.harness import Gateway, Mosquitto, Options, Postgres, Result, run_simulator, table, workdir
 
 
-async def _backlog_bare(broker: Mosquitto, n: int) -> dict[str, Any]:
+async def _backlog_bare(broker: Mosquitto, n: int, protocol: str = "5") -> dict[str, Any]:
     cid = "bench-bare-" + secrets.token_hex(4)
-    base = ["--url", broker.url, "--topic", "sensors/+/data", "--client-id", cid]
+    base = ["--url", broker.url, "--topic", "sensors/+/data", "--client-id", cid, "--protocol", protocol]
     await receiver([*base, "--prime"])
     sim = await run_simulator(broker.url, rate=1e6, duration=n / 1e6, devices=100, processes=2)
     got = await receiver([*base, "--expect", str(sim["sent"]), "--duration", "120"])
@@ -39,12 +39,14 @@ async def _backlog_gateway(gw: Gateway, broker: Mosquitto, n: int) -> dict[str, 
     sim = await run_simulator(broker.url, rate=1e6, duration=n / 1e6, devices=100, processes=2)
     await trio.to_thread.run_sync(gw.start)
     async with httpx.AsyncClient() as client:
-        samples = await wait_counter(client, gw, STORED, sim["sent"], timeout=300)
+        samples = await wait_counter(client, gw, STORED, sim["sent"], limit=300)
     stored = samples[-1][1] if samples else 0.0
     return {"messages": sim["sent"], "stored": stored, "rate": slope(samples, 0.0, sim["sent"])}
 
 
-async def _step(gw: Gateway, broker: Mosquitto, rate: float, duration: float, settle: float) -> dict[str, Any]:
+async def _step(
+    gw: Gateway, broker: Mosquitto, rate: float, duration: float, settle: float
+) -> dict[str, Any]:
     async with httpx.AsyncClient() as client:
         settled = await quiesce(client, gw, settle)
         before = await counter(client, gw, STORED)
@@ -53,31 +55,35 @@ async def _step(gw: Gateway, broker: Mosquitto, rate: float, duration: float, se
         pub_end = time.monotonic()
         pub_start = pub_end - sim["elapsed"]
         target = before + sim["sent"]
-        samples = await wait_counter(client, gw, STORED, target, timeout=max(10.0, duration * 2))
+        samples = await wait_counter(client, gw, STORED, target, limit=max(10.0, duration * 2))
     stored = samples[-1][1] - before
     done_at = samples[-1][0] if samples[-1][1] >= target else None
     lag = (done_at - pub_end) if done_at is not None else None
     committed_rate = stored / ((done_at or samples[-1][0]) - pub_start)
-    kept = lag is not None and lag <= 1.0 + 0.1 * duration and sim["achieved_rate"] >= 0.9 * rate
+    kept = lag is not None and lag <= 1.0 + 0.1 * duration
+    # When the simulator itself could not offer the rate, the host is saturated: not the gateway's verdict.
+    load_short = sim["achieved_rate"] < 0.9 * rate
     return {
-        "offered": rate, "published_rate": sim["achieved_rate"], "sent": sim["sent"], "stored": stored,
-        "committed_rate": committed_rate, "lag_after_publish_s": lag, "kept_pace": kept,
-        "puback_p99_ms": sim["puback_p99_ms"], "settle_wait_s": settled,
+        "offered": rate,
+        "published_rate": sim["achieved_rate"],
+        "sent": sim["sent"],
+        "stored": stored,
+        "committed_rate": committed_rate,
+        "lag_after_publish_s": lag,
+        "kept_pace": kept and not load_short,
+        "load_short": load_short,
+        "puback_p99_ms": sim["puback_p99_ms"],
+        "settle_wait_s": settled,
     }
 
 
 async def _profile(gw: Gateway, broker: Mosquitto, rate: int, duration: float, d: Any) -> dict[str, Any]:
     """py-spy the gateway while the simulator offers ``rate`` msg/s."""
     assert gw.proc is not None
-    out = d / "profile.txt"
-    ok = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: run_simulator(broker.url, rate=rate, duration=duration + 3, devices=200))
         await trio.sleep(1.5)
-        ok = await profile.record(gw.proc.pid, duration, out)
-    if not ok:
-        return {"samples": 0}
-    return profile.attribute(out)
+        return await profile.sample(gw.proc.pid, duration, d / "profile.txt")
 
 
 async def run(opts: Options) -> Result:
@@ -86,9 +92,10 @@ async def run(opts: Options) -> Result:
     n = 5_000 if opts.quick else 50_000
     rates = [1000, 3000] if opts.quick else [1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000]
     duration = 2.0 if opts.quick else 8.0
-    settle = 15.0 if opts.quick else 60.0
+    settle = 3.0 if opts.quick else 60.0
     with workdir("ingest") as d, Mosquitto(d) as broker, Postgres(d) as pg:
         bare = await _backlog_bare(broker, n)
+        bare311 = await _backlog_bare(broker, n, "3.1.1")
         backends: dict[str, Any] = {}
         for backend, url in (("sqlite", f"sqlite:///{d}/ingest.db"), ("postgres", pg.dsn)):
             gw = Gateway(d / backend, database_url=url, mqtt_url=broker.url)
@@ -103,36 +110,59 @@ async def run(opts: Options) -> Result:
                 if backend == "sqlite" and opts.profile:
                     prof = await _profile(gw, broker, 3000, duration, d)
             backends[backend] = {"backlog": drain, "steps": steps}
-    res.data = {"backlog_messages": n, "bare_paho": bare, "backends": backends}
-    if opts.profile:
-        res.data["profile"] = prof
-        if prof.get("samples"):
-            res.tables.append(table(
-                f"profile: gateway (SQLite) at 3,000 msg/s, {prof['samples']:,} py-spy samples, on-CPU share",
-                ["stage (innermost gateway module)", "share", "hottest gateway functions", "share"],
-                [[s, f"{a:.0%}", f, f"{b:.0%}"] for (s, a), (f, b) in
-                 zip(prof["stages"][:10], prof["functions"][:10], strict=False)],
-            ))
-            res.tables.append(table("profile: hottest leaf functions (any library)", ["function", "share"],
-                                    [[f, f"{a:.0%}"] for f, a in prof["leaves"][:10]]))
-        else:
-            res.tables.append("profile: py-spy not available or failed (pip install py-spy)")
-    rows = [["bare paho (receive only)", bare["messages"], bare["rate"], 1.0]]
+    res.data = {"backlog_messages": n, "bare_paho": bare, "bare_paho_311": bare311, "backends": backends}
+    rows = [
+        ["bare paho MQTT 5 (receive only)", bare["messages"], bare["rate"], 1.0],
+        [
+            "bare paho MQTT 3.1.1 (receive only)",
+            bare311["messages"],
+            bare311["rate"],
+            bare311["rate"] / bare["rate"] if bare["rate"] else None,
+        ],
+    ]
     for backend, b in backends.items():
-        rows.append([f"gateway {backend} (to committed rows)", b["backlog"]["messages"], b["backlog"]["rate"],
-                     b["backlog"]["rate"] / bare["rate"] if bare["rate"] else None])
-    res.tables.append(table("ingest: backlog drain (QoS 1, persistent session)",
-                            ["consumer", "messages", "msg/s", "ratio to bare"], rows))
+        rows.append(
+            [
+                f"gateway {backend} (to committed rows)",
+                b["backlog"]["messages"],
+                b["backlog"]["rate"],
+                b["backlog"]["rate"] / bare["rate"] if bare["rate"] else None,
+            ]
+        )
+    res.tables.append(
+        table(
+            "ingest: backlog drain (QoS 1, persistent session)",
+            ["consumer", "messages", "msg/s", "ratio to bare"],
+            rows,
+        )
+    )
     step_rows = []
     for backend, b in backends.items():
         for s in b["steps"]:
-            step_rows.append([backend, s["offered"], s["published_rate"], s["committed_rate"],
-                              s["lag_after_publish_s"], "yes" if s["kept_pace"] else "NO",
-                              s["committed_rate"] / bare["rate"] if bare["rate"] else None])
-    res.tables.append(table(f"ingest: rising offered rate ({duration:.0f} s per step)",
-                            ["backend", "offered/s", "published/s", "committed/s", "lag s", "pace",
-                             "ratio to bare"], step_rows))
-    best = {b: max([s["committed_rate"] for s in v["steps"] if s["kept_pace"]] or [0.0])
-            for b, v in backends.items()}
+            step_rows.append(
+                [
+                    backend,
+                    s["offered"],
+                    s["published_rate"],
+                    s["committed_rate"],
+                    s["lag_after_publish_s"],
+                    "load short" if s["load_short"] else "yes" if s["kept_pace"] else "NO",
+                    s["committed_rate"] / bare["rate"] if bare["rate"] else None,
+                ]
+            )
+    res.tables.append(
+        table(
+            f"ingest: rising offered rate ({duration:.0f} s per step)",
+            ["backend", "offered/s", "published/s", "committed/s", "lag s", "pace", "share of bare"],
+            step_rows,
+        )
+    )
+    best = {
+        b: max([s["committed_rate"] for s in v["steps"] if s["kept_pace"]] or [0.0])
+        for b, v in backends.items()
+    }
     res.data["max_sustained"] = best
+    if opts.profile:
+        res.data["profile"] = prof
+        res.tables.extend(profile.tables("profile: gateway (SQLite) at 3,000 msg/s offered", prof))
     return res

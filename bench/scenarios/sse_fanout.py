@@ -13,9 +13,20 @@ from typing import Any
 import httpx
 import trio
 
+from bench import profile
 from bench.common import delays_ms, json_process, wait_file
 from bench.harness import (
-    PY, Gateway, Mosquitto, Options, Result, read_record, run_simulator, scrape, summarize, table, workdir,
+    PY,
+    Gateway,
+    Mosquitto,
+    Options,
+    Result,
+    read_record,
+    run_simulator,
+    scrape,
+    summarize,
+    table,
+    workdir,
 )
 
 RATE = 100
@@ -27,57 +38,114 @@ async def run(opts: Options) -> Result:
     procs = 2 if clients <= 100 else 4
     duration = 3.0 if opts.quick else 10.0
     expect = round(RATE * duration)
-    with workdir("sse") as d, Mosquitto(d) as broker:
-        with Gateway(d, database_url=f"sqlite:///{d}/sse.db", mqtt_url=broker.url) as gw:
-            rss_idle = gw.rss_kib()
-            rss: list[int] = []
-            results: list[dict[str, Any]] = []
-            sim: dict[str, Any] = {}
+    with (
+        workdir("sse") as d,
+        Mosquitto(d) as broker,
+        Gateway(d, database_url=f"sqlite:///{d}/sse.db", mqtt_url=broker.url) as gw,
+    ):
+        rss_idle = gw.rss_kib()
+        rss: list[int] = []
+        results: list[dict[str, Any]] = []
+        sim: dict[str, Any] = {}
+        prof: dict[str, Any] = {}
 
-            async def client_proc(i: int, n: int) -> None:
-                results.append(await json_process(
-                    [PY, "-m", "bench.sse_client", "--url", gw.url + "/api/v1/events", "--key", gw.key,
-                     "--clients", str(n), "--expect", str(expect), "--duration", str(duration + 40),
-                     "--record", str(d / f"sse-{i}.txt"), "--ready-file", str(d / f"sse-{i}.ready")],
-                    name="sse clients"))
+        async def client_proc(i: int, n: int) -> None:
+            results.append(
+                await json_process(
+                    [
+                        PY,
+                        "-m",
+                        "bench.sse_client",
+                        "--url",
+                        gw.url + "/api/v1/events",
+                        "--key",
+                        gw.key,
+                        "--clients",
+                        str(n),
+                        "--expect",
+                        str(expect),
+                        "--duration",
+                        str(duration + (8 if opts.quick else 60)),
+                        "--record",
+                        str(d / f"sse-{i}.txt"),
+                        "--ready-file",
+                        str(d / f"sse-{i}.ready"),
+                    ],
+                    name="sse clients",
+                )
+            )
 
-            async def sample_rss() -> None:
-                while True:
-                    rss.append(gw.rss_kib())
-                    await trio.sleep(0.25)
+        async def sample_rss() -> None:
+            while True:
+                rss.append(gw.rss_kib())
+                await trio.sleep(0.25)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sample_rss)
-                async with trio.open_nursery() as clients_nursery:
-                    for i in range(procs):
-                        clients_nursery.start_soon(client_proc, i, clients // procs)
-                    for i in range(procs):
-                        await wait_file(d / f"sse-{i}.ready", 90)
-                    async with httpx.AsyncClient() as http:
-                        connected = (await scrape(http, gw)).get("gateway_sse_clients", 0.0)
-                    sim.update(await run_simulator(broker.url, rate=RATE, duration=duration, devices=20,
-                                                   record=d / "pub.txt"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample_rss)
+            async with trio.open_nursery() as clients_nursery:
+                for i in range(procs):
+                    clients_nursery.start_soon(client_proc, i, clients // procs)
+                for i in range(procs):
+                    await wait_file(d / f"sse-{i}.ready", 90)
                 async with httpx.AsyncClient() as http:
-                    m = await scrape(http, gw)
-                nursery.cancel_scope.cancel()
-            published = read_record(d / "pub.txt")
-            delays: list[float] = []
-            for i in range(procs):
-                delays.extend(delays_ms(published, d / f"sse-{i}.txt"))
+                    connected = (await scrape(http, gw)).get("gateway_sse_clients", 0.0)
+                if opts.profile:
+                    assert gw.proc is not None
+                    pid = gw.proc.pid
+
+                    async def sample() -> None:
+                        prof.update(await profile.sample(pid, duration, d / "profile.txt"))
+
+                    clients_nursery.start_soon(sample)
+                sim.update(
+                    await run_simulator(
+                        broker.url, rate=RATE, duration=duration, devices=20, record=d / "pub.txt"
+                    )
+                )
+            async with httpx.AsyncClient() as http:
+                m = await scrape(http, gw)
+            nursery.cancel_scope.cancel()
+        published = read_record(d / "pub.txt")
+        delays: list[float] = []
+        for i in range(procs):
+            delays.extend(delays_ms(published, d / f"sse-{i}.txt"))
     stats = summarize(delays)
     data = {
-        "clients": clients, "client_processes": procs, "events_per_s": RATE, "duration_s": duration,
-        "connected_at_start": connected, "expected_deliveries": clients * sim["valid"],
-        "deliveries": len(delays), "client_errors": sum(r["errors"] for r in results),
-        "dropped_by_gateway": m.get("gateway_sse_dropped_total", 0.0), "delay_ms": stats,
-        "rss_idle_kib": rss_idle, "rss_peak_kib": max(rss or [0]),
+        "clients": clients,
+        "client_processes": procs,
+        "events_per_s": RATE,
+        "duration_s": duration,
+        "connected_at_start": connected,
+        "expected_deliveries": clients * sim["valid"],
+        "deliveries": len(delays),
+        "client_errors": sum(r["errors"] for r in results),
+        "dropped_by_gateway": m.get("gateway_sse_dropped_total", 0.0),
+        "delay_ms": stats,
+        "rss_idle_kib": rss_idle,
+        "rss_peak_kib": max(rss or [0]),
     }
     res.data = data
-    res.tables.append(table(
-        f"sse_fanout: {clients:,} clients, {RATE} events/s for {duration:.0f} s (delay publish → client, ms)",
-        ["clients", "delivered", "dropped", "p50", "p95", "p99", "max", "RSS idle MiB", "RSS peak MiB"],
-        [[f"{int(connected):,}/{clients:,}", f"{len(delays):,}/{data['expected_deliveries']:,}",
-          int(data["dropped_by_gateway"]), stats["p50"], stats["p95"], stats["p99"], stats["max"],
-          rss_idle / 1024, max(rss or [0]) / 1024]],
-    ))
+    res.tables.append(
+        table(
+            f"sse_fanout: {clients:,} clients, {RATE} events/s for {duration:.0f} s"
+            " (delay publish → client, ms)",
+            ["clients", "delivered", "dropped", "p50", "p95", "p99", "max", "RSS idle MiB", "RSS peak MiB"],
+            [
+                [
+                    f"{int(connected):,}/{clients:,}",
+                    f"{len(delays):,}/{data['expected_deliveries']:,}",
+                    int(data["dropped_by_gateway"]),
+                    stats["p50"],
+                    stats["p95"],
+                    stats["p99"],
+                    stats["max"],
+                    rss_idle / 1024,
+                    max(rss or [0]) / 1024,
+                ]
+            ],
+        )
+    )
+    if opts.profile:
+        res.data["profile"] = prof
+        res.tables.extend(profile.tables(f"profile: gateway fanning out to {clients:,} SSE clients", prof))
     return res
