@@ -553,7 +553,8 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
             link.want_write()
             await trio.lowlevel.checkpoint()
         summary.sent = sent
-        summary.elapsed = trio.current_time() - t0
+        # The last message is due at (n-1)/rate; the window it completes is n/rate long.
+        summary.elapsed = max(trio.current_time() - t0, sent / opts.rate)
         sending_done = True
         if opts.qos and inflight:
             with trio.move_on_after(opts.drain_timeout):

@@ -169,3 +169,15 @@ def test_arguments_are_validated() -> None:
         parser.parse_args(["--invalid-ratio", "1.5"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--rate", "0"])
+
+
+def test_gateway_cli_runs_simulate(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main as gateway_main
+
+    prefix = f"test-sim-{uuid.uuid4().hex[:8]}"
+    code = gateway_main(["simulate", "--devices", "2", "--rate", "40", "--duration", "0.5", "--url", BROKER,
+                         "--topic-template", prefix + "/{device_id}/data", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sent"] == 20 and summary["acked"] == 20
+    assert 35 <= summary["achieved_rate"] <= 41
