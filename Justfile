@@ -70,17 +70,21 @@ bench-quick: bootstrap
 fuzz: bootstrap
     FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-500} "{{bin}}/python" -m pytest -q tests/test_schemathesis.py -p no:cacheprovider
 
-# install into /opt/gateway (see ops/DEPLOY.md): a venv with the package, the unit, the config dir
+# install (or upgrade) into PREFIX as a new release, then switch PREFIX/venv to it (run as root; see ops/DEPLOY.md)
 install prefix="/opt/gateway":
     #!/usr/bin/env bash
     set -euo pipefail
+    umask 022   # the service user must be able to read the installed files
     cd "{{justfile_directory()}}"
-    install -d -m 0755 "{{prefix}}"
-    "{{python}}" -m venv "{{prefix}}/venv"
-    "{{prefix}}/venv/bin/python" -m pip install -q --upgrade pip
-    "{{prefix}}/venv/bin/python" -m pip install -q .
-    install -d -m 0750 /etc/gateway
-    [ -f /etc/gateway/gateway.env ] || install -m 0640 .env.example /etc/gateway/gateway.env
-    install -m 0644 gateway.service /etc/systemd/system/gateway.service
-    command -v systemctl >/dev/null && systemctl daemon-reload || true
-    echo "installed into {{prefix}}; edit /etc/gateway/gateway.env, then: sudo systemctl enable --now gateway"
+    rel="$(date -u +%Y%m%dT%H%M%SZ)-$(git rev-parse --short HEAD 2>/dev/null || echo src)"
+    dest="{{prefix}}/releases/$rel"
+    mkdir -p "{{prefix}}/releases"
+    trap 'rm -rf "$dest"' ERR   # a failed build leaves no half-installed release behind
+    "{{python}}" -m venv "$dest"
+    "$dest/bin/python" -m pip install -q .
+    cp gateway.service ops/DEPLOY.md "$dest/"
+    cp -r ops "$dest/ops"
+    "$dest/bin/gateway" --help >/dev/null
+    ln -sfn "$dest" "{{prefix}}/venv.new"
+    mv -T "{{prefix}}/venv.new" "{{prefix}}/venv"
+    echo "installed $rel: {{prefix}}/venv -> $dest"

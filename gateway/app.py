@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from gateway import __version__, metrics
-from gateway.alerts import Alerts
+from gateway.alerts import Alerts, disk_paths_for
 from gateway.errors import ConfigError, RuleError
 from gateway.health import Health
 from gateway.hub import Hub
@@ -81,7 +81,12 @@ class Gateway:
             on_events=self.hub.notify,
             event_retention=self.settings.database.event_retention,
         )
-        self.alerts = Alerts(self.health, self.store, self.bridge, on_alert=None)
+        self.alerts = Alerts(
+            self.health,
+            self.store,
+            self.bridge,
+            disk_paths=disk_paths_for(self.settings.database, self.settings.log),
+        )
         self.ctx = AppContext(
             settings=self.settings,
             store=self.store,
