@@ -44,7 +44,9 @@ class Subscription:
 
     Iteration yields :class:`~gateway.store.base.Event` in id order, first a ``reset`` event when the
     requested id is older than the oldest kept event (or unknown); it ends when the subscriber was
-    dropped for being too slow or when the hub stops.
+    dropped for being too slow or when the hub stops. After a ``reset`` (its id is the current
+    position) the stream goes on live: the client should reload its state (e.g. ``GET /messages``).
+    Cancelling a step (a heartbeat timeout around ``__anext__``) loses nothing.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class Subscription:
         self._replay_after = 0  # replay reads ids above this
         self._target = 0  # replay until reaching this id (the tailer position at registration)
         self._replaying = False
-        self.overflowed = False  # the live channel filled up during replay
+        self.overflowed = False  # the channel filled up: detached, catching up from the store
         self.dropped = False
         self.started = False
         self._position = 0
@@ -83,7 +85,7 @@ class Subscription:
     # -- called by the hub (synchronously, so registration and fan-out never interleave) --
 
     def _offer(self, event: Event) -> bool:
-        """Queue a live event; False when the channel is full (the hub then drops or re-registers)."""
+        """Queue a live event; False when the channel is full (the hub then detaches it)."""
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
