@@ -18,6 +18,8 @@ import trio
 
 from bench.harness import table
 
+_LOOP = "(trio run loop: scheduling, I/O polling, thread hand-off)"
+_LOOP_ROOTS = {("app", "run_gateway"), ("cli", "main"), ("__main__", "<module>")}
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -62,6 +64,9 @@ def stage_of(stack: str) -> tuple[str, str]:
         path = m.group("file").replace("\\", "/")
         if ("/gateway/" in path or path.startswith("gateway/")) and "site-packages" not in path:
             module = ("/" + path).split("/gateway/", 1)[1].removesuffix(".py").replace("/", ".")
+            if (module, m.group("func")) in _LOOP_ROOTS:
+                # Only trio's own frames below the function that called trio.run().
+                return _LOOP, _LOOP
             return module, f"{module}:{m.group('func')}"
     for frame in frames:
         m = _FRAME.match(frame)
