@@ -395,3 +395,28 @@ async def test_sqlite_broken_schema_is_corrupt(tmp_path: Path) -> None:
         with pytest.raises(StoreCorrupt, match="events"):
             await st.read_events(0, 10)
         nursery.cancel_scope.cancel()
+
+
+async def test_pg_concurrent_writers_same_keys(pg_url: str, pg_store: Store) -> None:
+    """Two instances storing the same redeliveries at once: one row each, both learn its id."""
+    batch = [msg(f"d{i % 3}", i) for i in range(300)]
+    results: list[list[tuple[int, bool]]] = []
+
+    async def write(store: Store) -> None:
+        for start in range(0, 300, 50):
+            out = await store.write_batch(batch[start : start + 50], [])
+            results.append([(o.id, o.duplicate) for o in out])
+
+    async with open_store(db_settings(pg_url)) as other, trio.open_nursery() as nursery:
+        await nursery.start(other.run)
+        async with trio.open_nursery() as writers:
+            writers.start_soon(write, pg_store)
+            writers.start_soon(write, other)
+        nursery.cancel_scope.cancel()
+    ids: dict[int, list[bool]] = {}
+    for chunk in results:
+        for row_id, dup in chunk:
+            ids.setdefault(row_id, []).append(dup)
+    assert len(ids) == 300
+    assert all(sorted(dups) == [False, True] for dups in ids.values())
+    assert (await pg_store.query_messages(MessageQuery(limit=1))).total == 300

@@ -302,6 +302,10 @@ class PostgresStore:
             )
             self._set_degraded(error)
             raise StoreUnavailable(error) from exc
+        except asyncpg.exceptions.TransactionRollbackError as exc:
+            # Deadlock or serialization failure (e.g. two instances storing the same
+            # redeliveries in a different order): temporary, the caller retries.
+            raise StoreUnavailable(f"database transaction rolled back: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreCorrupt(f"database error: {_describe(exc)}") from exc
 
