@@ -262,3 +262,49 @@ async def test_metrics_clients_gauge(store: Store, n: int) -> None:
     async with running_hub(store) as hub, hub.subscribe(last_event_id=None, types=None, device_id=None):
         assert metrics.SSE_CLIENTS._value.get() - before == n
     assert metrics.SSE_CLIENTS._value.get() == before
+
+
+async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_url: str) -> None:
+    """Two instances (store + processor each) process one backlog on one database; a subscriber of
+    instance A's hub (woken by its processor and by NOTIFY for B's commits) disconnects mid-way and
+    resumes with its last id: every message's packet event arrives exactly once, in id order."""
+    from gateway.health import ComponentHealth
+    from gateway.processor import Processor
+    from gateway.settings import ProcessorSettings
+    from gateway.wake import Nudge
+    from tests.test_processor import FakePublisher, insert, new_messages
+
+    total = 3000
+    settings = db_settings(pg_url)
+    proc_settings = ProcessorSettings.model_validate({"PROCESSOR_INTERVAL": 0.2, "PROCESSOR_BATCH_SIZE": 100})
+    async with (
+        open_store(settings) as a,
+        open_store(settings) as b,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        hub = Hub(a, poll_interval=5.0)
+        await nursery.start(hub.run)
+        nudge_a, nudge_b = Nudge(), Nudge()
+        await nursery.start(a.watch, nudge_a.set, hub.notify)
+        await nursery.start(b.watch, nudge_b.set, lambda: None)
+        seen: list[Event] = []
+        packets = frozenset({"packet"})
+        async with hub.subscribe(last_event_id=None, types=packets, device_id=None) as sub:
+            for i, (st, nudge) in enumerate([(a, nudge_a), (b, nudge_b)]):
+                proc = Processor(
+                    proc_settings, st, FakePublisher(), nudge, ComponentHealth(f"p{i}"),
+                    instance_id=f"inst-{i}", rules=None, on_events=hub.notify if st is a else None,
+                )
+                await nursery.start(proc.run)
+            for start in range(0, total, 500):
+                await insert(b, new_messages(500, start=start))
+            seen += await take(sub, total // 3, seconds=60)
+        async with hub.subscribe(last_event_id=seen[-1].id, types=packets, device_id=None) as sub:
+            seen += await take(sub, total - len(seen), seconds=60)
+        everything = await a.read_events(after_id=0, limit=total + 10)
+        nursery.cancel_scope.cancel()
+    ids = [e.id for e in seen]
+    assert ids == [e.id for e in everything] and len(ids) == total
+    assert len({e.data["id"] for e in seen}) == total
