@@ -61,6 +61,7 @@ _INSERT_MESSAGE = (
     " battery, source, topic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (device_id, dedupe_key) DO NOTHING"
 )
+_LAST_MESSAGE_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 _SELECT_DUPLICATE = "SELECT id FROM messages WHERE device_id = ? AND dedupe_key = ?"
 _INSERT_REJECT = (
     "INSERT INTO rejects (received_at, source, topic, payload, reason, errors) VALUES (?, ?, ?, ?, ?, ?)"
@@ -261,25 +262,37 @@ class SqliteStore:
             for r in rejects
         ]
 
+        first: dict[tuple[str, str], int] = {}
+        for i, row in enumerate(msg_rows):
+            first.setdefault((row[0], row[1]), i)
+        unique = [msg_rows[i] for i in first.values()]
+
         def write(conn: sqlite3.Connection) -> list[InsertOutcome]:
-            out: list[InsertOutcome] = []
-            seen: dict[tuple[str, str], int] = {}
             with _transaction(conn):
-                for row in msg_rows:
-                    key = (row[0], row[1])
-                    if key in seen:
-                        out.append(InsertOutcome(seen[key], True))
-                        continue
-                    cur = conn.execute(_INSERT_MESSAGE, row)
-                    if cur.rowcount == 1:
-                        assert cur.lastrowid is not None
-                        seen[key] = cur.lastrowid
-                        out.append(InsertOutcome(cur.lastrowid, False))
+                ids: dict[tuple[str, str], tuple[int, bool]] = {}
+                if unique:
+                    # We hold the write lock, so AUTOINCREMENT ids of new rows are consecutive
+                    # after ``before``: with no conflict, executemany (~1.5x faster than a loop)
+                    # tells us every id. Otherwise look each key up; ids above ``before`` are new.
+                    row = conn.execute(_LAST_MESSAGE_ID).fetchone()
+                    before = row[0] if row else 0
+                    changes = conn.total_changes
+                    conn.executemany(_INSERT_MESSAGE, unique)
+                    inserted = conn.total_changes - changes
+                    after = conn.execute(_LAST_MESSAGE_ID).fetchone()[0]
+                    if inserted == len(unique) and after == before + inserted:
+                        ids = {(r[0], r[1]): (before + 1 + n, False) for n, r in enumerate(unique)}
                     else:
-                        seen[key] = conn.execute(_SELECT_DUPLICATE, key).fetchone()[0]
-                        out.append(InsertOutcome(seen[key], True))
+                        for r in unique:
+                            found = conn.execute(_SELECT_DUPLICATE, (r[0], r[1])).fetchone()[0]
+                            ids[(r[0], r[1])] = (found, found <= before)
                 if rej_rows:
                     conn.executemany(_INSERT_REJECT, rej_rows)
+            out = []
+            for i, row in enumerate(msg_rows):
+                key = (row[0], row[1])
+                row_id, dup = ids[key]
+                out.append(InsertOutcome(row_id, dup or first[key] != i))
             return out
 
         if not msg_rows and not rej_rows:
