@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from gateway import metrics
 from gateway.errors import MqttUnavailable
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound, MqttBridge
@@ -64,16 +65,21 @@ async def pub(server: MosquittoServer, payloads: list[bytes], **kw: Any) -> int:
 async def test_receives_acks_and_is_not_redelivered(mosquitto: MosquittoServer) -> None:
     health = ComponentHealth("mqtt")
     settings = settings_for(mosquitto)
+    received = metrics.MQTT_RECEIVED._value.get()
     async with running(settings, health) as (bridge, recv):
         assert bridge.connected and health.state == "ok" and health.detail["connected"] is True
+        assert metrics.MQTT_CONNECTED._value.get() == 1
         assert await pub(mosquitto, [packet("d1", i) for i in range(300)], topic="sensors/d1/data") == 300
         got = await collect(recv, 300)
         assert [m.payload for m in got] == [packet("d1", i) for i in range(300)]  # arrival order kept
         assert {m.qos for m in got} == {1} and got[0].topic == "sensors/d1/data"
         assert got[0].received_at.tzinfo is not None
+        assert metrics.MQTT_RECEIVED._value.get() - received == 300
+        assert metrics.MQTT_INFLIGHT._value.get() == 300
         bridge.ack(got)
+        assert metrics.MQTT_INFLIGHT._value.get() == 0
         await trio.sleep(0.3)  # let the PUBACKs go out
-    assert not bridge.connected
+    assert not bridge.connected and metrics.MQTT_CONNECTED._value.get() == 0
     async with running(settings) as (_, recv):
         assert await quiet(recv) == []
 

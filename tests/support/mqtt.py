@@ -6,7 +6,9 @@ port with persistence in its own temp dir, so ``stop()``/``kill()`` + ``start()`
 (``kill`` loses what was not autosaved: ``autosave_interval`` is 1 s).
 
 Publisher: :func:`publish` (in-process, blocking: call it via ``trio.to_thread.run_sync``) and
-``python -m tests.support.mqtt --port P --count N ...`` (another process; prints a JSON result).
+:func:`publish_subprocess` (``python -m tests.support.mqtt --port P --count N ...``; JSON result).
+Ingest path: :func:`pipeline` (in-process bridge → ingest → store) and :func:`pipeline_subprocess`
+(``python -m tests.support.mqtt pipeline ...``, to SIGKILL). :func:`stored_keys` reads what is stored.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,16 +305,15 @@ def publish(
     client_id: str = "",
     timeout: float = 60.0,
     rate: float | None = None,
-    stop_after_acks: int | None = None,
 ) -> PublishResult:
-    """Publish every payload with QoS 1 (paho's own thread) and wait for the PUBACKs.
+    """Publish every payload (QoS 1 by default) and wait for the PUBACKs. Blocking, one thread.
 
-    Blocking. ``rate`` limits messages per second (a "stream"); ``topics`` gives one topic per
-    payload. Returns the indices the broker acknowledged. A lost broker connection is retried by
-    paho; what was in flight then may never be acked (it is simply not in ``acked``).
+    ``rate`` limits messages per second (a "stream"); ``topics`` gives one topic per payload.
+    When the broker goes away the client reconnects and paho re-sends what was unacknowledged.
+    Returns the indices the broker acknowledged (within ``timeout`` seconds of the last publish).
     """
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
     client.max_inflight_messages_set(1000)
@@ -320,50 +321,41 @@ def publish(
         client.tls_set(ca_certs=str(ca_file))
     acked: set[int] = set()
     by_mid: dict[int, int] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-    total = len(payloads)
-
-    early: set[int] = set()  # mids confirmed before publish() returned and we recorded them
+    ok = MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
-        with lock:
-            idx = by_mid.pop(mid, None)
-            if idx is None:
-                early.add(mid)
-                return
+        idx = by_mid.pop(mid, None)
+        if idx is not None:
             acked.add(idx)
-            if len(acked) >= total or (stop_after_acks is not None and len(acked) >= stop_after_acks):
-                done.set()
 
     client.on_publish = on_publish
+
+    def pump(wait: float) -> None:
+        # loop() runs callbacks in this thread; on a lost connection, reconnect (paho re-sends).
+        if client.loop(wait) != ok:
+            time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                client.reconnect()
+
     started = time.monotonic()
     client.connect(host, port, keepalive=10)
-    client.loop_start()
-    try:
-        for i, data in enumerate(payloads):
-            if rate is not None:
-                delay = started + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            # Never hold our lock around paho calls: paho calls on_publish under its own lock.
-            info = client.publish(topics[i] if topics else topic, data, qos=qos)
-            with lock:
-                if qos == 0 or info.mid in early:
-                    early.discard(info.mid)
-                    acked.add(i)
-                    if len(acked) >= total:
-                        done.set()
-                else:
-                    by_mid[info.mid] = i
-            if done.is_set():
-                break
-        if qos == 0 or total == 0:
-            done.set()
-        done.wait(timeout)
-    finally:
+    for i, data in enumerate(payloads):
+        if rate is not None:
+            while (delay := started + i / rate - time.monotonic()) > 0:
+                pump(min(delay, 0.01))
+        info = client.publish(topics[i] if topics else topic, data, qos=qos)
+        if qos == 0:
+            acked.add(i)
+        else:
+            by_mid[info.mid] = i
+        if i % 64 == 0:
+            pump(0)
+    deadline = time.monotonic() + timeout
+    while by_mid and time.monotonic() < deadline:
+        pump(0.01)
+    with contextlib.suppress(Exception):
         client.disconnect()
-        client.loop_stop()
+        client.loop(0.1)
     return PublishResult(set(acked), time.monotonic() - started)
 
 
@@ -398,6 +390,99 @@ def publisher_result(proc: subprocess.Popen[bytes], timeout: float = 180.0) -> P
     return PublishResult(set(data["acked"]), float(data["seconds"]))
 
 
+# ------------------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class Pipeline:
+    """A running MqttBridge + Ingest on one store; ``acked`` records every message ingest acked."""
+
+    bridge: Any
+    ingest: Any
+    health: Any
+    acked: list[Any]
+
+
+@asynccontextmanager
+async def pipeline(mqtt: Any, store: Any, ingest: Any = None) -> AsyncIterator[Pipeline]:
+    """Run the ingest path (bridge → channel → ingest → store) in a nursery, as app.py wires it."""
+    import trio
+
+    from gateway.health import Health
+    from gateway.ingest import Ingest
+    from gateway.mqtt import Inbound, MqttBridge
+    from gateway.settings import IngestSettings
+
+    settings = ingest or IngestSettings()
+    health = Health()
+    bridge = MqttBridge(mqtt, health.component("mqtt"))
+    acked: list[Inbound] = []
+
+    def ack(messages: Sequence[Inbound]) -> None:
+        acked.extend(messages)
+        bridge.ack(messages)
+
+    ing = Ingest(settings, store, ack, lambda: None, health.component("ingest"))
+    send, recv = trio.open_memory_channel[list[Inbound]](settings.channel_size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ing.run, recv)
+        await nursery.start(bridge.run, send)
+        yield Pipeline(bridge, ing, health, acked)
+        nursery.cancel_scope.cancel()
+
+
+def stored_keys(db_url: str) -> list[tuple[str, int | None]]:
+    """Every (device_id, seq) in ``messages``, read with plain SQL (sqlite3 or psql)."""
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(db_url[len("sqlite:///") :], timeout=30)
+        try:
+            return [(d, s) for d, s in conn.execute("SELECT device_id, seq FROM messages")]
+        finally:
+            conn.close()
+    from tests.support.pg import psql
+
+    out = psql(db_url, "SELECT device_id || ' ' || coalesce(seq::text, '') FROM messages")
+    keys: list[tuple[str, int | None]] = []
+    for line in out.splitlines():
+        if line.strip():
+            dev, _, seq = line.partition(" ")
+            keys.append((dev, int(seq) if seq else None))
+    return keys
+
+
+async def _serve_pipeline(mqtt_url: str, db_url: str, client_id: str) -> None:
+    import trio
+
+    from gateway.settings import DatabaseSettings, IngestSettings, MqttSettings
+    from gateway.store import open_store
+
+    mqtt = MqttSettings(url=mqtt_url, client_id=client_id, reconnect_min=0.05, reconnect_max=0.5)
+    db = DatabaseSettings.model_validate({"DATABASE_URL": db_url})
+    async with open_store(db) as store, trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        async with pipeline(mqtt, store, IngestSettings()):
+            print("ready", flush=True)
+            await trio.sleep_forever()
+
+
+def pipeline_subprocess(mqtt_url: str, db_url: str, client_id: str = "gw-proc") -> subprocess.Popen[bytes]:
+    """The ingest path as its own process (``python -m tests.support.mqtt pipeline``), to SIGKILL.
+
+    Returns once it printed ``ready`` (connected and subscribed).
+    """
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    args = [sys.executable, "-m", "tests.support.mqtt", "pipeline", "--mqtt-url", mqtt_url]
+    args += ["--db-url", db_url, "--client-id", client_id]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, cwd=root, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == b"ready", f"pipeline process did not start: {line!r}"
+    return proc
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Publish QoS 1 sensor packets; print which were acked")
     parser.add_argument("--host", default="127.0.0.1")
@@ -408,6 +493,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--rate", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=120.0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pipeline"]:
+        pp = argparse.ArgumentParser(description="Run bridge + ingest + store until killed")
+        pp.add_argument("--mqtt-url", required=True)
+        pp.add_argument("--db-url", required=True)
+        pp.add_argument("--client-id", default="gw-proc")
+        pargs = pp.parse_args(argv[1:])
+        import trio
+
+        trio.run(_serve_pipeline, pargs.mqtt_url, pargs.db_url, pargs.client_id)
+        return 0
     args = parser.parse_args(argv)
     seqs = range(args.start, args.start + args.count)
     if args.devices > 1:
