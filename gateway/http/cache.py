@@ -41,6 +41,8 @@ class LiveView:
         self.misses = 0
         self._pages: OrderedDict[Hashable, tuple[int, float, CachedBody]] = OrderedDict()
         self._latest: dict[str, dict[str, Any]] = {}
+        # /ping's backlog figures, reused for up to a second: monitors poll, the database needn't.
+        self.backlog: tuple[float, Any] | None = None
 
     def invalidate(self) -> None:
         """Make every cached page stale (call after anything new was committed)."""

@@ -21,6 +21,9 @@ def _static(name: str, content_type: str) -> Response:
     response = Response(_STATIC.joinpath(name).read_bytes(), content_type=content_type)
     response.headers["Content-Security-Policy"] = _CSP
     response.headers["Cache-Control"] = "no-cache"
+    # The page puts the key in the EventSource URL: never leak it in a Referer; never framed.
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
     return response
 
 

@@ -207,7 +207,12 @@ async def ping() -> Response:
     if g.get("principal") is not None:
         backlog: dict[str, Any] | None
         try:
-            b = await c.store.backlog()
+            cached = c.live.backlog
+            if cached is not None and time.monotonic() - cached[0] < 1.0:
+                b = cached[1]
+            else:
+                b = await c.store.backlog()
+                c.live.backlog = (time.monotonic(), b)
             lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
             backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
         except StoreError:
