@@ -330,3 +330,20 @@ async def test_security_headers_and_access_log(api: ApiServer, caplog: pytest.Lo
     line = next(x for x in lines if "/api/v1/rejects" in x)
     assert line.startswith("GET /api/v1/rejects?limit=5 200 ") and "key=test-read" in line
     assert r.headers["x-request-id"] in line
+
+
+async def test_cors_for_configured_origins_only(api_factory: Any) -> None:
+    async with api_factory(env={"HTTP_CORS_ORIGINS": "https://ui.example"}) as server:
+        async with server.client("read") as c:
+            r = await c.get("/api/v1/messages", headers={"Origin": "https://ui.example"})
+            assert r.headers["access-control-allow-origin"] == "https://ui.example"
+            assert "X-Request-ID" in r.headers["access-control-expose-headers"]
+            r = await c.get("/api/v1/messages", headers={"Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in r.headers
+        async with server.client() as c:  # a preflight carries no key
+            r = await c.options(
+                "/api/v1/messages",
+                headers={"Origin": "https://ui.example", "Access-Control-Request-Headers": "x-api-key"},
+            )
+            assert r.status_code == 200
+            assert "X-API-Key" in r.headers["access-control-allow-headers"]

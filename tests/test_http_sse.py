@@ -176,3 +176,15 @@ async def test_stream_ends_when_hub_drops_the_subscriber(api: ApiServer) -> None
     with trio.fail_after(3):
         while api.hub.clients:  # noqa: ASYNC110 (a plain counter on the hub; nothing to wait on)
             await trio.sleep(0.01)
+
+
+async def test_heartbeat_also_while_events_flow(api_factory: Factory) -> None:
+    async with api_factory(heartbeat=0.3) as server:
+
+        async def trickle() -> None:
+            for _ in range(12):
+                await add_events(server, ("packet", "d1"))
+                await trio.sleep(0.1)
+
+        got = await collect(server, 12, during=trickle)
+        assert sum("comment" in f for f in got) >= 2, got

@@ -1,9 +1,9 @@
 """Fuzz the served API from its own OpenAPI description with schemathesis (all default checks).
 
 The gateway runs on a real socket with a real SQLite store; ``st run`` is a subprocess so the
-server keeps serving from this Trio test. Bounded by ``SCHEMATHESIS_MAX_EXAMPLES`` (default 25 per
-operation; ``just fuzz`` raises it). Excluded from fuzzing: ``GET /api/v1/events`` (an endless
-stream by design; it has its own tests in test_http_sse.py).
+server keeps serving from this Trio test. Bounded by ``FUZZ_EXAMPLES`` (default 25 per operation;
+``just fuzz`` raises it); ``SCHEMATHESIS_SEED`` changes the seed. Excluded from fuzzing:
+``GET /api/v1/events`` (an endless stream by design; it has its own tests in test_http_sse.py).
 
 Configuration given to schemathesis (``schemathesis.toml`` written per run):
 - ``/api/v1/messages`` and ``/api/v1/rejects``: ``positive_data_acceptance`` also expects 400,
@@ -36,16 +36,17 @@ async def test_schemathesis_finds_no_failure(api: ApiServer, tmp_path: Path) -> 
     config = tmp_path / "schemathesis.toml"
     config.write_text(_CONFIG, encoding="utf-8")
     st = Path(sys.executable).with_name("st")
-    examples = os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25")
+    examples = os.environ.get("FUZZ_EXAMPLES", "25")
+    seed = os.environ.get("SCHEMATHESIS_SEED", "20261127")
     cmd = [
         str(st), "--config-file", str(config), "run", f"{api.url}/openapi.json",
         "-H", f"X-API-Key: {api.keys['admin']}",
-        "--max-examples", examples, "--seed", "20261127", "--workers", "2",
+        "--max-examples", examples, "--seed", seed, "--workers", "2",
         "--exclude-path", "/api/v1/events",
         "--request-timeout", "10",
         "--report", "junit", "--report-dir", str(tmp_path / "report"),
     ]
-    with trio.fail_after(600):
+    with trio.fail_after(max(600, 4 * int(examples))):
         result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False,
                                         cwd=str(tmp_path))
     out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")

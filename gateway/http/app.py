@@ -102,6 +102,17 @@ def create_app(ctx: AppContext) -> QuartTrio:
         headers["X-Content-Type-Options"] = "nosniff"
         if "Cache-Control" not in headers:
             headers["Cache-Control"] = "no-store"
+        origin = request.headers.get("Origin")
+        if origin and origin in ctx.settings.http.cors_origins:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Vary"] = "Origin"
+            headers["Access-Control-Expose-Headers"] = "X-Request-ID, ETag, Retry-After"
+            if request.method == "OPTIONS":
+                headers["Access-Control-Allow-Methods"] = "GET, POST"
+                headers["Access-Control-Allow-Headers"] = (
+                    "X-API-Key, Authorization, Content-Type, Last-Event-ID, If-None-Match"
+                )
+                headers["Access-Control-Max-Age"] = "600"
         if response.status_code >= 400 and (
             request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
         ):

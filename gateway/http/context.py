@@ -36,5 +36,5 @@ class AppContext:
     reload: Callable[[], Awaitable[dict[str, Any]]]
     version: str
     live: LiveView = field(default_factory=LiveView)
-    sse_heartbeat: float = 15.0
+    sse_heartbeat: float = 14.0  # the contract promises a comment at least every 15 s
     sse_retry_ms: int = 3000

@@ -64,15 +64,22 @@ class SseStreams:
         self.open += 1
         try:
             yield encode_retry(retry_ms)
+            # A comment every ``heartbeat`` seconds whether or not events flow, so proxies and
+            # clients can rely on hearing from the server that often.
+            next_beat = trio.current_time() + heartbeat
             while True:
                 item: Event | None = None
-                with trio.move_on_after(heartbeat):
+                with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
                     try:
                         item = await recv.receive()
                     except trio.EndOfChannel:
                         break
                 # Yield outside the cancel scope: a generator must not suspend inside one.
-                yield HEARTBEAT if item is None else encode_event(item)
+                if item is None:
+                    next_beat = trio.current_time() + heartbeat
+                    yield HEARTBEAT
+                else:
+                    yield encode_event(item)
         finally:
             self.open -= 1
             pump_scope.cancel()

@@ -96,7 +96,7 @@ async def running_api(
     tmp: Path,
     env: Mapping[str, str | None] | None = None,
     *,
-    heartbeat: float = 15.0,
+    heartbeat: float = 14.0,
     verify: Any = True,
 ) -> AsyncIterator[ApiServer]:
     """Start store, hub and HTTP server; yield an :class:`ApiServer`; stop them all on exit.
