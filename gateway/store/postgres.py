@@ -248,6 +248,9 @@ class PostgresStore:
             else:
                 attempt = 0
                 delay = HEALTH_INTERVAL
+            pool = self._pool
+            if pool is not None:
+                self.health.extra = {"pool_size": pool.get_size(), "pool_idle": pool.get_idle_size()}
             await trio.sleep(delay)
 
     def _set_ok(self) -> None:
