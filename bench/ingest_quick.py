@@ -14,12 +14,14 @@ dropped afterwards. Prints one line per measurement and the ratios. Never gates 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,18 @@ def preload(server: MosquittoServer, count: int, tag: str) -> float:
     return count / res.seconds
 
 
-def paho_rate(server: MosquittoServer, count: int) -> float:
+@dataclass
+class Rate:
+    """Messages per second (wall clock) and this process's CPU microseconds per message."""
+
+    per_s: float
+    cpu_us: float
+
+    def __str__(self) -> str:
+        return f"{self.per_s:8.0f} msg/s {self.cpu_us:6.1f} us CPU/msg"
+
+
+def paho_rate(server: MosquittoServer, count: int) -> Rate:
     """A bare paho client (its own loop, auto-ack) draining ``count`` queued messages."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -78,15 +91,15 @@ def paho_rate(server: MosquittoServer, count: int) -> float:
 
     c, props = make()
     c.on_message = on_message
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     c.connect(server.host, server.port, clean_start=False, properties=props)
     c.loop_forever()
-    elapsed = time.monotonic() - t0
+    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     assert got >= count
-    return count / elapsed
+    return Rate(count / elapsed, cpu / count * 1e6)
 
 
-async def gateway_rate(server: MosquittoServer, db_url: str, count: int, client_id: str) -> float:
+async def gateway_rate(server: MosquittoServer, db_url: str, count: int, client_id: str) -> Rate:
     """The gateway's bridge + ingest + store draining ``count`` queued messages."""
     mqtt = MqttSettings(url=server.url, client_id=client_id)
     db = DatabaseSettings.model_validate({"DATABASE_URL": db_url})
@@ -95,13 +108,38 @@ async def gateway_rate(server: MosquittoServer, db_url: str, count: int, client_
         async with pipeline(mqtt, store, IngestSettings()):
             pass  # creates the session and subscription
         await trio.to_thread.run_sync(preload, server, count, client_id)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         async with pipeline(mqtt, store, IngestSettings()) as p:
             while p.ingest.committed < count:  # noqa: ASYNC110 - a benchmark polling a counter
                 await trio.sleep(0.01)
-            elapsed = time.monotonic() - t0
+            elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
         nursery.cancel_scope.cancel()
-    return count / elapsed
+    return Rate(count / elapsed, cpu / count * 1e6)
+
+
+async def bridge_rate(server: MosquittoServer, count: int) -> Rate:
+    """The bridge alone (ack each batch at once, no database): the MQTT side's ceiling."""
+    from gateway.health import ComponentHealth
+    from gateway.mqtt import Inbound, MqttBridge
+
+    mqtt = MqttSettings(url=server.url, client_id="bench-bridge")
+    bridge = MqttBridge(mqtt, ComponentHealth("mqtt"))
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        nursery.cancel_scope.cancel()
+    await trio.to_thread.run_sync(preload, server, count, "bridge")
+    got = 0
+    t0, cpu0 = time.monotonic(), time.process_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        while got < count:
+            batch = await recv.receive()
+            bridge.ack(batch)
+            got += len(batch)
+        elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        nursery.cancel_scope.cancel()
+    return Rate(count / elapsed, cpu / count * 1e6)
 
 
 def _psql(url: str, sql: str) -> None:
@@ -116,7 +154,8 @@ def main() -> int:
     args = parser.parse_args()
     n = args.count
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        server = MosquittoServer(Path(tmp) / "mosquitto")
+        # No periodic persistence: rewriting a 20k-message DB every second would be what we measure.
+        server = MosquittoServer(Path(tmp) / "mosquitto", autosave_interval=3600)
         server.start()
         created = None
         try:
@@ -129,6 +168,7 @@ def main() -> int:
             pub = preload(server, n, "warmup")  # also warms the broker
             # Drain the warm-up backlog nowhere: nobody subscribed before it, so nothing is queued.
             paho = paho_rate(server, n)
+            bridge = trio.run(bridge_rate, server, n)
             sqlite = trio.run(gateway_rate, server, f"sqlite:///{tmp}/bench.db", n, "bench-sqlite")
             pg = trio.run(gateway_rate, server, pg_url, n, "bench-pg")
             paho2 = paho_rate(server, n)  # again, so load drift shows
@@ -136,12 +176,16 @@ def main() -> int:
             server.kill()
             if created:
                 _psql(args.admin_url, f"DROP DATABASE IF EXISTS {created} WITH (FORCE)")
-    paho_avg = (paho + paho2) / 2
-    print(f"messages per run:          {n}")
-    print(f"publisher (QoS 1, paho):    {pub:8.0f} msg/s")
-    print(f"bare paho receive (QoS 1):  {paho:8.0f} / {paho2:8.0f} msg/s (before / after)")
-    print(f"gateway -> SQLite:          {sqlite:8.0f} msg/s  ratio to paho {sqlite / paho_avg:.2f}")
-    print(f"gateway -> PostgreSQL:      {pg:8.0f} msg/s  ratio to paho {pg / paho_avg:.2f}")
+    base = (paho.per_s + paho2.per_s) / 2
+    base_cpu = (paho.cpu_us + paho2.cpu_us) / 2
+    print(f"messages per run: {n}   (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(f"publisher, QoS 1 paho:     {pub:8.0f} msg/s")
+    print(f"bare paho receive, QoS 1:  {paho}   (first)")
+    print(f"bare paho receive, QoS 1:  {paho2}   (last)")
+    rows = (("bridge only, ack, no DB", bridge), ("gateway -> SQLite", sqlite), ("gateway -> PostgreSQL", pg))
+    for name, r in rows:
+        ratio = f"rate {r.per_s / base:.2f}, CPU {r.cpu_us / base_cpu:.2f}x"
+        print(f"{name + ':':26} {r}   ratio to paho: {ratio}")
     return 0
 
 

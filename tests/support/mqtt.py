@@ -91,6 +91,7 @@ class MosquittoServer:
     tls: TlsFiles | None = None
     require_certificate: bool = False
     extra_config: str = ""
+    autosave_interval: int = 1  # seconds; mosquitto rewrites its whole DB each time (slow under load)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,7 +111,7 @@ class MosquittoServer:
             "user root",
             "persistence true",
             f"persistence_location {self.directory}/",
-            "autosave_interval 1",
+            f"autosave_interval {self.autosave_interval}",
             "max_queued_messages 1000000",
             "max_inflight_messages 1000",
             "set_tcp_nodelay true",
