@@ -28,7 +28,8 @@ CREATE INDEX messages_backlog ON messages (id) WHERE processed_at IS NULL AND de
 CREATE INDEX messages_dead ON messages (id) WHERE dead_at IS NOT NULL;
 CREATE INDEX messages_device_ts ON messages (device_id, device_ts);
 CREATE INDEX messages_ts ON messages (device_ts);
-CREATE INDEX messages_received_at ON messages (received_at);
+-- No index on received_at: no query needs one (ids are arrival-ordered), and each index
+-- costs every insert.
 
 CREATE TABLE rejects (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
