@@ -64,6 +64,27 @@ async def _run(
     return rates[0], rates[1]
 
 
+def _reference(url: str) -> float:
+    """rows/s of a bare asyncpg ``executemany`` of 50k tiny rows on plain asyncio (FACTS.md:
+    ~330k/s on an idle machine): the yardstick for how busy the machine is right now."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> float:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE TEMP TABLE ref_t (id serial PRIMARY KEY, a int, b text)")
+            rows = [(i, f"row-{i}") for i in range(50000)]
+            start = time.perf_counter()
+            await conn.executemany("INSERT INTO ref_t (a, b) VALUES ($1, $2)", rows)
+            return len(rows) / (time.perf_counter() - start)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def _pg_db(base: str) -> tuple[str, str]:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     subprocess.run(["psql", "-X", "-q", "-d", base, "-c", f"CREATE DATABASE {name}"], check=True)
@@ -88,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     for _ in range(args.rounds):
+        print(f"reference  bare asyncpg executemany {_reference(args.pg_url):9,.0f} rows/s")
         with tempfile.TemporaryDirectory() as tmp:
             new, dup = trio.run(_run, f"sqlite:///{tmp}/bench.db", args.messages, args.batch)
         _show("sqlite", new, dup)
