@@ -71,6 +71,14 @@ class Packet(BaseModel):
     status: Status
     battery: Annotated[float | None, Field(ge=0, le=100, strict=True, description="percent")] = None
 
+    @field_validator("seq", mode="before")
+    @classmethod
+    def _seq(cls, v: Any) -> Any:
+        # JSON has one number type: 7450.0 is an integer to JSON Schema; true/"7" are not.
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+            return int(v)
+        return v
+
     @field_validator("timestamp", mode="before")
     @classmethod
     def _timestamp(cls, v: Any) -> Any:

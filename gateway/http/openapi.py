@@ -254,6 +254,8 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
             for method, operation in list(path_item.items()):
                 op = dict(operation)
                 op["responses"] = self._responses(spec, components)
+                if "requestBody" in op:
+                    op["requestBody"] = {**op["requestBody"], "required": True}
                 if spec.role is not None:
                     op["security"] = _SECURITY + ([{"AccessToken": []}] if spec.query_token else [])
                 else:
