@@ -188,9 +188,13 @@ async def test_publish_confirmed_and_resent_after_outage(mosquitto: MosquittoSer
         for i in range(3, 53):
             bridge.publish_nowait(f'{{"n": {i}}}'.encode())  # queued while the broker is down
         mosquitto.start()
-        got = await collect(lrecv, 51, wait=15)
-        payloads = {m.payload for m in got}
-        assert {f'{{"n": {i}}}'.encode() for i in range(3, 53)} <= payloads
+        want = {f'{{"n": {i}}}'.encode() for i in range(3, 53)}
+        got = []
+        with trio.move_on_after(15):
+            # Redeliveries of n=1, 2 may come too (the listener's acks can die with the broker).
+            while not want <= {m.payload for m in got}:
+                got.extend(await lrecv.receive())
+        assert want <= {m.payload for m in got}
         lbridge.ack(got)
 
 
