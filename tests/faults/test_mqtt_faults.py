@@ -164,3 +164,30 @@ async def test_database_stopped_10s_mid_stream(
     assert "degraded" in states
     assert len(published) == len(payloads)
     assert lost == 0 and dup == 0
+
+
+async def test_frozen_broker_detected_by_keepalive(mosquitto: MosquittoServer) -> None:
+    """SIGSTOP: TCP stays up, only the keepalive notices; after SIGCONT the bridge is back."""
+    from gateway.health import ComponentHealth
+    from gateway.mqtt import Inbound, MqttBridge
+
+    mqtt = MqttSettings(url=mosquitto.url, client_id="gw-frozen", keepalive=5, connect_timeout=2.0,
+                        reconnect_min=0.05, reconnect_max=0.5)
+    health = ComponentHealth("mqtt")
+    bridge = MqttBridge(mqtt, health)
+    send, _recv = trio.open_memory_channel[list[Inbound]](64)
+    assert mosquitto.proc is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        mosquitto.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            await eventually(lambda: not bridge.connected, 15)
+            detected = time.monotonic() - t0
+            assert health.state == "degraded"
+        finally:
+            mosquitto.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: bridge.connected, 15)
+        nursery.cancel_scope.cancel()
+    print(f"\nfrozen broker noticed after {detected:.1f}s (keepalive 5 s)")
+    assert detected <= 2 * 5 + 2
