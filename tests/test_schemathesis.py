@@ -41,7 +41,7 @@ async def test_schemathesis_finds_no_failure(api: ApiServer, tmp_path: Path) -> 
     cmd = [
         str(st), "--config-file", str(config), "run", f"{api.url}/openapi.json",
         "-H", f"X-API-Key: {api.keys['admin']}",
-        "--max-examples", examples, "--seed", seed, "--workers", "2",
+        "--max-examples", examples, "--seed", seed, "--workers", "1",
         "--exclude-path", "/api/v1/events",
         "--request-timeout", "10",
         "--report", "junit", "--report-dir", str(tmp_path / "report"),
