@@ -191,3 +191,46 @@ async def test_frozen_broker_detected_by_keepalive(mosquitto: MosquittoServer) -
         nursery.cancel_scope.cancel()
     print(f"\nfrozen broker noticed after {detected:.1f}s (keepalive 5 s)")
     assert detected <= 2 * 5 + 2
+
+
+async def test_sigkill_gateway_serve_mid_burst(mosquitto: MosquittoServer, tmp_path: Path) -> None:
+    """The same, with the whole gateway (``gateway serve``) as the process that is killed."""
+    from tests.e2e.harness import GatewayProcess
+
+    db_url = f"sqlite:///{tmp_path}/gw.db"
+    count = 20_000
+    env = {
+        "MQTT_URL": mosquitto.url, "MQTT_CLIENT_ID": "gw-serve-kill", "MQTT_SESSION_EXPIRY": "3600",
+        "DATABASE_URL": db_url, "LOG_FILE": "", "MQTT_RECONNECT_MIN": "0.05", "MQTT_RECONNECT_MAX": "0.5",
+    }
+    gw = GatewayProcess(tmp_path, env)
+    await trio.to_thread.run_sync(gw.start)
+    try:
+        pub = publish_subprocess(mosquitto.port, count, device="serve", start=1)
+
+        def stored() -> int:
+            try:
+                return len(stored_keys(db_url))
+            except Exception:
+                return 0
+
+        with trio.fail_after(120):
+            while (n := await trio.to_thread.run_sync(stored)) < 3000:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        await trio.to_thread.run_sync(gw.kill)
+        killed_at = n
+        assert killed_at < count, "the burst had already finished: the kill was not mid-burst"
+        result = await trio.to_thread.run_sync(publisher_result, pub)
+        gw = GatewayProcess(tmp_path, env)
+        await trio.to_thread.run_sync(gw.start)
+        published = result.acked
+        with trio.fail_after(120):
+            while await trio.to_thread.run_sync(stored) < len(published):  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        await trio.sleep(0.5)
+    finally:
+        await trio.to_thread.run_sync(gw.kill)
+    keys = stored_keys(db_url)
+    lost, dup = _report(f"gateway serve SIGKILL after {killed_at} stored", published, keys)
+    assert len(published) == count
+    assert lost == 0 and dup == 0
