@@ -48,6 +48,7 @@ from gateway.health import ComponentHealth
 from gateway.settings import MqttSettings
 
 log = logging.getLogger("gateway.mqtt")
+_paho_log = logging.getLogger("gateway.mqtt.paho")
 
 READ_CAP = 2000
 """Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
@@ -320,6 +321,8 @@ class MqttBridge:
         )
         # An exception in a callback would make paho deliver the same message again.
         client.suppress_exceptions = True
+        # ...but then paho only reports a callback's exception through its logger.
+        client.enable_logger(_paho_log)
         client.connect_timeout = s.connect_timeout
         client.max_inflight_messages_set(s.receive_maximum)
         if s.username is not None:
