@@ -135,6 +135,7 @@ def register(app: Quart) -> None:
 
     @app.errorhandler(ConfigError)
     async def _config(exc: ConfigError) -> Response:
+        log.warning("configuration refused, the running one stays: %s (request %s)", exc, g.get("request_id"))
         return problem(400, "config_invalid", str(exc), variable=exc.variable)
 
     @app.errorhandler(Exception)
