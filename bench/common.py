@@ -94,16 +94,19 @@ def delays_ms(published: dict[tuple[str, int], int], record: Path) -> list[float
 
 
 async def quiesce(client: httpx.AsyncClient, gw: Gateway, limit: float) -> float:
-    """Wait (at most ``limit`` s) until nothing is being stored and the processor backlog is empty,
-    so one step's leftovers do not count for the next. Returns the seconds waited."""
+    """Wait (at most ``limit`` s) until nothing is being stored or processed any more, so one step's
+    leftovers do not count for the next. Returns the seconds waited.
+
+    Idle means both counters stood still over half a second (the backlog gauge is refreshed only
+    every few seconds, too stale to tell)."""
     t0 = time.monotonic()
-    last = -1.0
+    last: tuple[float, float] | None = None
     with trio.move_on_after(limit):
         while True:
             m = await scrape(client, gw)
-            stored = m.get(STORED, 0.0)
-            if stored == last and m.get("gateway_processor_backlog", 0.0) == 0:
+            now = (m.get(STORED, 0.0), m.get(PROCESSED, 0.0))
+            if now == last:
                 break
-            last = stored
+            last = now
             await trio.sleep(0.5)
     return time.monotonic() - t0

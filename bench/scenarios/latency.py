@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import trio
 
-from bench.common import delays_ms, json_process, wait_file
+from bench.common import delays_ms, json_process, quiesce, wait_file
 from bench.harness import (
     PY,
     Gateway,
@@ -40,6 +41,9 @@ async def _one_rate(
     sse_ready, mqtt_ready = d / f"sse-{rate}.ready", d / f"mqtt-{rate}.ready"
     out: dict[str, Any] = {}
     slack = duration + wait
+    # The previous rate's backlog must not count against this one.
+    async with httpx.AsyncClient() as http:
+        out["settle_wait_s"] = await quiesce(http, gw, 4 * wait)
 
     async def sse() -> None:
         out["sse"] = await json_process(
@@ -104,6 +108,7 @@ async def _one_rate(
     sse_d, mqtt_d = delays_ms(published, sse_rec), delays_ms(published, mqtt_rec)
     return {
         "offered": rate,
+        "settle_wait_s": out["settle_wait_s"],
         "published_rate": out["sim"]["achieved_rate"],
         "sent": out["sim"]["sent"],
         "sse": {**summarize(sse_d), "received": len(sse_d)},
@@ -121,7 +126,7 @@ async def run(opts: Options) -> Result:
         Gateway(d, database_url=f"sqlite:///{d}/latency.db", mqtt_url=broker.url) as gw,
     ):
         for rate in (1000, 5000):
-            runs.append(await _one_rate(gw, broker, rate, duration, d, 8.0 if opts.quick else 60.0))
+            runs.append(await _one_rate(gw, broker, rate, duration, d, 6.0 if opts.quick else 60.0))
     res.data = {"duration_s": duration, "database": "sqlite", "runs": runs}
     rows = []
     for r in runs:

@@ -65,7 +65,7 @@ async def run(opts: Options) -> Result:
                         "--expect",
                         str(expect),
                         "--duration",
-                        str(duration + (8 if opts.quick else 60)),
+                        str(duration + (6 if opts.quick else 60)),
                         "--record",
                         str(d / f"sse-{i}.txt"),
                         "--ready-file",
