@@ -34,7 +34,7 @@ from gateway.processor import Processor
 from gateway.rules import load_rules
 from gateway.settings import Settings, load_settings
 from gateway.store import open_store
-from gateway.store.base import Store
+from gateway.store.base import InsertOutcome, NewMessage, Store
 from gateway.supervisor import Component, Supervisor
 from gateway.systemd import Notifier
 from gateway.wake import Nudge
@@ -93,7 +93,7 @@ class Gateway:
             hub=self.hub,
             publisher=self.bridge,
             health=self.health,
-            on_commit=self.nudge.set,
+            on_commit=self.nudge.set,  # the API's own commits (it refreshes its cache itself)
             reload=self.reload,
             version=__version__,
         )
@@ -104,7 +104,12 @@ class Gateway:
         """Build one generation of the group (fresh channels each time it is restarted)."""
         send, receive = trio.open_memory_channel[list[Inbound]](self.settings.ingest.channel_size)
         ingest = Ingest(
-            self.settings.ingest, self.store, self.bridge.ack, self.nudge.set, self.health.component("ingest")
+            self.settings.ingest,
+            self.store,
+            self.bridge.ack,
+            self._on_commit,
+            self.health.component("ingest"),
+            on_stored=self._on_stored,
         )
         return [
             Component("database", self.store.run),
@@ -118,6 +123,31 @@ class Gateway:
             Component("http", self._serve_http),
             Component("watchdog", self.notifier.run_watchdog),
         ]
+
+    def _on_commit(self) -> None:
+        """New rows are committed: wake the processor, make cached API pages stale."""
+        self.nudge.set()
+        self.ctx.live.invalidate()
+
+    def _on_stored(self, messages: list[NewMessage], outcomes: list[InsertOutcome]) -> None:
+        """Keep the latest reading per device for the ping/dashboard views (new rows only)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for message, outcome in zip(reversed(messages), reversed(outcomes), strict=True):
+            if outcome.duplicate or message.device_id in latest:
+                continue
+            latest[message.device_id] = {
+                "id": outcome.id,
+                "device_id": message.device_id,
+                "timestamp": message.device_ts.isoformat().replace("+00:00", "Z"),
+                "received_at": message.received_at.isoformat().replace("+00:00", "Z"),
+                "seq": message.seq,
+                "measurements": message.measurements,
+                "status": message.status,
+                "battery": message.battery,
+                "source": message.source,
+            }
+        if latest:
+            self.ctx.live.stored(reversed(list(latest.values())))
 
     async def _serve_http(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         stop = trio.Event()

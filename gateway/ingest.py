@@ -77,11 +77,14 @@ class Ingest:
         ack: Callable[[Sequence[Inbound]], None],
         on_commit: Callable[[], None],
         health: ComponentHealth,
+        *,
+        on_stored: Callable[[list[NewMessage], list[InsertOutcome]], None] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._ack = ack
         self._on_commit = on_commit
+        self._on_stored = on_stored
         self._health = health
         self.committed = 0
         """Messages (readings and rejects) committed since start."""
@@ -147,6 +150,8 @@ class Ingest:
         self._ack(chunk)
         self.committed += len(chunk)
         self._observe(chunk, outcomes, rejects)
+        if self._on_stored is not None:
+            self._on_stored(messages, outcomes)
         self._on_commit()
 
     def _observe(self, chunk: list[Inbound], outcomes: list[InsertOutcome], rejects: list[NewReject]) -> None:
