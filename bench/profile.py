@@ -19,6 +19,7 @@ import trio
 from bench.harness import table
 
 _LOOP = "(trio run loop: scheduling, I/O polling, thread hand-off)"
+_LOOP_LIBS = {"trio", "outcome", "sniffio", "attr", "attrs"}
 _LOOP_ROOTS = {("app", "run_gateway"), ("cli", "main"), ("__main__", "<module>")}
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
@@ -54,18 +55,28 @@ async def record(pid: int, seconds: float, out: Path, rate: int = 200) -> bool:
     return result.returncode == 0 and await trio.Path(out).exists()
 
 
+def _library(path: str) -> str | None:
+    return path.split("site-packages/", 1)[1].split("/", 1)[0] if "site-packages/" in path else None
+
+
 def stage_of(stack: str) -> tuple[str, str]:
     """(stage, hottest gateway function) for one collapsed stack ``frame;frame;...``."""
     frames = stack.split(";")
-    for frame in reversed(frames):
-        m = _FRAME.match(frame)
+    for i in range(len(frames) - 1, -1, -1):
+        m = _FRAME.match(frames[i])
         if m is None:
             continue
         path = m.group("file").replace("\\", "/")
         if ("/gateway/" in path or path.startswith("gateway/")) and "site-packages" not in path:
             module = ("/" + path).split("/gateway/", 1)[1].removesuffix(".py").replace("/", ".")
             if (module, m.group("func")) in _LOOP_ROOTS:
-                # Only trio's own frames below the function that called trio.run().
+                # Below the function that called trio.run(): the HTTP server's frames when there are
+                # any (hypercorn, quart, h11), else only trio's own (the run loop itself).
+                for frame in frames[i + 1 :]:
+                    fm = _FRAME.match(frame)
+                    lib = _library(fm.group("file")) if fm else None
+                    if lib is not None and lib not in _LOOP_LIBS:
+                        return f"(no gateway frame: {lib})", lib
                 return _LOOP, _LOOP
             return module, f"{module}:{m.group('func')}"
     for frame in frames:
