@@ -43,7 +43,7 @@ test-fast *ARGS: bootstrap
 # ruff and mypy --strict on gateway/
 lint: bootstrap
     "{{bin}}/ruff" check gateway tests
-    "{{bin}}/ruff" format --check gateway || true
+    "{{bin}}/ruff" format --check gateway
     "{{bin}}/mypy" --strict gateway
 
 # apply pending database migrations (use `just migrate --status` to list them)

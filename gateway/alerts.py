@@ -98,22 +98,24 @@ class _Spec:
 def _specs(t: AlertThresholds) -> dict[str, _Spec]:
     return {
         "mqtt_disconnected": _Spec(
-            "not connected to the MQTT broker", "critical", t.mqtt_for, "GatewayMqttDisconnected"),
+            "not connected to the MQTT broker", "critical", t.mqtt_for, "GatewayMqttDisconnected"
+        ),
         "database_unavailable": _Spec(
-            "the database does not answer", "critical", t.database_for, "GatewayDatabaseUnavailable"),
+            "the database does not answer", "critical", t.database_for, "GatewayDatabaseUnavailable"
+        ),
         "backlog_too_old": _Spec(
-            "the oldest unprocessed message is too old", "critical", t.backlog_age_for,
-            "GatewayBacklogTooOld"),
+            "the oldest unprocessed message is too old", "critical", t.backlog_age_for, "GatewayBacklogTooOld"
+        ),
         "backlog_growing": _Spec(
-            "the processing backlog keeps growing", "warning", t.backlog_window / 2,
-            "GatewayBacklogGrowing"),
+            "the processing backlog keeps growing", "warning", t.backlog_window / 2, "GatewayBacklogGrowing"
+        ),
         "disk_almost_full": _Spec(
-            "little free disk space where the database or logs live", "critical", t.disk_for,
-            "GatewayDiskAlmostFull"),
+            "little free disk space where the database or logs live", "critical", t.disk_for, "GatewayDiskAlmostFull"
+        ),
         "processing_errors": _Spec(
-            "high processing error rate", "warning", t.error_for, "GatewayHighProcessingErrorRate"),
-        "http_errors": _Spec(
-            "high rate of HTTP 5xx responses", "warning", t.error_for, "GatewayHighHttpErrorRate"),
+            "high processing error rate", "warning", t.error_for, "GatewayHighProcessingErrorRate"
+        ),
+        "http_errors": _Spec("high rate of HTTP 5xx responses", "warning", t.error_for, "GatewayHighHttpErrorRate"),
     }
 
 
@@ -273,12 +275,15 @@ class Alerts:
             age = (self._clock() - backlog.oldest).total_seconds() if backlog.oldest else 0.0
             out["backlog_too_old"] = age > t.backlog_max_age
             self._detail["backlog_too_old"] = {
-                "age_seconds": round(age, 1), "max_age_seconds": t.backlog_max_age,
+                "age_seconds": round(age, 1),
+                "max_age_seconds": t.backlog_max_age,
             }
             (growth,), span = self._backlog.add(now, (float(backlog.count),))
             out["backlog_growing"] = span >= t.backlog_window and growth >= t.backlog_growth
             self._detail["backlog_growing"] = {
-                "backlog": backlog.count, "growth": int(growth), "window_seconds": round(span, 1),
+                "backlog": backlog.count,
+                "growth": int(growth),
+                "window_seconds": round(span, 1),
             }
 
         # statvfs of a local filesystem takes microseconds: called inline rather than in a thread,
@@ -286,15 +291,15 @@ class Alerts:
         ratios = disk_free_ratios(self._disk_paths)
         low = {path: round(r, 4) for path, r in ratios.items() if r < t.disk_min_free}
         out["disk_almost_full"] = bool(low) if ratios else None
-        self._detail["disk_almost_full"] = {"free_ratio": {p: round(r, 4) for p, r in ratios.items()},
-                                            "min_free_ratio": t.disk_min_free}
+        self._detail["disk_almost_full"] = {
+            "free_ratio": {p: round(r, 4) for p, r in ratios.items()},
+            "min_free_ratio": t.disk_min_free,
+        }
 
         failed = _counter_sum(metrics.PROCESSOR_FAILED)
         processed = _counter_sum(metrics.PROCESSOR_PROCESSED)
         (d_failed, d_processed), _ = self._processing.add(now, (failed, processed))
-        out["processing_errors"] = self._error_condition(
-            "processing_errors", d_failed, d_failed + d_processed
-        )
+        out["processing_errors"] = self._error_condition("processing_errors", d_failed, d_failed + d_processed)
 
         errors = _counter_sum(metrics.HTTP_REQUESTS, lambda labels: labels.get("status", "").startswith("5"))
         requests = _counter_sum(metrics.HTTP_REQUESTS)
@@ -305,7 +310,9 @@ class Alerts:
     def _error_condition(self, name: str, errors: float, total: float) -> bool:
         ratio = errors / total if total else 0.0
         self._detail[name] = {
-            "errors": int(errors), "total": int(total), "ratio": round(ratio, 4),
+            "errors": int(errors),
+            "total": int(total),
+            "ratio": round(ratio, 4),
             "window_seconds": self._t.error_window,
         }
         return errors >= self._t.error_min_count and ratio >= self._t.error_ratio

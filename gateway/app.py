@@ -7,6 +7,7 @@ and the store closes last.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,9 +25,9 @@ from gateway import __version__, metrics
 from gateway.alerts import Alerts, disk_paths_for
 from gateway.errors import ConfigError, RuleError
 from gateway.health import Health
-from gateway.hub import Hub
 from gateway.http.app import serve as serve_http
 from gateway.http.context import AppContext
+from gateway.hub import Hub
 from gateway.ingest import Ingest
 from gateway.logs import set_level, setup_logging
 from gateway.mqtt import Inbound, MqttBridge
@@ -169,16 +170,14 @@ class Gateway:
         last_status = ""
         while True:
             sh = self.store.health
-            db.set("ok" if sh.state == "ok" else ("starting" if sh.state == "starting" else "degraded"),
-                   sh.last_error)
+            db.set("ok" if sh.state == "ok" else ("starting" if sh.state == "starting" else "degraded"), sh.last_error)
             db.detail["reconnects"] = sh.reconnects
             for name, comp in self.health.as_dict().items():
                 metrics.COMPONENT_UP.labels(component=name).set(1 if comp["state"] == "ok" else 0)
             mqtt = self.health.component("mqtt")
             proc = self.health.component("processor")
             status = (
-                f"{self.health.overall}; mqtt {mqtt.state}; db {db.state}; "
-                f"backlog {proc.detail.get('backlog', '?')}"
+                f"{self.health.overall}; mqtt {mqtt.state}; db {db.state}; backlog {proc.detail.get('backlog', '?')}"
             )
             if status != last_status:
                 self.notifier.status(status)
@@ -289,10 +288,9 @@ async def serve(settings: Settings, env_file: str | None = None) -> None:
                 async def on_signals() -> None:
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            try:
+                            # A refused configuration is logged by reload(); the running one stays.
+                            with contextlib.suppress(ConfigError):
                                 await gateway.reload()
-                            except ConfigError:
-                                pass  # logged by reload(); the running configuration stays
                         else:
                             log.info("signal received signal=%s", signal.Signals(signum).name)
                             gateway.request_stop()

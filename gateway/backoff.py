@@ -19,9 +19,7 @@ class Backoff:
 
     __slots__ = ("_attempt", "_ceiling", "_rng", "factor", "max", "min")
 
-    def __init__(
-        self, min: float, max: float, *, factor: float = 2.0, rng: random.Random | None = None
-    ) -> None:
+    def __init__(self, min: float, max: float, *, factor: float = 2.0, rng: random.Random | None = None) -> None:
         if not 0 < min <= max:
             raise ValueError(f"need 0 < min <= max, got min={min} max={max}")
         if factor < 1:

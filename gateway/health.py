@@ -54,7 +54,7 @@ class Health:
 
     @property
     def overall(self) -> Literal["ok", "degraded"]:
-        """"ok" when every registered component is ok, else "degraded"."""
+        """ "ok" when every registered component is ok, else "degraded"."""
         return "ok" if all(c.state == "ok" for c in self._components.values()) else "degraded"
 
     def as_dict(self) -> dict[str, Any]:

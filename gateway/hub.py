@@ -316,8 +316,11 @@ class Hub:
             sub._close()
             self.dropped += 1
             metrics.SSE_DROPPED.inc()
-            log.info("sse subscriber dropped for being too slow device_id=%s types=%s", sub.device_id,
-                     ",".join(sorted(sub.types)) if sub.types else "*")
+            log.info(
+                "sse subscriber dropped for being too slow device_id=%s types=%s",
+                sub.device_id,
+                ",".join(sorted(sub.types)) if sub.types else "*",
+            )
 
     @asynccontextmanager
     async def subscribe(

@@ -287,9 +287,14 @@ class MqttBridge:
         self._set_connected(True)
         self._health.set("ok")
         log.info(
-            "connected host=%s port=%d client_id=%s protocol=%s session_present=%s subscription=%s "
-            "generation=%d",
-            s.host, s.port, s.client_id, s.protocol, conn.session_present, s.subscription, conn.generation,
+            "connected host=%s port=%d client_id=%s protocol=%s session_present=%s subscription=%s generation=%d",
+            s.host,
+            s.port,
+            s.client_id,
+            s.protocol,
+            conn.session_present,
+            s.subscription,
+            conn.generation,
         )
         if not conn.session_present:
             log.warning(
@@ -484,9 +489,7 @@ class MqttBridge:
         try:
             topic = msg._topic.decode("utf-8", "replace")  # .topic raises on bad UTF-8
             payload = bytes(msg.payload)
-            conn.batch.append(
-                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation)
-            )
+            conn.batch.append(Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation))
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
 

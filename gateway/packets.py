@@ -56,9 +56,7 @@ class Packet(BaseModel):
             json_schema_extra=lambda schema: _timestamp_schema(schema),
         ),
     ]
-    seq: Annotated[
-        int | None, Field(ge=0, le=2**63 - 1, strict=True, description="per-device counter")
-    ] = None
+    seq: Annotated[int | None, Field(ge=0, le=2**63 - 1, strict=True, description="per-device counter")] = None
     measurements: Annotated[
         dict[Annotated[str, Field(pattern=MEASUREMENT_NAME_PATTERN)], StrictFloat | StrictInt],
         Field(
@@ -155,7 +153,8 @@ def parse_packet(raw: bytes | str, *, max_bytes: int = MAX_PACKET_BYTES) -> Pack
     try:
         obj = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise PacketInvalid("bad_json", [{"loc": [], "msg": f"invalid JSON: {exc}"[:300], "type": "bad_json"}]) from None
+        errors = [{"loc": [], "msg": f"invalid JSON: {exc}"[:300], "type": "bad_json"}]
+        raise PacketInvalid("bad_json", errors) from None
     return validate_packet(obj)
 
 

@@ -134,7 +134,8 @@ class Processor:
         if worst > budget:
             log.warning(
                 "script timeouts (%.1fs per message) exceed 80%% of the lease (%.1fs): raise PROCESSOR_LEASE",
-                worst, s.lease_seconds,
+                worst,
+                s.lease_seconds,
             )
         rounds = max(1, int(budget // worst))
         return max(1, min(s.batch_size, rounds * _SCRIPTS_AT_ONCE))
@@ -185,9 +186,7 @@ class Processor:
     async def _process(self, batch: list[StoredMessage]) -> None:
         rules = self._rules
         work = [self._plan(rules, m) for m in batch]
-        scripted = [
-            w for w in work if w.error is None and any(isinstance(p.action, ScriptAction) for p in w.planned)
-        ]
+        scripted = [w for w in work if w.error is None and any(isinstance(p.action, ScriptAction) for p in w.planned)]
         if scripted:
             async with trio.open_nursery() as nursery:
                 for w in scripted:
@@ -259,13 +258,23 @@ class Processor:
             self.dead += 1
             log.error(
                 "message dead-lettered message_id=%d device_id=%s action=%s attempts=%d error=%r",
-                m.id, m.device_id, action, attempt, error,
+                m.id,
+                m.device_id,
+                action,
+                attempt,
+                error,
             )
             return Failure(m.id, error, None)
         delay = retry_delay(attempt, self._settings.retry_min, self._settings.retry_max)
         log.warning(
             "processing failed message_id=%d device_id=%s action=%s attempt=%d/%d error=%r retry_in=%.2fs",
-            m.id, m.device_id, action, attempt, self._settings.max_attempts, error, delay,
+            m.id,
+            m.device_id,
+            action,
+            attempt,
+            self._settings.max_attempts,
+            error,
+            delay,
         )
         return Failure(m.id, error, now + timedelta(seconds=delay))
 
@@ -293,7 +302,10 @@ class Processor:
                     metrics.PROCESSOR_FAILED.labels("mqtt").inc()
                     log.warning(
                         "publish failed message_id=%d device_id=%s action=mqtt rule=%s error=%r",
-                        w.message.id, w.message.device_id, p.rule, str(exc),
+                        w.message.id,
+                        w.message.device_id,
+                        p.rule,
+                        str(exc),
                     )
 
     async def _housekeeping(self) -> None:

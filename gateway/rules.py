@@ -159,7 +159,7 @@ def _parse_rule(table: Any) -> Rule:
     when = _parse_predicate(table["when"], "when") if "when" in table else None
     raw_actions = table.get("actions")
     if not isinstance(raw_actions, list):
-        raise ValueError("actions is required: a list of tables such as [{type = \"sse\"}]")
+        raise ValueError('actions is required: a list of tables such as [{type = "sse"}]')
     actions = []
     for i, spec in enumerate(raw_actions):
         try:
@@ -181,7 +181,7 @@ def _parse_predicate(spec: Any, where: str) -> Predicate:
     if combinators:
         if len(spec) != 1:
             raise ValueError(f"{where}: {sorted(combinators)[0]!r} must be alone in its table")
-        (key, inner), = spec.items()
+        ((key, inner),) = spec.items()
         if key == "not":
             child = _parse_predicate(inner, f"{where}.not")
             return lambda m: not child(m)

@@ -20,7 +20,7 @@ class Nudge:
         """Wake the waiter (now, or at its next wait)."""
         self._event.set()
 
-    async def wait(self, timeout: float = math.inf) -> bool:
+    async def wait(self, timeout: float = math.inf) -> bool:  # noqa: ASYNC109 - a wake-or-tick wait
         """Wait until nudged or ``timeout`` seconds pass; returns True when nudged. Resets the signal."""
         with trio.move_on_after(timeout):
             await self._event.wait()

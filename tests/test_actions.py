@@ -187,7 +187,7 @@ async def test_mqtt_action_publishes_to_real_broker_with_event_id(
             ids += await insert(store, new_messages(1, start=1, measurements={"temperature": 20.0}))
             await wait_until(lambda: all_processed(store, ids), seconds=20)
             with trio.fail_after(10):
-                while len(subscriber.messages) < 3:  # noqa: ASYNC110 - paho thread appends
+                while len(subscriber.messages) < 3:
                     await trio.sleep(0.02)
         events = await store.read_events(after_id=0, limit=10)
         nursery.cancel_scope.cancel()

@@ -10,7 +10,9 @@ from pathlib import Path
 GATEWAY = [sys.executable, "-m", "gateway"]
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_KEYS"))}
     full_env.update(env or {})
     return subprocess.run(

@@ -142,7 +142,7 @@ def make(store: Store, publisher: Any = None, nudge: Nudge | None = None, **kw: 
 
 async def wait_until(check: Callable[[], Any], seconds: float = 30.0, step: float = 0.05) -> None:
     with trio.fail_after(seconds):
-        while not await check():  # noqa: ASYNC110 - polling the database, nothing to wait on
+        while not await check():
             await trio.sleep(step)
 
 
@@ -444,7 +444,7 @@ async def test_two_processors_one_postgres_database_exactly_once(pg_url: str) ->
         await nursery.start(proc1.run)
         await nursery.start(proc2.run)
         with trio.fail_after(120):
-            while (await s1.backlog()).count:  # noqa: ASYNC110 - polling the database
+            while (await s1.backlog()).count:
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     done1 = [i for _, processed, _, _ in r1.completes for i in processed]

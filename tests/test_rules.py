@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (rule snippets read better on one line each)
+
 """Rules: loading, checking (errors name the rule and problem), and evaluation."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ _TYPES: dict[str, type[SseAction] | type[MqttAction] | type[ScriptAction]] = {
 def parse_action(spec: Any) -> Action:
     """Build one action from its rules-file table; raises ValueError naming the problem."""
     if not isinstance(spec, Mapping):
-        raise ValueError("an action must be a table such as {type = \"sse\", event = \"alert\"}")
+        raise ValueError('an action must be a table such as {type = "sse", event = "alert"}')
     kind = spec.get("type")
     if kind not in _TYPES:
         raise ValueError(f"type must be one of {sorted(_TYPES)} (got {kind!r})")

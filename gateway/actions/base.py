@@ -32,7 +32,7 @@ _MISSING = object()
 def check_field(path: str, allowed: frozenset[str]) -> str | None:
     """Return a problem with ``path`` (unknown field, empty measurement name), or None when usable."""
     if path.startswith("measurements."):
-        return None if path[len("measurements."):] else "empty measurement name"
+        return None if path[len("measurements.") :] else "empty measurement name"
     if path in allowed:
         return None
     known = ", ".join(sorted(allowed | {"measurements.<name>"}))
@@ -47,7 +47,7 @@ def is_numeric_field(path: str) -> bool:
 def field_value(message: StoredMessage, path: str) -> Any:
     """The value of a field path of ``message``, or None when absent (e.g. a missing measurement)."""
     if path.startswith("measurements."):
-        return message.measurements.get(path[len("measurements."):])
+        return message.measurements.get(path[len("measurements.") :])
     match path:
         case "device_id":
             return message.device_id

@@ -42,8 +42,7 @@ class MqttAction:
             not isinstance(subtopic, str) or len(subtopic) > 200 or not _SUBTOPIC.match(subtopic)
         ):
             raise ValueError(
-                "subtopic must be a topic suffix without wildcards (+ #) or leading/trailing '/' "
-                f"(got {subtopic!r})"
+                f"subtopic must be a topic suffix without wildcards (+ #) or leading/trailing '/' (got {subtopic!r})"
             )
         payload = Template(spec["payload"]) if "payload" in spec else None
         return cls(subtopic=subtopic, payload=payload)

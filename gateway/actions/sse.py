@@ -56,7 +56,7 @@ class SseAction:
         if not isinstance(rename, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v for k, v in rename.items()
         ):
-            raise ValueError("rename must be a table of field = \"new name\"")
+            raise ValueError('rename must be a table of field = "new name"')
         if fields is not None and (unknown := set(rename) - set(fields)):
             raise ValueError(f"rename names fields not selected: {sorted(unknown)}")
         return cls(event=event, fields=fields, rename=dict(rename))
@@ -73,4 +73,3 @@ class SseAction:
         else:
             data = {self.rename.get(f, f): field_value(message, f) for f in self.fields}
         return NewEvent(type=self.event, data=data, message_id=message.id, device_id=message.device_id)
-

@@ -82,7 +82,7 @@ def _compile(value: Any, where: str) -> _Render:
     pieces: list[str | tuple[str]] = []  # literal text, or (placeholder,)
     pos = 0
     for m in _TOKEN.finditer(value):
-        pieces.append(value[pos:m.start()])
+        pieces.append(value[pos : m.start()])
         token = m.group(0)
         pieces.append(token[0] if m.group(1) is None else (_check_name(m.group(1), where),))
         pos = m.end()

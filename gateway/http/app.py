@@ -78,19 +78,26 @@ def create_app(ctx: AppContext) -> QuartTrio:
         count, period = http.rate
         wait = limiter.check(identity, count, period)
         if wait > 0:
-            raise ApiError(429, "rate_limited", f"rate limit is {http.rate_limit}",
-                           headers={"Retry-After": retry_after_header(wait)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit is {http.rate_limit}",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
         if spec is None or spec.role is None or request.method == "OPTIONS":
             return
         if key is None:
             detail = "send an API key in X-API-Key or Authorization: Bearer"
             if not http.api_keys:
                 detail += " (no API keys are configured: see `gateway apikey new`)"
-            raise ApiError(401, "auth_missing", detail,
-                           headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
+            raise ApiError(401, "auth_missing", detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
         if principal is None:
-            raise ApiError(401, "auth_invalid", "the API key is not valid",
-                           headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'})
+            raise ApiError(
+                401,
+                "auth_invalid",
+                "the API key is not valid",
+                headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
+            )
         if not principal.may(spec.role):
             raise ApiError(403, "forbidden", f"this needs the {spec.role} role; the key has {principal.role}")
 
@@ -136,8 +143,12 @@ def create_app(ctx: AppContext) -> QuartTrio:
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s %d %.1fms key=%s rid=%s",
-                request.method, _loggable_path(), response.status_code, elapsed * 1000,
-                principal.name if principal else "-", request_id,
+                request.method,
+                _loggable_path(),
+                response.status_code,
+                elapsed * 1000,
+                principal.name if principal else "-",
+                request_id,
             )
         return response
 
@@ -196,9 +207,7 @@ async def serve(
         await nursery.start(streams.run)
 
         async def _server(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await hypercorn_serve(
-                app, _config(ctx), shutdown_trigger=_shutdown_trigger, task_status=task_status
-            )
+            await hypercorn_serve(app, _config(ctx), shutdown_trigger=_shutdown_trigger, task_status=task_status)
             nursery.cancel_scope.cancel()  # stopped: end the stream owner too
 
         binds: list[str] = await nursery.start(partial(_server))

@@ -32,9 +32,7 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
-def presented_key(
-    x_api_key: str | None, authorization: str | None, access_token: str | None = None
-) -> str | None:
+def presented_key(x_api_key: str | None, authorization: str | None, access_token: str | None = None) -> str | None:
     """The key the request carries, header first; None when it carries none."""
     if x_api_key:
         return x_api_key.strip()

@@ -74,9 +74,7 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def problem(
-    status: int, code: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
-) -> Response:
+def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> Response:
     """Build a problem+json response."""
     body: dict[str, Any] = {
         "type": f"about:blank#{code}" if code != "internal" else "about:blank",
@@ -124,14 +122,12 @@ def register(app: Quart) -> None:
     @app.errorhandler(StoreUnavailable)
     async def _db(exc: StoreUnavailable) -> Response:
         log.warning("database unavailable: %s (request %s)", exc, g.get("request_id"))
-        return problem(503, "db_unavailable", "the database is unavailable; retry later",
-                       headers={"Retry-After": "5"})
+        return problem(503, "db_unavailable", "the database is unavailable; retry later", headers={"Retry-After": "5"})
 
     @app.errorhandler(MqttUnavailable)
     async def _mqtt(exc: MqttUnavailable) -> Response:
         log.warning("broker unavailable: %s (request %s)", exc, g.get("request_id"))
-        return problem(503, "mqtt_unavailable", "the broker is unavailable; retry later",
-                       headers={"Retry-After": "5"})
+        return problem(503, "mqtt_unavailable", "the broker is unavailable; retry later", headers={"Retry-After": "5"})
 
     @app.errorhandler(ConfigError)
     async def _config(exc: ConfigError) -> Response:

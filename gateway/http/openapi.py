@@ -137,9 +137,7 @@ class MessagesQuery(BaseModel):
     start_time: datetime | None = Field(None, description="RFC 3339 with a zone offset")
     end_time: datetime | None = Field(None, description="RFC 3339 with a zone offset")
     device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
-    key: Annotated[
-        str | None, Field(pattern=MEASUREMENT_NAME_PATTERN, description="field or measurement")
-    ] = None
+    key: Annotated[str | None, Field(pattern=MEASUREMENT_NAME_PATTERN, description="field or measurement")] = None
     value: Annotated[
         str | None, Field(min_length=1, max_length=256, description="compared as a number when numeric")
     ] = None
@@ -157,9 +155,7 @@ class EventsQuery(BaseModel):
     """Filters and resume point for the event stream."""
 
     device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
-    types: Annotated[
-        str | None, Field(pattern=TYPES_PATTERN, description="comma-separated event types")
-    ] = None
+    types: Annotated[str | None, Field(pattern=TYPES_PATTERN, description="comma-separated event types")] = None
     last_event_id: Annotated[int | None, Field(ge=0, le=2**63 - 1)] = None
     access_token: str | None = Field(None, description="API key, for EventSource (cannot send headers)")
 
@@ -218,10 +214,18 @@ def spec_of(func: Callable[..., Any] | None) -> ApiSpec | None:
 # ---- the provider -------------------------------------------------------------------------------
 
 _DESCRIPTIONS = {
-    200: "OK", 201: "Created", 304: "Not modified (ETag matches)", 400: "Invalid request",
-    401: "API key missing or invalid", 403: "The key's role is not allowed", 404: "Not found",
-    413: "Body too large", 415: "Body is not JSON", 429: "Rate limited",
-    500: "Internal error (quote the request id)", 503: "Database or broker unavailable",
+    200: "OK",
+    201: "Created",
+    304: "Not modified (ETag matches)",
+    400: "Invalid request",
+    401: "API key missing or invalid",
+    403: "The key's role is not allowed",
+    404: "Not found",
+    413: "Body too large",
+    415: "Body is not JSON",
+    429: "Rate limited",
+    500: "Internal error (quote the request id)",
+    503: "Database or broker unavailable",
 }
 _HEADER_REF = {"X-Request-ID": {"description": "Request id, also in logs", "schema": {"type": "string"}}}
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
@@ -266,9 +270,7 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
     def _responses(self, spec: ApiSpec, components: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for status, (model, content_type) in spec.ok.items():
-            response: dict[str, Any] = {
-                "description": _DESCRIPTIONS.get(status, "OK"), "headers": dict(_HEADER_REF)
-            }
+            response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "OK"), "headers": dict(_HEADER_REF)}
             if status != 304:
                 schema = _schema_of(model, components) if model is not None else {"type": "string"}
                 response["content"] = {content_type: {"schema": schema}}

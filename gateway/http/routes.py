@@ -129,8 +129,7 @@ def _match(args: dict[str, str], name: str, pattern: re.Pattern[str], what: str)
 # ---- routes -------------------------------------------------------------------------------------
 
 
-@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)},
-     errors=(400, 413, 415, 503), body=Packet)
+@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=(400, 413, 415, 503), body=Packet)
 async def post_packet() -> Response:
     """Store a sensor packet
 
@@ -159,17 +158,22 @@ async def post_packet() -> Response:
     except PacketInvalid as exc:
         metrics.INGEST_REJECTED.labels(exc.reason).inc()
         try:
-            await c.store.write_batch(
-                [], [NewReject(received, "api", None, body, exc.reason, exc.errors)]
-            )
+            await c.store.write_batch([], [NewReject(received, "api", None, body, exc.reason, exc.errors)])
         except StoreError:
             log.warning("could not store a rejected API packet (request %s)", g.get("request_id"))
-        raise ApiError(400, "packet_invalid", f"packet refused: {exc.reason}",
-                       reason=exc.reason, errors=exc.errors) from None
+        raise ApiError(
+            400, "packet_invalid", f"packet refused: {exc.reason}", reason=exc.reason, errors=exc.errors
+        ) from None
     message = NewMessage(
-        device_id=packet.device_id, device_ts=packet.timestamp, seq=packet.seq,
-        dedupe_key=packet.dedupe_key(), measurements=dict(packet.measurements), status=packet.status,
-        battery=packet.battery, source="api", received_at=received,
+        device_id=packet.device_id,
+        device_ts=packet.timestamp,
+        seq=packet.seq,
+        dedupe_key=packet.dedupe_key(),
+        measurements=dict(packet.measurements),
+        status=packet.status,
+        battery=packet.battery,
+        source="api",
+        received_at=received,
     )
     outcome = (await c.store.write_batch([message], []))[0]
     if outcome.duplicate:
@@ -177,10 +181,14 @@ async def post_packet() -> Response:
         return json_response({"id": outcome.id, "duplicate": True}, 200)
     metrics.INGEST_STORED.labels("api").inc()
     reading = {
-        "id": outcome.id, "device_id": packet.device_id,
+        "id": outcome.id,
+        "device_id": packet.device_id,
         "timestamp": packet.timestamp.isoformat().replace("+00:00", "Z"),
-        "received_at": received.isoformat().replace("+00:00", "Z"), "seq": packet.seq,
-        "measurements": dict(packet.measurements), "status": packet.status, "battery": packet.battery,
+        "received_at": received.isoformat().replace("+00:00", "Z"),
+        "seq": packet.seq,
+        "measurements": dict(packet.measurements),
+        "status": packet.status,
+        "battery": packet.battery,
         "source": "api",
     }
     c.live.stored([reading])
@@ -236,8 +244,12 @@ async def rereadenv() -> Response:
     _args(frozenset())
     principal = g.get("principal")
     result = await ctx().reload()
-    log.info("configuration reloaded by key %s: changed=%s restarted=%s",
-             principal.name if principal else "-", result.get("changed"), result.get("restarted"))
+    log.info(
+        "configuration reloaded by key %s: changed=%s restarted=%s",
+        principal.name if principal else "-",
+        result.get("changed"),
+        result.get("restarted"),
+    )
     return json_response(result)
 
 
@@ -263,9 +275,13 @@ async def messages() -> Response:
         if not 1 <= len(value) <= 256:
             raise _bad("value", "must be 1 to 256 characters")
     query = MessageQuery(
-        limit=limit, start_time=start, end_time=end,
+        limit=limit,
+        start_time=start,
+        end_time=end,
         device_id=_match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -"),
-        key=key, value=value, cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
+        key=key,
+        value=value,
+        cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
     )
     generation = c.live.generation
     cached = c.live.get(query)
@@ -275,8 +291,7 @@ async def messages() -> Response:
         except ValueError:
             raise _bad("cursor", "malformed cursor") from None
         items = [m.to_json() for m in page.items]
-        text = json.dumps({"items": items, "total": page.total, "next_cursor": page.next_cursor},
-                          separators=(",", ":"))
+        text = json.dumps({"items": items, "total": page.total, "next_cursor": page.next_cursor}, separators=(",", ":"))
         cached = c.live.put(query, generation, text.encode())
     headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
     if cached.etag in _etags(request.headers.get("If-None-Match")):
@@ -304,8 +319,9 @@ async def rejects() -> Response:
         page = await ctx().store.query_rejects(limit, cursor)
     except ValueError:
         raise _bad("cursor", "malformed cursor") from None
-    return json_response({"items": [r.to_json() for r in page.items], "total": page.total,
-                          "next_cursor": page.next_cursor})
+    return json_response(
+        {"items": [r.to_json() for r in page.items], "total": page.total, "next_cursor": page.next_cursor}
+    )
 
 
 @api(role="read", ok={200: (Latest, JSON)})
@@ -328,8 +344,14 @@ async def packet_schema() -> Response:
     return Response(_PACKET_SCHEMA, content_type="application/schema+json")
 
 
-@api(role="read", ok={200: (None, "text/event-stream")}, errors=(400, 503), query=EventsQuery,
-     headers=EventsHeaders, query_token=True)
+@api(
+    role="read",
+    ok={200: (None, "text/event-stream")},
+    errors=(400, 503),
+    query=EventsQuery,
+    headers=EventsHeaders,
+    query_token=True,
+)
 async def events() -> Response:
     """Server-Sent Events
 
@@ -355,8 +377,10 @@ async def events() -> Response:
     if not owner.ready:
         raise ApiError(503, "shutting_down", "the server is stopping", headers={"Retry-After": "1"})
     body = owner.stream(
-        c.hub, {"last_event_id": last, "types": types, "device_id": device},
-        heartbeat=c.sse_heartbeat, retry_ms=c.sse_retry_ms,
+        c.hub,
+        {"last_event_id": last, "types": types, "device_id": device},
+        heartbeat=c.sse_heartbeat,
+        retry_ms=c.sse_retry_ms,
     )
     response = Response(body, content_type="text/event-stream")
     response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut the stream

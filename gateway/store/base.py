@@ -11,9 +11,9 @@ connection loss leaks out. Every operation runs under the query timeout from set
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import trio
@@ -296,8 +296,11 @@ class Store(Protocol):
         ...
 
     async def watch(
-        self, on_message: Callable[[], None], on_event: Callable[[], None],
-        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self,
+        on_message: Callable[[], None],
+        on_event: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Call ``on_message`` when any instance stores new messages and ``on_event`` when any
         instance appends events (PostgreSQL LISTEN/NOTIFY; also called once after every

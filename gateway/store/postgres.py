@@ -383,8 +383,18 @@ class PostgresStore:
         # ONE JSON array (a json.dumps per row costs ~3x more), split again by the server.
         cols: list[Any] = _columns(
             [
-                (m.device_id, m.dedupe_key, m.device_ts, m.received_at, m.seq, None,
-                 m.status, m.battery, m.source, m.topic)
+                (
+                    m.device_id,
+                    m.dedupe_key,
+                    m.device_ts,
+                    m.received_at,
+                    m.seq,
+                    None,
+                    m.status,
+                    m.battery,
+                    m.source,
+                    m.topic,
+                )
                 for m in unique
             ],
             10,
@@ -508,9 +518,7 @@ class PostgresStore:
             page_params.append(before)
             page_cond += f" AND id < ${len(page_params)}"
         page_params.append(query.limit + 1)
-        page_sql = (
-            f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ${len(page_params)}"
-        )
+        page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ${len(page_params)}"
 
         async def read(conn: Conn) -> tuple[int, list[Any]]:
             return await conn.fetchval(count_sql, *params), await conn.fetch(page_sql, *page_params)
@@ -529,10 +537,7 @@ class PostgresStore:
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
         before = check_query(MessageQuery(limit=limit, cursor=cursor))
-        sql = (
-            f"SELECT {_REJECT_COLS} FROM rejects WHERE ($1::bigint IS NULL OR id < $1)"
-            " ORDER BY id DESC LIMIT $2"
-        )
+        sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"
 
         async def read(conn: Conn) -> tuple[int, list[Any]]:
             total = await conn.fetchval("SELECT count(*) FROM rejects")

@@ -63,9 +63,7 @@ _INSERT_MESSAGE = (
 )
 _LAST_MESSAGE_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 _SELECT_DUPLICATE = "SELECT id FROM messages WHERE device_id = ? AND dedupe_key = ?"
-_INSERT_REJECT = (
-    "INSERT INTO rejects (received_at, source, topic, payload, reason, errors) VALUES (?, ?, ?, ?, ?, ?)"
-)
+_INSERT_REJECT = "INSERT INTO rejects (received_at, source, topic, payload, reason, errors) VALUES (?, ?, ?, ?, ?, ?)"
 _CLAIM = (
     f"UPDATE messages SET lease_owner = ?, lease_until = ? WHERE id IN ("
     " SELECT id FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
@@ -252,14 +250,21 @@ class SqliteStore:
         """Insert messages (idempotently) and rejects in one transaction; one outcome per message."""
         msg_rows = [
             (
-                m.device_id, m.dedupe_key, ts_text(m.device_ts), ts_text(m.received_at), m.seq,
-                json.dumps(m.measurements), m.status, m.battery, m.source, m.topic,
+                m.device_id,
+                m.dedupe_key,
+                ts_text(m.device_ts),
+                ts_text(m.received_at),
+                m.seq,
+                json.dumps(m.measurements),
+                m.status,
+                m.battery,
+                m.source,
+                m.topic,
             )
             for m in messages
         ]
         rej_rows = [
-            (ts_text(r.received_at), r.source, r.topic, r.payload, r.reason, json.dumps(r.errors))
-            for r in rejects
+            (ts_text(r.received_at), r.source, r.topic, r.payload, r.reason, json.dumps(r.errors)) for r in rejects
         ]
 
         first: dict[tuple[str, str], int] = {}
@@ -423,8 +428,7 @@ class SqliteStore:
 
         total, rows = await self._call(read)
         items = [
-            StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6]))
-            for r in rows[:limit]
+            StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6])) for r in rows[:limit]
         ]
         return Page(items, total, encode_cursor(items[-1].id) if len(rows) > limit else None)
 
@@ -467,9 +471,7 @@ def _statements(script: str) -> Iterator[str]:
             if buf.strip():
                 yield buf
             buf = ""
-    if buf.strip() and not all(
-        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
-    ):
+    if buf.strip() and not all(ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()):
         raise StoreCorrupt("migration ends with an incomplete statement")
 
 

@@ -54,7 +54,7 @@ async def test_sigkill_mid_burst_loses_and_duplicates_nothing(
 
         # Kill in the middle of the burst (not before the first commit, not after the last).
         with trio.fail_after(120):
-            while (n := await trio.to_thread.run_sync(stored)) < 3000:  # noqa: ASYNC110
+            while (n := await trio.to_thread.run_sync(stored)) < 3000:
                 await trio.sleep(0.05)
         gw.send_signal(signal.SIGKILL)
         gw.wait()
@@ -64,7 +64,7 @@ async def test_sigkill_mid_burst_loses_and_duplicates_nothing(
         gw = await trio.to_thread.run_sync(pipeline_subprocess, mosquitto.url, db_url)
         published = result.acked
         with trio.fail_after(120):
-            while len(await trio.to_thread.run_sync(stored_keys, db_url)) < len(published):  # noqa: ASYNC110
+            while len(await trio.to_thread.run_sync(stored_keys, db_url)) < len(published):
                 await trio.sleep(0.2)
         await trio.sleep(0.5)
     finally:
@@ -215,7 +215,7 @@ async def test_sigkill_gateway_serve_mid_burst(mosquitto: MosquittoServer, tmp_p
                 return 0
 
         with trio.fail_after(120):
-            while (n := await trio.to_thread.run_sync(stored)) < 3000:  # noqa: ASYNC110
+            while (n := await trio.to_thread.run_sync(stored)) < 3000:
                 await trio.sleep(0.05)
         await trio.to_thread.run_sync(gw.kill)
         killed_at = n
@@ -225,7 +225,7 @@ async def test_sigkill_gateway_serve_mid_burst(mosquitto: MosquittoServer, tmp_p
         await trio.to_thread.run_sync(gw.start)
         published = result.acked
         with trio.fail_after(120):
-            while await trio.to_thread.run_sync(stored) < len(published):  # noqa: ASYNC110
+            while await trio.to_thread.run_sync(stored) < len(published):
                 await trio.sleep(0.2)
         await trio.sleep(0.5)
     finally:

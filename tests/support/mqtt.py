@@ -218,7 +218,7 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 10.0, poll:
     import trio
 
     with trio.fail_after(seconds):
-        while not predicate():  # noqa: ASYNC110 - polling state owned by code under test
+        while not predicate():
             await trio.sleep(poll)
 
 
@@ -507,10 +507,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     seqs = range(args.start, args.start + args.count)
-    if args.devices > 1:
-        devs = [f"{args.device}-{s % args.devices}" for s in seqs]
-    else:
-        devs = [args.device] * args.count
+    devs = [f"{args.device}-{s % args.devices}" if args.devices > 1 else args.device for s in seqs]
     payloads = [packet(d, s) for d, s in zip(devs, seqs, strict=True)]
     topics = [f"sensors/{d}/data" for d in devs]
     result = publish(args.host, args.port, payloads, topics=topics, rate=args.rate, timeout=args.timeout)
