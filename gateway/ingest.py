@@ -19,14 +19,30 @@ from gateway.backoff import Backoff
 from gateway.errors import PacketInvalid, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound
-from gateway.packets import parse_packet
+from gateway.packets import Packet, parse_packet
 from gateway.settings import IngestSettings
-from gateway.store.base import InsertOutcome, NewMessage, NewReject, Store
+from gateway.store.base import InsertOutcome, NewMessage, NewReject, Source, Store
 
 log = logging.getLogger("gateway.ingest")
 
 RETRY_MIN = 0.05
 RETRY_MAX = 5.0
+
+
+def message_from_packet(packet: Packet, source: Source, received_at: datetime, topic: str | None = None) -> NewMessage:
+    """The row to store for a validated packet (the same for MQTT and API input)."""
+    return NewMessage(
+        device_id=packet.device_id,
+        device_ts=packet.timestamp,
+        seq=packet.seq,
+        dedupe_key=packet.dedupe_key(),
+        measurements=dict(packet.measurements),
+        status=packet.status,
+        battery=packet.battery,
+        source=source,
+        received_at=received_at,
+        topic=topic,
+    )
 
 
 def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMessage], list[NewReject]]:
@@ -50,20 +66,7 @@ def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMess
             raw = m.payload[:max_payload]
             rejects.append(NewReject(m.received_at, "mqtt", m.topic, raw, "internal", errors))
             continue
-        messages.append(
-            NewMessage(
-                device_id=p.device_id,
-                device_ts=p.timestamp,
-                seq=p.seq,
-                dedupe_key=p.dedupe_key(),
-                measurements=dict(p.measurements),
-                status=p.status,
-                battery=p.battery,
-                source="mqtt",
-                received_at=m.received_at,
-                topic=m.topic,
-            )
-        )
+        messages.append(message_from_packet(p, "mqtt", m.received_at, m.topic))
     return messages, rejects
 
 

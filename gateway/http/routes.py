@@ -35,6 +35,7 @@ from gateway.http.openapi import (
     spec_of,
 )
 from gateway.http.sse import SseStreams
+from gateway.ingest import message_from_packet
 from gateway.packets import (
     DEVICE_ID_PATTERN,
     MAX_PACKET_BYTES,
@@ -43,7 +44,7 @@ from gateway.packets import (
     packet_json_schema,
     parse_packet,
 )
-from gateway.store.base import MessageQuery, NewMessage, NewReject
+from gateway.store.base import MessageQuery, NewReject
 
 log = logging.getLogger("gateway.http")
 
@@ -164,17 +165,7 @@ async def post_packet() -> Response:
         raise ApiError(
             400, "packet_invalid", f"packet refused: {exc.reason}", reason=exc.reason, errors=exc.errors
         ) from None
-    message = NewMessage(
-        device_id=packet.device_id,
-        device_ts=packet.timestamp,
-        seq=packet.seq,
-        dedupe_key=packet.dedupe_key(),
-        measurements=dict(packet.measurements),
-        status=packet.status,
-        battery=packet.battery,
-        source="api",
-        received_at=received,
-    )
+    message = message_from_packet(packet, "api", received)
     outcome = (await c.store.write_batch([message], []))[0]
     if outcome.duplicate:
         metrics.INGEST_DUPLICATES.labels("api").inc()
