@@ -66,7 +66,7 @@ async def receiver(args: list[str]) -> dict[str, Any]:
 async def wait_file(path: Path, limit: float = 20.0) -> None:
     """Wait until a helper process says it is ready by creating ``path`` (another process: poll)."""
     with trio.fail_after(limit):
-        while not await trio.Path(path).exists():  # noqa: ASYNC110 - nothing to wait on across processes
+        while not await trio.Path(path).exists():  # another process creates it: nothing to wait on
             await trio.sleep(0.05)
 
 
