@@ -79,7 +79,7 @@ class Gateway:
             self.health.component("processor"),
             instance_id=self.instance_id,
             rules=load_rules(self.settings.processor.rules_file),
-            on_events=self.hub.notify,
+            on_committed=self.hub.committed,
             event_retention=self.settings.database.event_retention,
         )
         self.alerts = Alerts(
@@ -87,6 +87,7 @@ class Gateway:
             self.store,
             self.bridge,
             disk_paths=disk_paths_for(self.settings.database, self.settings.log),
+            on_alert=self._on_alert,
         )
         self.ctx = AppContext(
             settings=self.settings,
@@ -124,6 +125,10 @@ class Gateway:
             Component("http", self._serve_http),
             Component("watchdog", self.notifier.run_watchdog),
         ]
+
+    async def _on_alert(self, name: str, data: dict[str, Any]) -> None:
+        """An alert event was appended: SSE clients get it now, not at the hub's next poll."""
+        self.hub.notify()
 
     def _on_commit(self) -> None:
         """New rows are committed: wake the processor, make cached API pages stale."""

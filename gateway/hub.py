@@ -231,6 +231,28 @@ class Hub:
         """Events were appended (by this instance or, via NOTIFY, another): tail them now."""
         self._nudge.set()
 
+    def committed(self, events: list[Event]) -> None:
+        """This instance committed ``events`` (in id order): fan them out without a store read
+        when that is provably gap-free, else tail the table.
+
+        Gap-free means the ids run on, one by one, from the tailer's position: since ids grow in
+        commit order, no other event can sit between them. Anything else (another writer's events,
+        a sequence gap on PostgreSQL) falls back to reading ``id > position`` from the store.
+        """
+        if not events:
+            return
+        expected = self._position + 1
+        contiguous = self._ready.is_set() and not self._stopped
+        for event in events:
+            if event.id != expected:
+                contiguous = False
+                break
+            expected += 1
+        if contiguous:
+            self._fan_out(events)
+        else:
+            self._nudge.set()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Tail the events table and fan out. Reports started once it knows the newest id.
 

@@ -73,13 +73,15 @@ class Processor:
         instance_id: str,
         rules: RuleSet | None = None,
         on_events: Callable[[], None] | None = None,
+        on_committed: Callable[[list[Event]], None] | None = None,
         event_retention: float = 7 * 86400.0,
         stats_every: float = _STATS_EVERY,
         prune_every: float = _PRUNE_EVERY,
     ) -> None:
         """``rules`` None loads ``settings.rules_file`` (default rules when unset; may raise RuleError).
 
-        ``on_events`` is called after a commit that appended events (the hub then tails them).
+        ``on_events`` is called after a commit that appended events (the hub then tails them);
+        ``on_committed`` receives those events (the hub fans them out without a store read).
         """
         self._settings = settings
         self._store = store
@@ -88,6 +90,7 @@ class Processor:
         self._health = health
         self._rules = rules if rules is not None else load_rules(settings.rules_file)
         self._on_events = on_events
+        self._on_committed = on_committed
         self._interval = settings.interval
         self._retention = event_retention
         self._stats_every = stats_every
@@ -206,6 +209,8 @@ class Processor:
         self.processed += len(processed)
         for ev in stored:
             metrics.EVENTS_APPENDED.labels(ev.type).inc()
+        if stored and self._on_committed is not None:
+            self._on_committed(stored)
         if stored and self._on_events is not None:
             self._on_events()
         await self._publish([w for w in work if w.error is None], stored)

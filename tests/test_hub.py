@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from gateway import metrics
 from gateway.hub import Hub, Subscription
@@ -308,3 +310,42 @@ async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_ur
     ids = [e.id for e in seen]
     assert ids == [e.id for e in everything] and len(ids) == total
     assert len({e.data["id"] for e in seen}) == total
+
+
+async def test_committed_events_fan_out_without_a_store_read_only_when_gap_free(tmp_path: Path) -> None:
+    """The processor's own commits reach subscribers directly when their ids follow the hub's
+    position one by one; any gap (another writer's event) falls back to reading the table."""
+    from gateway.settings import DatabaseSettings
+    from gateway.store.base import NewEvent
+    from gateway.store.sqlite import SqliteStore
+
+    store = SqliteStore(DatabaseSettings(DATABASE_URL=f"sqlite:///{tmp_path / 'h.db'}"))
+    reads = 0
+    real_read = store.read_events
+
+    async def counting_read(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_read(*args, **kwargs)
+
+    store.read_events = counting_read  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        hub = Hub(store, poll_interval=3600)
+        await nursery.start(hub.run)
+        async with hub.subscribe(last_event_id=None, types=None, device_id=None) as sub:
+            await trio.testing.wait_all_tasks_blocked()
+            reads_before = reads
+            first = await store.append_events([NewEvent("packet", {"n": i}) for i in range(3)])
+            hub.committed(first)
+            got = [await sub.__anext__() for _ in range(3)]
+            assert [e.id for e in got] == [e.id for e in first]
+            assert reads == reads_before, "gap-free commits need no store read"
+            # Another writer's event lands in between: the next commit is not gap-free.
+            other = await store.append_events([NewEvent("alert", {"x": 1})])
+            mine = await store.append_events([NewEvent("packet", {"n": 9})])
+            hub.committed(mine)
+            got = [await sub.__anext__() for _ in range(2)]
+            assert [e.id for e in got] == [other[0].id, mine[0].id]
+            assert reads > reads_before
+        nursery.cancel_scope.cancel()
