@@ -236,6 +236,7 @@ class ProcessorSettings(_Component):
     retry_min: float = Field(1.0, gt=0, alias="PROCESSOR_RETRY_MIN")
     retry_max: float = Field(300.0, gt=0, alias="PROCESSOR_RETRY_MAX")
     script_timeout: float = Field(10.0, gt=0, alias="PROCESSOR_SCRIPT_TIMEOUT")
+    coalesce_ms: float = Field(10.0, ge=0, le=1000, alias="PROCESSOR_COALESCE_MS")
     rules_file: Path | None = Field(None, alias="RULES_FILE")
 
 
