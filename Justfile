@@ -42,7 +42,7 @@ test-fast *ARGS: bootstrap
 
 # ruff and mypy --strict on gateway/
 lint: bootstrap
-    "{{bin}}/ruff" check gateway tests
+    "{{bin}}/ruff" check gateway tests bench
     "{{bin}}/ruff" format --check gateway
     "{{bin}}/mypy" --strict gateway
 

@@ -110,7 +110,7 @@ async def gateway_rate(server: MosquittoServer, db_url: str, count: int, client_
         await trio.to_thread.run_sync(preload, server, count, client_id)
         t0, cpu0 = time.monotonic(), time.process_time()
         async with pipeline(mqtt, store, IngestSettings()) as p:
-            while p.ingest.committed < count:  # noqa: ASYNC110 - a benchmark polling a counter
+            while p.ingest.committed < count:
                 await trio.sleep(0.01)
             elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
         nursery.cancel_scope.cancel()

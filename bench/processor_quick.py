@@ -95,11 +95,11 @@ async def _run_once(
         cpu = time.process_time()
         if with_subscriber:
             nursery.start_soon(consume)
-            while hub.clients == 0:  # noqa: ASYNC110 - wait until the subscriber is registered
+            while hub.clients == 0:
                 await trio.sleep(0.001)
             start = time.perf_counter()
         await nursery.start(proc.run)
-        while (await store.backlog()).count:  # noqa: ASYNC110 - polling the database
+        while (await store.backlog()).count:
             await trio.sleep(0.02)
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu

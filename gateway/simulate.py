@@ -495,8 +495,12 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
     Returns the :class:`Summary`. Raises :class:`SimulateError` on connection problems.
     """
     fleet = Fleet(
-        opts.devices, invalid_ratio=opts.invalid_ratio, seed=opts.seed,
-        first_index=opts.first_index, stride=opts.stride, id_prefix=opts.device_prefix,
+        opts.devices,
+        invalid_ratio=opts.invalid_ratio,
+        seed=opts.seed,
+        first_index=opts.first_index,
+        stride=opts.stride,
+        id_prefix=opts.device_prefix,
     )
     topics = {d.device_id: opts.topic_template.format(device_id=d.device_id) for d in fleet.devices}
     summary = Summary(offered_rate=opts.rate)
@@ -587,7 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (1)")
     parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (5)")
     parser.add_argument(
-        "--url", default=os.environ.get("MQTT_URL", "mqtt://127.0.0.1:1883"),
+        "--url",
+        default=os.environ.get("MQTT_URL", "mqtt://127.0.0.1:1883"),
         help="broker, mqtt:// or mqtts:// (default: $MQTT_URL or mqtt://127.0.0.1:1883)",
     )
     parser.add_argument("--topic-template", default=DEFAULT_TOPIC_TEMPLATE, help="per device topic")
@@ -597,11 +602,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username", default=os.environ.get("MQTT_USERNAME"), help="broker user name")
     parser.add_argument("--password", default=os.environ.get("MQTT_PASSWORD"), help="broker password")
     parser.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
-    parser.add_argument("--device-prefix", type=_device_prefix, default="esp32-sim-",
-                        help="device ids are PREFIX0001, PREFIX0002, ... (esp32-sim-)")
+    parser.add_argument(
+        "--device-prefix",
+        type=_device_prefix,
+        default="esp32-sim-",
+        help="device ids are PREFIX0001, PREFIX0002, ... (esp32-sim-)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed for repeatable runs")
-    parser.add_argument("--drain-timeout", type=_non_negative_float, default=10.0,
-                        help="seconds to wait for outstanding PUBACKs at the end (10)")
+    parser.add_argument(
+        "--drain-timeout",
+        type=_non_negative_float,
+        default=10.0,
+        help="seconds to wait for outstanding PUBACKs at the end (10)",
+    )
     parser.add_argument("--record", help="write 'device_id seq time_ns' lines")
     parser.add_argument("--json", action="store_true", help="print a machine-readable summary")
     # Internal: set by the parent of a multi-process run.
@@ -645,8 +658,13 @@ def _run_one(args: argparse.Namespace) -> Summary:
         stride=count,
         device_prefix=args.device_prefix,
         link=LinkOptions(
-            url=args.url, protocol=args.protocol, username=args.username, password=args.password,
-            ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+            url=args.url,
+            protocol=args.protocol,
+            username=args.username,
+            password=args.password,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
         ),
     )
     if args.record:
@@ -698,10 +716,26 @@ def _run_processes(args: argparse.Namespace) -> Summary:
 
 def _forward_argv(args: argparse.Namespace) -> list[str]:
     argv = [
-        "--devices", str(args.devices), "--rate", str(args.rate), "--duration", str(args.duration),
-        "--invalid-ratio", str(args.invalid_ratio), "--qos", str(args.qos), "--protocol", args.protocol,
-        "--url", args.url, "--topic-template", args.topic_template, "--device-prefix", args.device_prefix,
-        "--drain-timeout", str(args.drain_timeout),
+        "--devices",
+        str(args.devices),
+        "--rate",
+        str(args.rate),
+        "--duration",
+        str(args.duration),
+        "--invalid-ratio",
+        str(args.invalid_ratio),
+        "--qos",
+        str(args.qos),
+        "--protocol",
+        args.protocol,
+        "--url",
+        args.url,
+        "--topic-template",
+        args.topic_template,
+        "--device-prefix",
+        args.device_prefix,
+        "--drain-timeout",
+        str(args.drain_timeout),
     ]
     for opt in ("ca_file", "cert_file", "key_file", "username", "password", "seed"):
         value = getattr(args, opt)
