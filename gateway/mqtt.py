@@ -79,6 +79,61 @@ class _Outgoing:
     sent_at: float = 0.0
 
 
+class _BufferedSocket:
+    """The connected socket as paho sees it, with a read buffer.
+
+    paho 2.2 reads each packet in several small ``recv()`` calls; here one ``recv(65536)``
+    serves them all. Errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come
+    from the underlying socket unchanged, when the buffer is empty, exactly as paho expects.
+    """
+
+    __slots__ = ("_buf", "_pos", "_raw")
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._buf = b""
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed to paho."""
+        return len(self._buf) - self._pos
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data: bytes = self._raw.recv(65536)
+            if not data:
+                return data  # peer closed: paho sees b"" as before
+            if len(data) <= bufsize:
+                return bytes(data)
+            self._buf, self._pos = data, 0
+        end = self._pos + bufsize
+        chunk = self._buf[self._pos : end]
+        self._pos = min(end, len(self._buf))
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+        return chunk
+
+    def pending(self) -> int:
+        extra = self._raw.pending() if hasattr(self._raw, "pending") else 0
+        return self.buffered + int(extra)
+
+    def send(self, data: bytes | bytearray) -> int:
+        return int(self._raw.send(data))
+
+    def fileno(self) -> int:
+        return int(self._raw.fileno())
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def setblocking(self, flag: bool) -> None:
+        self._raw.setblocking(flag)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 @dataclass(eq=False)
 class _Connection:
     """State of one connection (one paho client, one generation)."""
@@ -87,6 +142,7 @@ class _Connection:
     client: paho.Client
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     sock: Any = None
+    rbuf: _BufferedSocket | None = None
     batch: list[Inbound] = field(default_factory=list)
     write_wanted: trio.Event = field(default_factory=trio.Event)
     connack: trio.Event = field(default_factory=trio.Event)
@@ -231,10 +287,15 @@ class MqttBridge:
             if cs.cancelled_caught:
                 conn.lose(f"connect timed out after {s.connect_timeout}s")
                 return False
-            conn.sock = client.socket()
-            if conn.sock is None:
+            raw = client.socket()
+            if raw is None:
                 conn.lose("no socket after connect")
                 return False
+            # paho reads a packet in three or more recv() calls (type, length, body): give it a
+            # buffer filled by one large recv per burst instead of a syscall per field.
+            conn.sock = raw
+            conn.rbuf = _BufferedSocket(raw)
+            client._sock = conn.rbuf
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, conn, inbound)
                 nursery.start_soon(self._writer, conn)
@@ -381,12 +442,14 @@ class MqttBridge:
     # ------------------------------------------------------------------------------ tasks
 
     async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
-        client, sock = conn.client, conn.sock
+        client, sock, rbuf = conn.client, conn.sock, conn.rbuf
         ssl_sock = isinstance(sock, ssl.SSLSocket)
         fionread = array.array("i", [0])
         fd = sock.fileno()
 
         def pending() -> bool:
+            if rbuf is not None and rbuf.buffered:
+                return True
             if ssl_sock:
                 return bool(sock.pending())
             fcntl.ioctl(fd, termios.FIONREAD, fionread)
