@@ -82,17 +82,20 @@ class _Outgoing:
 class _BufferedSocket:
     """The connected socket as paho sees it, with a read buffer.
 
-    paho 2.2 reads each packet in several small ``recv()`` calls; here one ``recv(65536)``
-    serves them all. Errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come
+    paho 2.2 reads each packet in several small ``recv()`` calls and sends each packet with its
+    own ``send()``; here one ``recv(65536)`` serves many packets, and the writer sends everything
+    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`. Read errors
+    (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come
     from the underlying socket unchanged, when the buffer is empty, exactly as paho expects.
     """
 
-    __slots__ = ("_buf", "_pos", "_raw")
+    __slots__ = ("_buf", "_out", "_pos", "_raw")
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self._buf = b""
         self._pos = 0
+        self._out = bytearray()
 
     @property
     def buffered(self) -> int:
@@ -119,7 +122,19 @@ class _BufferedSocket:
         return self.buffered + int(extra)
 
     def send(self, data: bytes | bytearray) -> int:
-        return int(self._raw.send(data))
+        # Taken whole: the writer flushes after paho has queued everything it had.
+        self._out += data
+        return len(data)
+
+    def flush(self) -> bool:
+        """Send what is buffered; True when all of it went, False when the socket is full."""
+        while self._out:
+            try:
+                sent = int(self._raw.send(self._out))
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            del self._out[:sent]
+        return True
 
     def fileno(self) -> int:
         return int(self._raw.fileno())
@@ -430,6 +445,8 @@ class MqttBridge:
                 try:
                     conn.client.disconnect()
                     conn.client.loop_write()
+                    if conn.rbuf is not None:
+                        conn.rbuf.flush()
                 except OSError:
                     pass
             if conn.client.socket() is not None:
@@ -487,17 +504,34 @@ class MqttBridge:
         while True:
             await conn.write_wanted.wait()
             conn.write_wanted = trio.Event()
-            while client.want_write():
-                rc = client.loop_write()
-                if rc != _SUCCESS:
-                    conn.lose(f"write: {paho.error_string(rc)}")
-                    return
-                if client.want_write():
-                    try:
-                        await trio.lowlevel.wait_writable(conn.sock)
-                    except trio.ClosedResourceError:
-                        conn.lose("socket closed")
+            while True:
+                # paho "sends" every queued packet into our buffer at once...
+                while client.want_write():
+                    rc = client.loop_write()
+                    if rc != _SUCCESS:
+                        conn.lose(f"write: {paho.error_string(rc)}")
                         return
+                    if client.want_write():
+                        await self._wait_writable(conn)
+                        if conn.lost is not None:
+                            return
+                # ...and one send() takes them all to the socket.
+                try:
+                    done = conn.rbuf.flush() if conn.rbuf is not None else True
+                except OSError as exc:
+                    conn.lose(f"write: {_describe(exc)}")
+                    return
+                if done:
+                    break
+                await self._wait_writable(conn)
+                if conn.lost is not None:
+                    return
+
+    async def _wait_writable(self, conn: _Connection) -> None:
+        try:
+            await trio.lowlevel.wait_writable(conn.sock)
+        except trio.ClosedResourceError:
+            conn.lose("socket closed")
 
     async def _housekeeping(self, conn: _Connection) -> None:
         while True:
