@@ -22,6 +22,7 @@ log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
 _BUFFER = 64
+_CHUNK_EVENTS = 256
 
 
 class SseStreams:
@@ -79,7 +80,15 @@ class SseStreams:
                     next_beat = trio.current_time() + heartbeat
                     yield HEARTBEAT
                 else:
-                    yield encode_event(item)
+                    # Send what is already waiting in the same chunk: one write per burst (the
+                    # processor commits events in batches) instead of one per event.
+                    chunk = [encode_event(item)]
+                    while len(chunk) < _CHUNK_EVENTS:
+                        try:
+                            chunk.append(encode_event(recv.receive_nowait()))
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    yield b"".join(chunk)
         finally:
             self.open -= 1
             pump_scope.cancel()
