@@ -12,14 +12,17 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
+from pydantic import SecretStr
 
 from gateway import __version__, metrics
 from gateway.alerts import Alerts, disk_paths_for
@@ -33,7 +36,7 @@ from gateway.logs import set_level, setup_logging
 from gateway.mqtt import Inbound, MqttBridge
 from gateway.processor import Processor
 from gateway.rules import load_rules
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, known_variables, load_settings
 from gateway.store import open_store
 from gateway.store.base import InsertOutcome, NewMessage, Store
 from gateway.supervisor import Component, Supervisor
@@ -48,9 +51,9 @@ def secret_values(settings: Settings) -> list[str]:
     out: list[str] = []
     if settings.mqtt.password is not None:
         out.append(settings.mqtt.password.get_secret_value())
-    url = settings.database.url.get_secret_value()
-    if "@" in url and ":" in url.split("://", 1)[-1].split("@", 1)[0]:
-        out.append(url.split("://", 1)[-1].split("@", 1)[0].split(":", 1)[1])
+    dsn_password = urlsplit(settings.database.url.get_secret_value()).password
+    if dsn_password:
+        out.append(dsn_password)
     return out
 
 
@@ -141,17 +144,7 @@ class Gateway:
         for message, outcome in zip(reversed(messages), reversed(outcomes), strict=True):
             if outcome.duplicate or message.device_id in latest:
                 continue
-            latest[message.device_id] = {
-                "id": outcome.id,
-                "device_id": message.device_id,
-                "timestamp": message.device_ts.isoformat().replace("+00:00", "Z"),
-                "received_at": message.received_at.isoformat().replace("+00:00", "Z"),
-                "seq": message.seq,
-                "measurements": message.measurements,
-                "status": message.status,
-                "battery": message.battery,
-                "source": message.source,
-            }
+            latest[message.device_id] = message.to_json(outcome.id)
         if latest:
             self.ctx.live.stored(reversed(list(latest.values())))
 
@@ -212,7 +205,8 @@ class Gateway:
                 set_level(new.log.level)
                 self.processor.set_rules(rules)
                 self.processor.set_interval(new.processor.interval)
-                groups = {_component_of(k) for k in changed}
+                owner = known_variables()
+                groups = {owner.get(k) for k in changed}
                 if "mqtt" in groups:
                     self.bridge.settings = new.mqtt
                     if self.supervisor.restart("mqtt"):
@@ -220,7 +214,7 @@ class Gateway:
                 if "ingest" in groups and self.supervisor.restart("ingest"):
                     restarted.append("ingest")
                 http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY"}
-                if any(_component_of(k) == "http" and k not in http_live for k in changed):
+                if any(owner.get(k) == "http" and k not in http_live for k in changed):
                     requires_restart.append("http")
                 if "database" in groups:
                     requires_restart.append("database")
@@ -268,19 +262,11 @@ class Gateway:
 
 
 def _raw_values(settings: Settings) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name in Settings.COMPONENTS:
-        model = getattr(settings, name)
-        for field_name, info in type(model).model_fields.items():
-            value = getattr(model, field_name)
-            out[str(info.alias)] = value.get_secret_value() if hasattr(value, "get_secret_value") else repr(value)
-    return out
-
-
-def _component_of(variable: str) -> str:
-    from gateway.settings import known_variables
-
-    return known_variables().get(variable, "?")
+    """Comparable values (secrets unmasked, never shown) for the reload diff."""
+    return {
+        variable: value.get_secret_value() if isinstance(value, SecretStr) else repr(value)
+        for variable, _, value in settings.values()
+    }
 
 
 async def serve(settings: Settings, env_file: str | None = None) -> None:
@@ -314,7 +300,7 @@ def run_gateway(settings: Settings, env_file: str | None = None) -> int:
         trio.run(serve, settings, env_file)
     except (ConfigError, RuleError) as exc:
         log.error("configuration error: %s", exc)
-        print(f"gateway: configuration error: {exc}", file=__import__("sys").stderr)
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

@@ -325,13 +325,19 @@ class MqttBridge:
         # Reached when conn.lose() cancelled the scope (never by a plain return of the nursery).
         return conn.connack.is_set() and conn.suback.is_set()
 
+    async def _acknowledged(self, conn: _Connection, ack: trio.Event, what: str) -> bool:
+        """Wait up to the connect timeout for ``ack``; a silent broker loses the connection."""
+        with trio.move_on_after(self.settings.connect_timeout):
+            await ack.wait()
+        if not ack.is_set():
+            conn.lose(f"no {what} in time")
+            return False
+        return True
+
     async def _handshake(self, conn: _Connection) -> bool:
         """Wait for CONNACK, subscribe, wait for SUBACK; False (connection lost) on failure."""
         s = self.settings
-        with trio.move_on_after(s.connect_timeout):
-            await conn.connack.wait()
-        if not conn.connack.is_set():
-            conn.lose("no CONNACK in time")
+        if not await self._acknowledged(conn, conn.connack, "CONNACK"):
             return False
         if conn.connack_failure is not None:
             conn.lose(f"broker refused the connection: {conn.connack_failure}")
@@ -344,10 +350,7 @@ class MqttBridge:
             conn.lose(f"subscribe failed: {paho.error_string(rc)}")
             return False
         conn.sub_mid = mid
-        with trio.move_on_after(s.connect_timeout):
-            await conn.suback.wait()
-        if not conn.suback.is_set():
-            conn.lose("no SUBACK in time")
+        if not await self._acknowledged(conn, conn.suback, "SUBACK"):
             return False
         if conn.suback_failure is not None:
             conn.lose(f"subscription {s.subscription!r} refused: {conn.suback_failure}")

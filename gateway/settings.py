@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -297,15 +297,16 @@ class Settings(BaseModel):
         "supervisor": SupervisorSettings,
     }
 
-    def masked(self) -> dict[str, str]:
-        """Every variable with its effective value, secrets shown as ``**********``."""
-        out: dict[str, str] = {}
+    def values(self) -> Iterator[tuple[str, str, Any]]:
+        """Every setting as ``(variable, field name, effective value)``; secrets stay ``SecretStr``."""
         for name in self.COMPONENTS:
             model: _Component = getattr(self, name)
             for field_name, info in type(model).model_fields.items():
-                value = getattr(model, field_name)
-                out[str(info.alias)] = _show(value, field_name)
-        return out
+                yield str(info.alias), field_name, getattr(model, field_name)
+
+    def masked(self) -> dict[str, str]:
+        """Every variable with its effective value, secrets shown as ``**********``."""
+        return {variable: _show(value, field_name) for variable, field_name, value in self.values()}
 
 
 SECRET_VARIABLES = frozenset({"DATABASE_URL", "MQTT_PASSWORD", "API_KEYS", "SECRETS_KEY"})

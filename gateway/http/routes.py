@@ -171,17 +171,7 @@ async def post_packet() -> Response:
         metrics.INGEST_DUPLICATES.labels("api").inc()
         return json_response({"id": outcome.id, "duplicate": True}, 200)
     metrics.INGEST_STORED.labels("api").inc()
-    reading = {
-        "id": outcome.id,
-        "device_id": packet.device_id,
-        "timestamp": packet.timestamp.isoformat().replace("+00:00", "Z"),
-        "received_at": received.isoformat().replace("+00:00", "Z"),
-        "seq": packet.seq,
-        "measurements": dict(packet.measurements),
-        "status": packet.status,
-        "battery": packet.battery,
-        "source": "api",
-    }
+    reading = message.to_json(outcome.id)
     c.live.stored([reading])
     c.on_commit()
     # Publishing goes through the processor, woken just now by on_commit: one path for every

@@ -36,6 +36,20 @@ class NewMessage:
     received_at: datetime
     topic: str | None = None
 
+    def to_json(self, message_id: int) -> dict[str, Any]:
+        """The reading as the API shows it, once stored under ``message_id``."""
+        return {
+            "id": message_id,
+            "device_id": self.device_id,
+            "timestamp": _iso(self.device_ts),
+            "received_at": _iso(self.received_at),
+            "seq": self.seq,
+            "measurements": self.measurements,
+            "status": self.status,
+            "battery": self.battery,
+            "source": self.source,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class NewReject:
