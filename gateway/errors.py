@@ -6,6 +6,7 @@
     ├── ConfigError            invalid configuration (exit 2, API 400 config_invalid)
     ├── StoreError
     │   ├── StoreUnavailable   database unreachable / timed out: retry later (API 503 db_unavailable)
+    │   │   └── QueryTimeout   one API read ran past API_QUERY_TIMEOUT (API 503 query_timeout)
     │   └── StoreCorrupt       schema or data not as expected (a bug or a bad migration)
     ├── MqttUnavailable        broker unreachable (API 503 mqtt_unavailable)
     ├── PacketInvalid          a sensor packet refused by the schema (stored as a reject)
@@ -52,6 +53,15 @@ class StoreError(GatewayError):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached right now; the caller should retry with backoff."""
+
+
+class QueryTimeout(StoreUnavailable):
+    """A read (an API query) ran longer than its time limit and was stopped; the database is fine.
+
+    Narrow the query (a time range, a device) or retry later.
+    """
+
+    code = "query_timeout"
 
 
 class StoreCorrupt(StoreError):

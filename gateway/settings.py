@@ -54,6 +54,8 @@ class DatabaseSettings(_Component):
     retry_min: float = Field(0.2, gt=0, alias="DATABASE_RETRY_MIN")
     retry_max: float = Field(10.0, gt=0, alias="DATABASE_RETRY_MAX")
     event_retention: float = Field(7 * 86400.0, gt=0, alias="EVENT_RETENTION")
+    api_query_timeout: float = Field(5.0, gt=0, alias="API_QUERY_TIMEOUT")
+    api_total_limit: int = Field(10000, ge=1, alias="API_TOTAL_LIMIT")
 
     @field_validator("url")
     @classmethod

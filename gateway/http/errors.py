@@ -15,7 +15,7 @@ from quart import Quart, Response, g
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from gateway.errors import ConfigError, MqttUnavailable, StoreUnavailable
+from gateway.errors import ConfigError, MqttUnavailable, QueryTimeout, StoreUnavailable
 
 log = logging.getLogger("gateway.http")
 
@@ -36,6 +36,7 @@ TITLES: dict[str, str] = {
     "unsupported_media_type": "Unsupported media type",
     "not_acceptable": "Not acceptable",
     "db_unavailable": "Database unavailable",
+    "query_timeout": "Query took too long",
     "mqtt_unavailable": "Broker unavailable",
     "shutting_down": "Server stopping",
     "internal": "Internal error",
@@ -123,6 +124,17 @@ def register(app: Quart) -> None:
     async def _db(exc: StoreUnavailable) -> Response:
         log.warning("database unavailable: %s (request %s)", exc, g.get("request_id"))
         return problem(503, "db_unavailable", "the database is unavailable; retry later", headers={"Retry-After": "5"})
+
+    @app.errorhandler(QueryTimeout)
+    async def _query_timeout(exc: QueryTimeout) -> Response:
+        # Checked before StoreUnavailable (Quart picks the handler of the most specific class).
+        log.warning("query stopped: %s (request %s)", exc, g.get("request_id"))
+        return problem(
+            503,
+            "query_timeout",
+            f"{exc}; narrow the query (start_time/end_time, device_id) or retry later",
+            headers={"Retry-After": "5"},
+        )
 
     @app.errorhandler(MqttUnavailable)
     async def _mqtt(exc: MqttUnavailable) -> Response:

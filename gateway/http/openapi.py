@@ -94,6 +94,7 @@ class MessagePage(BaseModel):
 
     items: list[MessageItem]
     total: int
+    total_capped: bool = Field(False, description="total is a lower bound: more match than API_TOTAL_LIMIT")
     next_cursor: str | None
 
 
@@ -114,6 +115,7 @@ class RejectPage(BaseModel):
 
     items: list[RejectItem]
     total: int
+    total_capped: bool = Field(False, description="total is a lower bound: more match than API_TOTAL_LIMIT")
     next_cursor: str | None
 
 
@@ -225,7 +227,7 @@ _DESCRIPTIONS = {
     415: "Body is not JSON",
     429: "Rate limited",
     500: "Internal error (quote the request id)",
-    503: "Database or broker unavailable",
+    503: "Database or broker unavailable, or the query took too long (query_timeout)",
 }
 _HEADER_REF = {"X-Request-ID": {"description": "Request id, also in logs", "schema": {"type": "string"}}}
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]

@@ -272,7 +272,8 @@ async def messages() -> Response:
         except ValueError:
             raise _bad("cursor", "malformed cursor") from None
         items = [m.to_json() for m in page.items]
-        text = json.dumps({"items": items, "total": page.total, "next_cursor": page.next_cursor}, separators=(",", ":"))
+        body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
+        text = json.dumps(body, separators=(",", ":"))
         cached = c.live.put(query, generation, text.encode())
     headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
     if cached.etag in _etags(request.headers.get("If-None-Match")):
@@ -301,7 +302,12 @@ async def rejects() -> Response:
     except ValueError:
         raise _bad("cursor", "malformed cursor") from None
     return json_response(
-        {"items": [r.to_json() for r in page.items], "total": page.total, "next_cursor": page.next_cursor}
+        {
+            "items": [r.to_json() for r in page.items],
+            "total": page.total,
+            "total_capped": page.total_capped,
+            "next_cursor": page.next_cursor,
+        }
     )
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol
 import trio
 
 Source = Literal["mqtt", "api"]
+# Tables with a retention period (messages: only processed ones are removed).
+PruneTable = Literal["events", "rejects", "messages"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +185,13 @@ class MessageQuery:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of results."""
+    """One page of results. ``total`` counts the matches up to ``API_TOTAL_LIMIT``; when there are
+    more, ``total_capped`` is True and ``total`` is a lower bound (counting further is the cost)."""
 
     items: list[Any]
     total: int
     next_cursor: str | None
+    total_capped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,9 +294,16 @@ class Store(Protocol):
         """Delete events created before ``older_than``; returns how many."""
         ...
 
+    async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest rows of ``table`` from before ``older_than``
+        (messages: processed ones only), in one short transaction; returns how many."""
+        ...
+
     async def query_messages(self, query: MessageQuery) -> Page:
         """A page of :class:`StoredMessage` (newest first), the total matching, and the next cursor.
 
+        API reads (this, :meth:`get_message`, :meth:`query_rejects`) run beside the writer, never
+        in front of it, and each is stopped after ``API_QUERY_TIMEOUT`` (QueryTimeout).
         Raises ValueError for a malformed cursor.
         """
         ...

@@ -10,6 +10,10 @@ Event ids come from an identity column, taken under a transaction-level advisory
 until commit, so ids grow in commit order across connections and instances: a reader that
 polls ``id > last`` never misses one.
 
+API reads (:meth:`PostgresStore._read`) run in a transaction with ``SET LOCAL statement_timeout``
+(``API_QUERY_TIMEOUT``: the server stops the query, the connection stays usable) and at most half
+the pool at once, so the writer always finds a connection.
+
 If the database is down at start, :meth:`PostgresStore.run` still reports started (degraded) and
 keeps retrying; until the pool exists every operation raises StoreUnavailable.
 """
@@ -30,7 +34,7 @@ import trio
 import trio_asyncio
 
 from gateway import metrics
-from gateway.errors import StoreCorrupt, StoreUnavailable
+from gateway.errors import QueryTimeout, StoreCorrupt, StoreUnavailable
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import (
@@ -52,6 +56,7 @@ from gateway.store.base import (
     NewMessage,
     NewReject,
     Page,
+    PruneTable,
     StoredMessage,
     StoredReject,
     StoreHealth,
@@ -144,6 +149,13 @@ WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text I
 ORDER BY id LIMIT $4
 """
 _REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+# DELETE of the oldest expired rows, one batch per transaction (row locks are held briefly).
+_PRUNE = {
+    "events": "SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2",
+    "rejects": "SELECT id FROM rejects WHERE received_at < $1 ORDER BY id LIMIT $2",
+    "messages": ("SELECT id FROM messages WHERE received_at < $1 AND processed_at IS NOT NULL ORDER BY id LIMIT $2"),
+}
+_PRUNE_SQL = "WITH d AS (DELETE FROM {table} WHERE id IN ({select}) RETURNING 1) SELECT count(*) FROM d"
 _BACKLOG = """
 SELECT (SELECT count(*) FROM messages WHERE processed_at IS NULL AND dead_at IS NULL),
        (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL ORDER BY id LIMIT 1),
@@ -167,6 +179,8 @@ class PostgresStore:
         self._settings = settings
         self._loop = loop
         self._pool: Any = None  # asyncpg.Pool once run() connected
+        # API reads take at most half the pool: writes and the processor always find a connection.
+        self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
         self.health = StoreHealth()
 
     def _aio(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -267,12 +281,14 @@ class PostgresStore:
         self.health.last_error = error
         metrics.DB_UP.set(0)
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``fn(conn)`` on a pooled connection under the query timeout, translating errors."""
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]], seconds: float | None = None) -> T:
+        """Run ``fn(conn)`` on a pooled connection under the query timeout (or ``seconds``),
+        translating errors."""
         pool = self._pool
         if pool is None:
             raise StoreUnavailable(f"database not connected ({self.health.last_error or 'starting'})")
-        seconds = self._settings.query_timeout
+        if seconds is None:
+            seconds = self._settings.query_timeout
 
         async def body(expired: list[bool]) -> T:
             async with pool.acquire(timeout=seconds) as conn:
@@ -282,6 +298,20 @@ class PostgresStore:
         if self.health.state != "ok":
             self._set_ok()
         return result
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """An API read: ``fn(conn)`` in a transaction whose statements the server stops after
+        ``API_QUERY_TIMEOUT`` (QueryTimeout), at most half the pool at a time."""
+        seconds = self._settings.api_query_timeout
+
+        async def read(conn: Conn) -> T:
+            async with _transaction(conn):
+                await conn.execute(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+                return await fn(conn)
+
+        async with self._read_limiter:
+            # The connection is terminated only if the server does not stop the query itself.
+            return await self._run(read, seconds + self._settings.connect_timeout)
 
     async def _translate(self, body: Callable[[list[bool]], Awaitable[T]], seconds: float) -> T:
         """Run ``body`` on the asyncio side; its errors become StoreUnavailable / StoreCorrupt.
@@ -299,6 +329,10 @@ class PostgresStore:
             error = f"database did not answer within {seconds:g} s"
             self._set_degraded(error)
             raise StoreUnavailable(error) from exc
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            # statement_timeout (API reads): one slow query, the database itself is fine.
+            # (A subclass of OperatorInterventionError, so caught before _UNAVAILABLE.)
+            raise QueryTimeout(f"query took longer than {self._settings.api_query_timeout:g} s") from exc
         except _UNAVAILABLE as exc:
             error = (
                 f"database did not answer within {seconds:g} s"
@@ -499,8 +533,12 @@ class PostgresStore:
 
     async def prune_events(self, older_than: datetime) -> int:
         """Delete events created before ``older_than``; returns how many."""
-        sql = "WITH d AS (DELETE FROM events WHERE created_at < $1 RETURNING 1) SELECT count(*) FROM d"
-        count: int = await self._run(lambda conn: conn.fetchval(sql, older_than))
+        return await self.prune("events", older_than, 2**62)
+
+    async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest expired rows of ``table``; returns how many."""
+        sql = _PRUNE_SQL.format(table=table, select=_PRUNE[table])  # fixed names, never input
+        count: int = await self._run(lambda conn: conn.fetchval(sql, older_than, limit))
         return count
 
     async def query_messages(self, query: MessageQuery) -> Page:
@@ -511,7 +549,8 @@ class PostgresStore:
         before = check_query(query)
         where, params = _message_filters(query)
         cond = " AND ".join(where) or "true"
-        count_sql = f"SELECT count(*) FROM messages WHERE {cond}"
+        cap = self._settings.api_total_limit
+        count_sql = f"SELECT count(*) FROM (SELECT 1 FROM messages WHERE {cond} LIMIT ${len(params) + 1}) s"
         page_params = [*params]
         page_cond = cond
         if before is not None:
@@ -521,17 +560,17 @@ class PostgresStore:
         page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ${len(page_params)}"
 
         async def read(conn: Conn) -> tuple[int, list[Any]]:
-            return await conn.fetchval(count_sql, *params), await conn.fetch(page_sql, *page_params)
+            return await conn.fetchval(count_sql, *params, cap + 1), await conn.fetch(page_sql, *page_params)
 
-        total, rows = await self._run(read)
+        total, rows = await self._read(read)
         items = [_message(r) for r in rows[: query.limit]]
         more = len(rows) > query.limit
-        return Page(items, total, encode_cursor(items[-1].id) if more else None)
+        return Page(items, min(total, cap), encode_cursor(items[-1].id) if more else None, total > cap)
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         """One message by id, or None."""
         sql = f"SELECT {_MSG_COLS} FROM messages WHERE id = $1"
-        row = await self._run(lambda conn: conn.fetchrow(sql, message_id))
+        row = await self._read(lambda conn: conn.fetchrow(sql, message_id))
         return _message(row) if row is not None else None
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
@@ -539,13 +578,15 @@ class PostgresStore:
         before = check_query(MessageQuery(limit=limit, cursor=cursor))
         sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"
 
+        cap = self._settings.api_total_limit
+
         async def read(conn: Conn) -> tuple[int, list[Any]]:
-            total = await conn.fetchval("SELECT count(*) FROM rejects")
+            total = await conn.fetchval("SELECT count(*) FROM (SELECT 1 FROM rejects LIMIT $1) s", cap + 1)
             return total, await conn.fetch(sql, before, limit + 1)
 
-        total, rows = await self._run(read)
+        total, rows = await self._read(read)
         items = [StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows[:limit]]
-        return Page(items, total, encode_cursor(items[-1].id) if len(rows) > limit else None)
+        return Page(items, min(total, cap), encode_cursor(items[-1].id) if len(rows) > limit else None, total > cap)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
@@ -632,7 +673,8 @@ async def _transaction(conn: Conn) -> AsyncIterator[None]:
     try:
         yield
     except asyncpg.PostgresError as exc:
-        if isinstance(exc, _UNAVAILABLE):
+        # A statement_timeout leaves the connection usable: roll back, keep it.
+        if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, asyncpg.exceptions.QueryCanceledError):
             conn.terminate()
         else:
             await conn.execute("ROLLBACK")

@@ -1,10 +1,13 @@
-"""The embedded store: stdlib sqlite3 on one connection, driven from Trio worker threads.
+"""The embedded store: stdlib sqlite3, driven from Trio worker threads.
 
-One connection and a ``CapacityLimiter(1)`` make this process the single writer, so every
-operation is serialised and event ids trivially grow in commit order. WAL lets operators read
-the file meanwhile. Times are fixed-width UTC text and JSON is text (see the migration).
-Each call runs under the query timeout, enforced inside SQLite by a progress handler (a worker
-thread cannot be cancelled), and lock waits are bounded by ``busy_timeout``.
+One writer connection and a ``CapacityLimiter(1)`` make this process the single writer, so every
+write is serialised and event ids trivially grow in commit order. API reads (and the backlog
+count) run on their own read-only connections and threads (``_READERS`` of them): WAL lets a
+reader keep its snapshot while the writer commits, so a slow query never delays a stored
+reading. Times are fixed-width UTC text and JSON is text (see the migration).
+Each call runs under a time limit (``DATABASE_QUERY_TIMEOUT``; ``API_QUERY_TIMEOUT`` for API
+reads), enforced inside SQLite by each connection's progress handler (a worker thread cannot be
+cancelled), and lock waits are bounded by ``busy_timeout``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, TypeVar
 import trio
 
 from gateway import metrics
-from gateway.errors import StoreCorrupt, StoreUnavailable
+from gateway.errors import QueryTimeout, StoreCorrupt, StoreUnavailable
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import (
@@ -45,6 +48,7 @@ from gateway.store.base import (
     NewMessage,
     NewReject,
     Page,
+    PruneTable,
     StoredMessage,
     StoredReject,
     StoreHealth,
@@ -88,6 +92,18 @@ _BACKLOG = (
     " FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
 )
 
+# Read-only connections beside the writer: API reads wait for each other, never for the writer.
+_READERS = 2
+# DELETE of the oldest expired rows, one batch per transaction (the writer is held briefly).
+_PRUNE = {
+    "events": "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < ? ORDER BY id LIMIT ?)",
+    "rejects": "DELETE FROM rejects WHERE id IN (SELECT id FROM rejects WHERE received_at < ? ORDER BY id LIMIT ?)",
+    "messages": (
+        "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+        " WHERE received_at < ? AND processed_at IS NOT NULL ORDER BY id LIMIT ?)"
+    ),
+}
+
 # sqlite3 error texts that mean "the query (or schema) is wrong", not "try again later".
 _CORRUPT_HINTS = ("no such table", "no such column", "syntax error", "malformed", "not a database")
 
@@ -107,6 +123,8 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._deadline = math.inf
+        self._readers: list[_Reader] = []  # idle reader connections
+        self._read_limiter = trio.CapacityLimiter(_READERS)
         self.health = StoreHealth()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -126,8 +144,19 @@ class SqliteStore:
                 await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection (it reopens on next use)."""
+        """Close the connections (they reopen on next use)."""
         await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+        # Hold every reader slot, so no read is using a connection while they close.
+        tokens = [object() for _ in range(_READERS)]
+        for token in tokens:
+            await self._read_limiter.acquire_on_behalf_of(token)
+        try:
+            for reader in self._readers:
+                reader.conn.close()
+            self._readers.clear()
+        finally:
+            for token in tokens:
+                self._read_limiter.release_on_behalf_of(token)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -156,13 +185,57 @@ class SqliteStore:
             self._conn = conn
         return self._conn
 
+    def _open_reader(self) -> _Reader:
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._settings.query_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("PRAGMA query_only=1")
+            conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
+            reader = _Reader(conn)
+            conn.set_progress_handler(reader.over_deadline, 10_000)
+        except BaseException:
+            conn.close()
+            raise
+        return reader
+
+    def _read_work(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> Callable[[], T]:
+        """``fn`` on an idle reader connection (opened when none is idle), in one read
+        transaction: one snapshot for all its statements."""
+
+        def work() -> T:
+            # The limiter admits at most _READERS threads, so pop/append never run short.
+            reader = self._readers.pop() if self._readers else self._open_reader()
+            reader.deadline = time.monotonic() + timeout
+            try:
+                reader.conn.execute("BEGIN")
+                return fn(reader.conn)
+            finally:
+                reader.deadline = math.inf
+                if reader.conn.in_transaction:
+                    reader.conn.execute("ROLLBACK")
+                self._readers.append(reader)
+
+        return work
+
     def _over_deadline(self) -> int:
         # Non-zero aborts the running statement with OperationalError("interrupted").
         return 1 if time.monotonic() > self._deadline else 0
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` with the connection in the worker thread, translating sqlite3 errors."""
-        timeout = self._settings.query_timeout
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], *, read: bool = False, seconds: float | None = None
+    ) -> T:
+        """Run ``fn`` with the connection in the worker thread, translating sqlite3 errors.
+
+        ``read=True``: on a reader connection (beside the writer), under ``seconds`` (default
+        ``API_QUERY_TIMEOUT``); running out of time raises QueryTimeout.
+        """
+        if seconds is None:
+            seconds = self._settings.api_query_timeout if read else self._settings.query_timeout
+        timeout = seconds
 
         def work() -> T:
             conn = self._connect()
@@ -173,13 +246,18 @@ class SqliteStore:
                 self._deadline = math.inf
 
         try:
-            result = await trio.to_thread.run_sync(work, limiter=self._limiter)
+            if read and str(self._path) != ":memory:":  # a memory database has one connection
+                result = await trio.to_thread.run_sync(self._read_work(fn, timeout), limiter=self._read_limiter)
+            else:
+                result = await trio.to_thread.run_sync(work, limiter=self._limiter)
         except sqlite3.OperationalError as exc:
             text = str(exc)
             if any(hint in text for hint in _CORRUPT_HINTS):
                 raise StoreCorrupt(f"sqlite: {text}") from exc
             if text == "interrupted":
                 text = f"query took longer than {timeout:g} s"
+                if read:  # one slow query; the database itself is fine
+                    raise QueryTimeout(text) from exc
             self._set_degraded(text)
             raise StoreUnavailable(f"sqlite: {text}") from exc
         except sqlite3.DatabaseError as exc:
@@ -380,10 +458,14 @@ class SqliteStore:
     async def prune_events(self, older_than: datetime) -> int:
         """Delete events created before ``older_than``; returns how many."""
 
+        return await self.prune("events", older_than, 2**62)
+
+    async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest expired rows of ``table``; returns how many."""
+
         def prune(conn: sqlite3.Connection) -> int:
             with _transaction(conn):
-                cur = conn.execute("DELETE FROM events WHERE created_at < ?", (ts_text(older_than),))
-                return cur.rowcount
+                return conn.execute(_PRUNE[table], (ts_text(older_than), limit)).rowcount
 
         return await self._call(prune)
 
@@ -397,22 +479,23 @@ class SqliteStore:
         cond = " AND ".join(where) or "1"
         page_cond = cond + (" AND id < ?" if before is not None else "")
         page_params = [*params, *([before] if before is not None else []), query.limit + 1]
-        count_sql = f"SELECT count(*) FROM messages WHERE {cond}"
+        cap = self._settings.api_total_limit
+        count_sql = f"SELECT count(*) FROM (SELECT 1 FROM messages WHERE {cond} LIMIT ?)"
         page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ?"
 
         def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
-            total = conn.execute(count_sql, params).fetchone()[0]
+            total = conn.execute(count_sql, [*params, cap + 1]).fetchone()[0]
             return total, conn.execute(page_sql, page_params).fetchall()
 
-        total, rows = await self._call(read)
+        total, rows = await self._call(read, read=True)
         items = [_message(r) for r in rows[: query.limit]]
         more = len(rows) > query.limit
-        return Page(items, total, encode_cursor(items[-1].id) if more else None)
+        return Page(items, min(total, cap), encode_cursor(items[-1].id) if more else None, total > cap)
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         """One message by id, or None."""
         sql = f"SELECT {_MSG_COLS} FROM messages WHERE id = ?"
-        row = await self._call(lambda conn: conn.execute(sql, (message_id,)).fetchone())
+        row = await self._call(lambda conn: conn.execute(sql, (message_id,)).fetchone(), read=True)
         return _message(row) if row is not None else None
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
@@ -421,20 +504,23 @@ class SqliteStore:
         cond = "id < ?" if before is not None else "1"
         sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE {cond} ORDER BY id DESC LIMIT ?"
         params = [*([before] if before is not None else []), limit + 1]
+        cap = self._settings.api_total_limit
 
         def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
-            total = conn.execute("SELECT count(*) FROM rejects").fetchone()[0]
+            total = conn.execute("SELECT count(*) FROM (SELECT 1 FROM rejects LIMIT ?)", (cap + 1,)).fetchone()[0]
             return total, conn.execute(sql, params).fetchall()
 
-        total, rows = await self._call(read)
+        total, rows = await self._call(read, read=True)
         items = [
             StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6])) for r in rows[:limit]
         ]
-        return Page(items, total, encode_cursor(items[-1].id) if len(rows) > limit else None)
+        return Page(items, min(total, cap), encode_cursor(items[-1].id) if len(rows) > limit else None, total > cap)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
-        count, oldest, dead = await self._call(lambda conn: conn.execute(_BACKLOG).fetchone())
+        count, oldest, dead = await self._call(
+            lambda conn: conn.execute(_BACKLOG).fetchone(), read=True, seconds=self._settings.query_timeout
+        )
         return Backlog(count, ts_parse(oldest) if oldest else None, dead)
 
     async def watch(
@@ -447,6 +533,18 @@ class SqliteStore:
         """Only this process writes, so there is nothing to hear: report started and wait."""
         task_status.started()
         await trio.sleep_forever()
+
+
+class _Reader:
+    """A read-only connection with its own deadline, which its progress handler checks."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.deadline = math.inf
+
+    def over_deadline(self) -> int:
+        # Non-zero aborts the running statement with OperationalError("interrupted").
+        return 1 if time.monotonic() > self.deadline else 0
 
 
 @contextmanager
