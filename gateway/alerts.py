@@ -5,6 +5,9 @@ and the error counters. Each condition goes through an :class:`AlertState`, a sm
 state machine: an alert fires once, after its condition has held for ``for_seconds``, and resolves
 once, after it has been clear for ``clear_seconds``, so a flapping link does not flood anyone.
 
+Free disk space also drives the ``disk`` component's health at every round (``degraded`` below
+``DISK_MIN_FREE``, so /ping shows it before the alert's hold time and long before a write fails).
+
 A transition is announced four ways: a CRITICAL log line on ``gateway.alerts`` (WARNING for a
 resolution), the ``gateway_alert_active{alert}`` gauge, an ``alert`` event in the events table (SSE
 replays it) and a QoS 1 publish on ``MQTT_PUBLISH_TOPIC/alerts``. Announcing is best effort: while
@@ -295,6 +298,14 @@ class Alerts:
             "free_ratio": {p: round(r, 4) for p, r in ratios.items()},
             "min_free_ratio": t.disk_min_free,
         }
+        if ratios:
+            # At once, not after disk_for: /ping says "degraded" while there is still room to act.
+            disk = self._health.component("disk")
+            disk.detail["free_ratio"] = self._detail["disk_almost_full"]["free_ratio"]
+            if low:
+                disk.set("degraded", f"free space below DISK_MIN_FREE ({t.disk_min_free:g}): {low}")
+            else:
+                disk.set("ok")
 
         failed = _counter_sum(metrics.PROCESSOR_FAILED)
         processed = _counter_sum(metrics.PROCESSOR_PROCESSED)

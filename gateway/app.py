@@ -25,7 +25,7 @@ import trio
 from pydantic import SecretStr
 
 from gateway import __version__, metrics
-from gateway.alerts import Alerts, disk_paths_for
+from gateway.alerts import Alerts, AlertThresholds, disk_paths_for
 from gateway.errors import ConfigError, RuleError
 from gateway.health import Health
 from gateway.http.app import serve as serve_http
@@ -35,6 +35,7 @@ from gateway.ingest import Ingest
 from gateway.logs import set_level, setup_logging
 from gateway.mqtt import Inbound, MqttBridge
 from gateway.processor import Processor
+from gateway.retention import RetentionPolicy
 from gateway.rules import load_rules
 from gateway.settings import Settings, known_variables, load_settings
 from gateway.store import open_store
@@ -83,13 +84,14 @@ class Gateway:
             instance_id=self.instance_id,
             rules=load_rules(self.settings.processor.rules_file),
             on_committed=self.hub.committed,
-            event_retention=self.settings.database.event_retention,
+            retention=RetentionPolicy.from_settings(self.settings.database),
         )
         self.alerts = Alerts(
             self.health,
             self.store,
             self.bridge,
             disk_paths=disk_paths_for(self.settings.database, self.settings.log),
+            thresholds=AlertThresholds(disk_min_free=self.settings.database.disk_min_free),
             on_alert=self._on_alert,
         )
         self.ctx = AppContext(

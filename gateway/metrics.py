@@ -51,6 +51,9 @@ RESTARTS = Counter("gateway_restarts_total", "Supervised group restarts", ["comp
 DB_UP = Gauge("gateway_database_up", "1 when the database answers")
 COMPONENT_UP = Gauge("gateway_component_up", "1 when the component is healthy", ["component"])
 ALERTS_ACTIVE = Gauge("gateway_alert_active", "1 while a built-in alert is firing", ["alert"])
+RETENTION_DELETED = Counter(
+    "gateway_retention_deleted_total", "Rows deleted because their retention expired", ["table"]
+)
 DISK_FREE_RATIO = Gauge(
     "gateway_disk_free_ratio", "Free fraction of the filesystem holding the path (database, logs)", ["path"]
 )

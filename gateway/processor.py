@@ -37,6 +37,7 @@ from gateway.backoff import Backoff
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.publish import Publisher
+from gateway.retention import DEFAULT_POLICY, RetentionPolicy, prune_expired
 from gateway.rules import PlannedAction, RuleSet, load_rules
 from gateway.settings import ProcessorSettings
 from gateway.store.base import Event, Failure, NewEvent, Store, StoredMessage
@@ -45,7 +46,7 @@ from gateway.wake import Nudge
 log = logging.getLogger("gateway.processor")
 
 _STATS_EVERY = 5.0  # seconds between backlog queries (health detail, gauges)
-_PRUNE_EVERY = 300.0  # seconds between event-retention prunes
+_PRUNE_EVERY = 300.0  # seconds between retention runs (events, rejects, messages)
 _SCRIPTS_AT_ONCE = 4  # messages whose scripts run concurrently
 
 
@@ -75,7 +76,7 @@ class Processor:
         rules: RuleSet | None = None,
         on_events: Callable[[], None] | None = None,
         on_committed: Callable[[list[Event]], None] | None = None,
-        event_retention: float = 7 * 86400.0,
+        retention: RetentionPolicy = DEFAULT_POLICY,
         stats_every: float = _STATS_EVERY,
         prune_every: float = _PRUNE_EVERY,
     ) -> None:
@@ -93,7 +94,7 @@ class Processor:
         self._on_events = on_events
         self._on_committed = on_committed
         self._interval = settings.interval
-        self._retention = event_retention
+        self._retention = retention
         self._stats_every = stats_every
         self._prune_every = prune_every
         # Unique per processor object: two processors of one instance must not share leases.
@@ -323,7 +324,7 @@ class Processor:
                     )
 
     async def _housekeeping(self) -> None:
-        """Every few seconds: backlog gauges and health detail; every few minutes: prune events."""
+        """Every few seconds: backlog gauges and health detail; every few minutes: retention."""
         now = trio.current_time()
         if now >= self._next_stats:
             self._next_stats = now + self._stats_every
@@ -341,9 +342,7 @@ class Processor:
             )
         if now >= self._next_prune:
             self._next_prune = now + self._prune_every
-            pruned = await self._store.prune_events(datetime.now(UTC) - timedelta(seconds=self._retention))
-            if pruned:
-                log.info("events pruned count=%d retention_s=%g", pruned, self._retention)
+            await prune_expired(self._store, self._retention, datetime.now(UTC))
 
 
 def retry_delay(attempt: int, retry_min: float, retry_max: float) -> float:

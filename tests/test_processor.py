@@ -26,6 +26,7 @@ from gateway.actions import SseAction
 from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.processor import Processor, retry_delay
+from gateway.retention import RetentionPolicy
 from gateway.rules import Rule, RuleSet, default_rules, parse_rules
 from gateway.settings import ProcessorSettings
 from gateway.store import open_store
@@ -127,7 +128,7 @@ async def running(processor: Processor) -> AsyncIterator[Processor]:
 
 def make(store: Store, publisher: Any = None, nudge: Nudge | None = None, **kw: Any) -> Processor:
     rules = kw.pop("rules", None)
-    extra = {k: kw.pop(k) for k in ("on_events", "event_retention", "prune_every", "stats_every") if k in kw}
+    extra = {k: kw.pop(k) for k in ("on_events", "retention", "prune_every", "stats_every") if k in kw}
     return Processor(
         settings(**kw),
         store,
@@ -266,7 +267,7 @@ async def test_prunes_events_and_reports_backlog(
 ) -> None:
     async with sqlite_store(tmp_path) as store:
         await store.append_events([NewEvent("packet", {"old": True})])
-        proc = make(store, interval=1.0, event_retention=0.01, prune_every=1.0)
+        proc = make(store, interval=1.0, retention=RetentionPolicy(events=0.01), prune_every=1.0)
         await trio.lowlevel.checkpoint()
         async with running(proc):
             await wait_until(lambda: _no_events(store), seconds=30, step=0.5)
