@@ -15,6 +15,10 @@ detached: it reads what was buffered, then catches up from the store (the same r
 at the new position). One that stays behind longer than ``max_lag`` is dropped and counted: its
 iteration ends, the HTTP side closes the stream, and the browser reconnects and replays with
 ``Last-Event-ID``. A burst larger than the buffer therefore costs a few store reads, not a reconnect.
+
+Memory per subscriber is bounded: replay reads the store in pages of ``replay_limit`` events and reads
+the next page only when the client has taken the previous one, so a client that stops reading holds at
+most one page plus its live channel (``subscriber_buffer`` events shared with every other subscriber).
 """
 
 from __future__ import annotations
@@ -201,10 +205,11 @@ class Hub:
         *,
         poll_interval: float = 1.0,
         subscriber_buffer: int = 1000,
-        replay_limit: int = 10000,
+        replay_limit: int = 100,
         max_lag: float = 30.0,
     ) -> None:
-        """``replay_limit`` is the page size of replay reads (rows per query), not a cap on replay.
+        """``replay_limit`` is the page size of replay reads (rows per query, and the most replayed
+        events a subscriber holds at once), not a cap on replay.
         ``max_lag``: seconds a subscriber may stay behind (catching up from the store) before it is
         dropped."""
         self._store = store

@@ -41,6 +41,8 @@ EVENTS_APPENDED = Counter("gateway_events_total", "Events appended", ["type"])
 # SSE
 SSE_CLIENTS = Gauge("gateway_sse_clients", "Connected SSE clients")
 SSE_DROPPED = Counter("gateway_sse_dropped_total", "SSE subscribers disconnected for being too slow")
+SSE_STUCK = Counter("gateway_sse_stuck_total", "SSE streams cut because the client stopped reading")
+SSE_REFUSED = Counter("gateway_sse_refused_total", "SSE streams refused at a limit", ["limit"])  # per_key|total
 
 # HTTP
 HTTP_REQUESTS = Counter("gateway_http_requests_total", "HTTP requests", ["route", "method", "status"])

@@ -171,6 +171,9 @@ class HttpSettings(_Component):
     rate_limit: str = Field("600/minute", alias="RATE_LIMIT")
     max_body: int = Field(65536, ge=1024, alias="HTTP_MAX_BODY")
     cors_origins: tuple[str, ...] = Field((), alias="HTTP_CORS_ORIGINS")
+    sse_max_streams: int = Field(500, ge=1, alias="SSE_MAX_STREAMS")
+    sse_max_streams_per_key: int = Field(50, ge=1, alias="SSE_MAX_STREAMS_PER_KEY")
+    sse_send_timeout: float = Field(30.0, ge=1, le=3600, alias="SSE_SEND_TIMEOUT")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -4,14 +4,16 @@ streams): retry first, heartbeats, replay after Last-Event-ID, filters, reset, a
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
+from gateway import metrics
 from gateway.store.base import NewEvent
 from tests.support.http import ApiServer
 from tests.test_http_api import assert_problem
@@ -188,3 +190,84 @@ async def test_heartbeat_also_while_events_flow(api_factory: Factory) -> None:
 
         got = await collect(server, 12, during=trickle)
         assert sum("comment" in f for f in got) >= 2, got
+
+
+async def _open_stream(stack: AsyncExitStack, server: ApiServer, role: str) -> httpx.Response:
+    client = await stack.enter_async_context(server.client(role))
+    r = await stack.enter_async_context(client.stream("GET", "/api/v1/events"))
+    return r
+
+
+async def test_stream_limits_per_key_and_in_total(api_factory: Factory) -> None:
+    """Past SSE_MAX_STREAMS_PER_KEY a key gets 429 ``too_many_streams``, past SSE_MAX_STREAMS anyone
+    gets 503 ``streams_exhausted``, both with Retry-After; a closed stream frees its slot."""
+    refused = metrics.SSE_REFUSED.labels("per_key")._value.get(), metrics.SSE_REFUSED.labels("total")._value.get()
+    env = {"SSE_MAX_STREAMS_PER_KEY": "2", "SSE_MAX_STREAMS": "3"}
+    async with api_factory(env=env) as server, AsyncExitStack() as outer:
+        async with AsyncExitStack() as first:
+            assert (await _open_stream(first, server, "read")).status_code == 200
+            for role in ("read", "write"):
+                assert (await _open_stream(outer, server, role)).status_code == 200
+            async with server.client("read") as c:
+                r = await c.get("/api/v1/events")
+            body = assert_problem(r, 429, "too_many_streams")
+            assert r.headers["Retry-After"] == "5" and body["limit"] == 2
+            async with server.client("admin") as c:
+                r = await c.get("/api/v1/events")
+            body = assert_problem(r, 503, "streams_exhausted")
+            assert r.headers["Retry-After"] == "5" and body["limit"] == 3
+        # The first read stream closed: its slot is free again (once the server noticed).
+        with trio.fail_after(5):
+            while True:
+                async with server.client("read") as c, c.stream("GET", "/api/v1/events") as r:
+                    if r.status_code == 200:
+                        break
+                    assert r.status_code in (429, 503)
+                await trio.sleep(0.05)
+    assert metrics.SSE_REFUSED.labels("per_key")._value.get() - refused[0] >= 1
+    assert metrics.SSE_REFUSED.labels("total")._value.get() - refused[1] >= 1
+
+
+async def stuck_client(url: str, key: str, last_event_id: int = 0) -> trio.SocketStream:
+    """A raw connection that asks for a replay and then never reads (a tiny receive buffer, so the
+    kernel holds little for it and the server's writes block soon)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(
+        f"GET /api/v1/events?last_event_id={last_event_id} HTTP/1.1\r\nHost: {host}\r\n"
+        f"X-API-Key: {key}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    return stream
+
+
+async def test_client_that_stops_reading_is_cut_and_frees_its_slot(api_factory: Factory) -> None:
+    """A client that never reads its socket: after SSE_SEND_TIMEOUT its subscription ends (counted
+    in gateway_sse_stuck_total) and its connection is aborted, so its key may open a stream again."""
+    stuck_before = metrics.SSE_STUCK._value.get()
+    env = {"SSE_MAX_STREAMS_PER_KEY": "1", "SSE_SEND_TIMEOUT": "1"}
+    async with api_factory(env=env) as server:
+        await server.store.append_events(
+            [NewEvent(type="packet", data={"n": i, "pad": "x" * 400}) for i in range(3000)]
+        )
+        stream = await stuck_client(server.url, server.keys["read"])
+        try:
+            with trio.fail_after(5):
+                while server.hub.clients == 0:
+                    await trio.sleep(0.02)
+            async with server.client("read") as c:
+                assert_problem(await c.get("/api/v1/events"), 429, "too_many_streams")
+            with trio.fail_after(15):
+                while metrics.SSE_STUCK._value.get() == stuck_before:
+                    await trio.sleep(0.05)
+                assert server.hub.clients == 0, "the hub subscription ended"
+                while True:  # the kernel aborts the blocked write, the response ends, the slot frees
+                    async with server.client("read") as c, c.stream("GET", "/api/v1/events") as r:
+                        if r.status_code == 200:
+                            break
+                    await trio.sleep(0.1)
+        finally:
+            await stream.aclose()
+    assert metrics.SSE_STUCK._value.get() - stuck_before == 1

@@ -84,6 +84,38 @@ async def test_replay_then_live_no_gap_no_repeat(store: Store) -> None:
             assert [e.data["n"] for e in got] == list(range(2, 130, 2))
 
 
+@pytest.mark.parametrize("page", [1, 3, 10, None])
+async def test_replay_pages_are_bounded_with_no_gap_no_repeat(store: Store, page: int | None) -> None:
+    """Replay reads the store one bounded page at a time, as the client takes events: whatever the
+    page size, the start (on and around page boundaries) and the filters, the client gets exactly
+    the stored events after its id, then live ones, and never holds more than one page."""
+    stored = await store.append_events(new_events(0, 1200 if page is None else 40, devices=3))
+    stored += await store.append_events(new_events(1200, 10, type_="alert", devices=3))
+    kw = {} if page is None else {"replay_limit": page}
+    async with running_hub(store, **kw) as hub:
+        window = hub.replay_limit
+        assert window <= 256, "the default window must stay small: it is held per subscriber"
+        ids = [e.id for e in stored]
+        starts = sorted({0, ids[0], ids[window - 1], ids[min(window, len(ids) - 1)], ids[-2], ids[-1]})
+        for start in starts:
+            for types, device in [(None, None), (frozenset({"packet"}), "d1"), (frozenset({"alert"}), None)]:
+                async with hub.subscribe(last_event_id=start, types=types, device_id=device) as sub:
+                    expected = [e for e in stored if e.id > start and sub.matches(e)]
+                    got: list[Event] = []
+                    peak = 0
+                    with trio.fail_after(30):
+                        while len(got) < len(expected):
+                            got.append(await sub.__anext__())
+                            peak = max(peak, len(sub._pending))
+                        assert [e.id for e in got] == [e.id for e in expected], (start, types, device)
+                        assert peak <= window
+                        # Then live, right after the last replayed one.
+                        type_ = "alert" if types == {"alert"} else "packet"
+                        live = await append(store, hub, [NewEvent(type=type_, data={"n": -1}, device_id="d1")])
+                        stored += live
+                        assert (await sub.__anext__()).id == live[0].id
+
+
 async def test_iteration_is_cancel_safe(store: Store) -> None:
     """The HTTP side may wrap each step in a heartbeat timeout: cancelling never loses an event."""
     first = await store.append_events(new_events(0, 300))

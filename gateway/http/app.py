@@ -25,7 +25,7 @@ from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
 from gateway.http.ratelimit import RateLimiter, retry_after_header
-from gateway.http.sse import SseStreams
+from gateway.http.sse import SendTimeoutConfig, SseStreams
 
 log = logging.getLogger("gateway.http")
 
@@ -167,7 +167,8 @@ def _loggable_path() -> str:
 
 def _config(ctx: AppContext) -> Config:
     http = ctx.settings.http
-    config = Config()
+    config = SendTimeoutConfig()
+    config.send_timeout = http.sse_send_timeout
     host = f"[{http.host}]" if ":" in http.host and not http.host.startswith("[") else http.host
     config.bind = [f"{host}:{http.port}"]
     if http.tls:

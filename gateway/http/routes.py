@@ -363,11 +363,20 @@ async def events() -> Response:
     owner = streams()
     if not owner.ready:
         raise ApiError(503, "shutting_down", "the server is stopping", headers={"Retry-After": "1"})
+    http = c.settings.http
+    principal = g.get("principal")
+    slot = owner.reserve(
+        principal.name if principal else "-",
+        max_total=http.sse_max_streams,
+        max_per_key=http.sse_max_streams_per_key,
+    )
     body = owner.stream(
         c.hub,
         {"last_event_id": last, "types": types, "device_id": device},
         heartbeat=c.sse_heartbeat,
         retry_ms=c.sse_retry_ms,
+        slot=slot,
+        send_timeout=http.sse_send_timeout,
     )
     response = Response(body, content_type="text/event-stream")
     response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut the stream

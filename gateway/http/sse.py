@@ -5,24 +5,81 @@ that holds the hub subscription and forwards events into a small channel; the re
 reads that channel with a timeout, so it can send heartbeat comments without ever cancelling the
 hub's iterator mid-item. On server stop :meth:`SseStreams.close` ends every pump, each channel
 closes, every generator returns, and hypercorn's graceful shutdown finishes in milliseconds.
+
+Resource bounds (a client must not be able to make the gateway hold memory for it without limit):
+
+- Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
+  refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
+- Between the hub and the socket a stream holds at most ``_BUFFER`` events and one write of about
+  ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
+- A client that stops reading: its write blocks, the response stops taking events, and once the pump
+  has waited ``send_timeout`` to hand one over it ends the subscription and counts
+  ``gateway_sse_stuck_total``. Hypercorn shields its socket writes from cancellation, so the blocked
+  write itself is ended by the kernel: :class:`SendTimeoutConfig` sets ``TCP_USER_TIMEOUT`` on the
+  listening sockets (inherited by every accepted one), which aborts a connection whose peer has taken
+  no data for that long.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
+from hypercorn.config import Config, Sockets
 
+from gateway import metrics
+from gateway.http.errors import ApiError
 from gateway.sse import encode_comment, encode_event, encode_retry
 from gateway.store.base import Event
 
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BUFFER = 64
-_CHUNK_EVENTS = 256
+_BUFFER = 16
+_CHUNK_BYTES = 16 * 1024
+LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
+
+
+class SendTimeoutConfig(Config):
+    """A hypercorn :class:`~hypercorn.config.Config` whose listening sockets carry
+    ``TCP_USER_TIMEOUT`` = ``send_timeout``: the kernel aborts a connection whose peer has taken
+    no data (zero window, or unacknowledged data) for that long. Without it a client that never
+    reads would hold its connection forever, since hypercorn shields its writes from cancellation.
+    No effect where the platform lacks the option."""
+
+    send_timeout: float | None = None
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if self.send_timeout is not None and option is not None:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(self.send_timeout * 1000)))
+        return sockets
+
+
+class StreamSlot:
+    """One reserved stream: released exactly once, by the stream's end or, if its body never
+    started (the client left first), when the response is dropped."""
+
+    def __init__(self, streams: SseStreams, key: str) -> None:
+        self._streams = streams
+        self.key = key
+        self._held = True
+
+    def release(self) -> None:
+        """Give the slot back (idempotent)."""
+        if self._held:
+            self._held = False
+            self._streams._release(self.key)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 class SseStreams:
@@ -32,6 +89,8 @@ class SseStreams:
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
         self.open = 0
+        self.reserved = 0
+        self._per_key: Counter[str] = Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the pumps run in. Runs until cancelled."""
@@ -52,16 +111,67 @@ class SseStreams:
         """Whether streams can be opened (the server is running and not stopping)."""
         return self._nursery is not None and not self._closing.is_set()
 
+    def reserve(self, key: str, *, max_total: int, max_per_key: int) -> StreamSlot:
+        """Reserve a stream for ``key`` (an API key's name), or refuse.
+
+        Raises :class:`ApiError` 429 ``too_many_streams`` when ``key`` already has ``max_per_key``
+        streams, 503 ``streams_exhausted`` when the server has ``max_total``; both with
+        ``Retry-After``. Synchronous, so concurrent requests cannot both take the last slot.
+        """
+        retry = {"Retry-After": str(LIMIT_RETRY_AFTER)}
+        if self._per_key[key] >= max_per_key:
+            metrics.SSE_REFUSED.labels("per_key").inc()
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"this key already has {max_per_key} open event streams (SSE_MAX_STREAMS_PER_KEY)",
+                headers=retry,
+                limit=max_per_key,
+            )
+        if self.reserved >= max_total:
+            metrics.SSE_REFUSED.labels("total").inc()
+            raise ApiError(
+                503,
+                "streams_exhausted",
+                f"the server has {max_total} open event streams (SSE_MAX_STREAMS)",
+                headers=retry,
+                limit=max_total,
+            )
+        self._per_key[key] += 1
+        self.reserved += 1
+        return StreamSlot(self, key)
+
+    def _release(self, key: str) -> None:
+        self.reserved -= 1
+        self._per_key[key] -= 1
+        if self._per_key[key] <= 0:
+            del self._per_key[key]
+
     async def stream(
-        self, hub: Any, subscribe: dict[str, Any], *, heartbeat: float, retry_ms: int
+        self,
+        hub: Any,
+        subscribe: dict[str, Any],
+        *,
+        heartbeat: float,
+        retry_ms: int,
+        slot: StreamSlot | None = None,
+        send_timeout: float = 30.0,
     ) -> AsyncIterator[bytes]:
         """The response body: ``retry:`` first, then events and heartbeat comments until the hub
-        ends the subscription, the client leaves, or the server stops."""
+        ends the subscription, the client leaves or stops reading (``send_timeout``), or the server
+        stops. Releases ``slot`` when it ends."""
         nursery = self._nursery
         if nursery is None or self._closing.is_set():
+            if slot is not None:
+                slot.release()
             return
         send, recv = trio.open_memory_channel[Event](_BUFFER)
-        pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send)
+        try:
+            pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         self.open += 1
         try:
             yield encode_retry(retry_ms)
@@ -82,23 +192,29 @@ class SseStreams:
                 else:
                     # Send what is already waiting in the same chunk: one write per burst (the
                     # processor commits events in batches) instead of one per event.
+                    # Bounded in bytes: a write to a client that stopped reading holds one chunk.
                     chunk = [encode_event(item)]
-                    while len(chunk) < _CHUNK_EVENTS:
+                    size = len(chunk[0])
+                    while size < _CHUNK_BYTES:
                         try:
                             chunk.append(encode_event(recv.receive_nowait()))
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                        size += len(chunk[-1])
                     yield b"".join(chunk)
         finally:
             self.open -= 1
             pump_scope.cancel()
             recv.close()
+            if slot is not None:
+                slot.release()
 
     async def _pump(
         self,
         hub: Any,
         subscribe: dict[str, Any],
         send: trio.MemorySendChannel[Event],
+        send_timeout: float,
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -110,7 +226,14 @@ class SseStreams:
                     try:
                         async with hub.subscribe(**subscribe) as events:
                             async for event in events:
-                                await send.send(event)
+                                # The response takes events as fast as the socket accepts them:
+                                # waiting this long means the client stopped reading.
+                                with trio.move_on_after(send_timeout) as waited:
+                                    await send.send(event)
+                                if waited.cancelled_caught:
+                                    metrics.SSE_STUCK.inc()
+                                    log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
+                                    break
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the client went away
                     except Exception:
