@@ -133,8 +133,9 @@ class Gateway:
         ]
 
     async def _on_alert(self, name: str, data: dict[str, Any]) -> None:
-        """An alert event was appended: SSE clients get it now, not at the hub's next poll."""
+        """An alert event (and its outbox row) was appended: SSE clients and MQTT get it now."""
         self.hub.notify()
+        self.outbox.wake()
 
     def _on_commit(self) -> None:
         """New rows are committed: wake the processor, make cached API pages stale."""
