@@ -176,8 +176,9 @@ class OutboxPublisher:
         """Delete confirmed rows and record refusals, one commit per burst of PUBACKs."""
         outage = Backoff(0.2, 10.0)
         while True:
-            await self._settle.wait()
-            await trio.sleep(_SETTLE_MS / 1000.0)
+            if not (self._acked or self._refused):  # results left by a cancelled run go first
+                await self._settle.wait()
+                await trio.sleep(_SETTLE_MS / 1000.0)
             while self._acked or self._refused:
                 try:
                     await self._settle_once()
