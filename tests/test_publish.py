@@ -12,6 +12,7 @@ from typing import Any
 import trio
 from prometheus_client import REGISTRY
 
+from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.publish import OutboxPublisher
 from gateway.settings import MqttSettings
@@ -201,4 +202,46 @@ async def test_nothing_is_lost_while_the_broker_is_away(tmp_path: Path, mosquitt
                 assert {json.loads(m.payload)["event_id"] for m in got} == set(ids)
                 await eventually(lambda: outbox.inflight == 0, 10)
                 assert (await store.outbox_stats()).pending == 0
+        nursery.cancel_scope.cancel()
+
+
+class Flaky:
+    """A store whose outbox writes fail a few times first (our own outage handling is under test)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.fail = {"release_outbox": 2, "outbox_done": 2}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.fail:
+            return attr
+
+        async def call(*args: Any) -> Any:
+            if self.fail[name]:
+                self.fail[name] -= 1
+                raise StoreUnavailable("injected outage")
+            return await attr(*args)
+
+        return call
+
+
+async def test_database_outage_delays_but_loses_no_publish(tmp_path: Path, mosquitto: MosquittoServer) -> None:
+    listener = settings_for(mosquitto, client_id="listener", subscribe_topic="gateway/events/#")
+    sender = publisher_settings(mosquitto)
+    async with open_store(db_settings(f"sqlite:///{tmp_path}/g.db")) as store, trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        ids = await enqueue(store, 10)
+        flaky = Flaky(store)
+        async with running(listener) as (lbridge, lrecv), running(sender) as (bridge, _):
+            health = ComponentHealth("outbox")
+            outbox = OutboxPublisher(sender, flaky, bridge, health)  # type: ignore[arg-type]
+            await nursery.start(outbox.run)
+            await eventually(lambda: health.state == "degraded", 5)  # release_outbox failed
+            got = await collect(lrecv, 10, 15)
+            lbridge.ack(got)
+            assert {json.loads(m.payload)["event_id"] for m in got} == set(ids)
+            await eventually(lambda: outbox.inflight == 0 and health.state == "ok", 15)
+            assert flaky.fail == {"release_outbox": 0, "outbox_done": 0}
+            assert (await store.outbox_stats()).pending == 0  # deleted once the database answered
         nursery.cancel_scope.cancel()
