@@ -10,8 +10,9 @@ Free disk space also drives the ``disk`` component's health at every round (``de
 
 A transition is announced four ways: a CRITICAL log line on ``gateway.alerts`` (WARNING for a
 resolution), the ``gateway_alert_active{alert}`` gauge, an ``alert`` event in the events table (SSE
-replays it) and a QoS 1 publish on ``MQTT_PUBLISH_TOPIC/alerts``. Announcing is best effort: while
-the database is down (itself an alert) the event is kept and appended when it is back.
+replays it) and a QoS 1 publish on ``MQTT_PUBLISH_TOPIC/alerts``, written to the outbox with the event
+(so it is sent at least once). While the database is down (itself an alert) the event is kept and
+appended when it is back, and the publish goes out at once from memory, best effort.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gateway.errors import GatewayError
 from gateway.health import Health
 from gateway.publish import Publisher
 from gateway.settings import DatabaseSettings, LogSettings
-from gateway.store.base import Backlog, Event, NewEvent, Store
+from gateway.store.base import Backlog, Event, NewEvent, NewPublish, Store
 
 log = logging.getLogger("gateway.alerts")
 
@@ -350,13 +351,13 @@ class Alerts:
         metrics.ALERTS_ACTIVE.labels(name).set(1 if firing else 0)
 
         new = NewEvent(type="alert", data=data)
-        stored = await self._append([new])
-        event_id = stored[0].id if stored else None
-        payload = {"id": event_id, "type": "alert", "data": data}
-        try:
-            self._publisher.publish_nowait(json.dumps(payload).encode(), subtopic="alerts")
-        except GatewayError as exc:
-            log.warning("alert %s not published over MQTT: %s", name, exc)
+        if not await self._append([new]):
+            # Not stored (the database is down), so not in the outbox either: publish from memory.
+            payload = {"id": None, "type": "alert", "data": data}
+            try:
+                self._publisher.publish_nowait(json.dumps(payload).encode(), subtopic="alerts")
+            except GatewayError as exc:
+                log.warning("alert %s not published over MQTT: %s", name, exc)
         if self._on_alert is not None:
             try:
                 await self._on_alert(name, data)
@@ -369,7 +370,7 @@ class Alerts:
             return []
         try:
             with trio.fail_after(self._t.check_timeout):
-                return await self._store.append_events(events)
+                return await self._store.append_events(events, _alert_publishes)
         except Exception as exc:  # includes TooSlowError; same reason as in _conditions
             log.warning("alert event kept until the database is back: %s", exc)
             self._unsent.extend(events)
@@ -386,3 +387,11 @@ class Alerts:
             return
         for _ in batch:
             self._unsent.popleft()
+
+
+def _alert_publishes(stored: list[Event]) -> list[NewPublish]:
+    """The outbox rows of stored alert events: ``{"id", "type", "data"}`` on ``<topic>/alerts``."""
+    return [
+        NewPublish(json.dumps({"id": e.id, "type": e.type, "data": e.data}).encode(), "alerts", None, e.id)
+        for e in stored
+    ]

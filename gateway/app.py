@@ -35,6 +35,7 @@ from gateway.ingest import Ingest
 from gateway.logs import set_level, setup_logging
 from gateway.mqtt import Inbound, MqttBridge
 from gateway.processor import Processor
+from gateway.publish import OutboxPublisher
 from gateway.retention import RetentionPolicy
 from gateway.rules import load_rules
 from gateway.settings import Settings, known_variables, load_settings
@@ -75,16 +76,17 @@ class Gateway:
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
         self.hub = Hub(self.store)
         self.bridge = MqttBridge(self.settings.mqtt, self.health.component("mqtt"))
+        self.outbox = OutboxPublisher(self.settings.mqtt, self.store, self.bridge, self.health.component("outbox"))
         self.processor = Processor(
             self.settings.processor,
             self.store,
-            self.bridge,
             self.nudge,
             self.health.component("processor"),
             instance_id=self.instance_id,
             rules=load_rules(self.settings.processor.rules_file),
             on_committed=self.hub.committed,
             retention=RetentionPolicy.from_settings(self.settings.database),
+            on_outbox=self.outbox.wake,
         )
         self.alerts = Alerts(
             self.health,
@@ -126,14 +128,16 @@ class Gateway:
             Component("processor", self.processor.run),
             Component("ingest", partial(ingest.run, receive)),
             Component("mqtt", partial(self.bridge.run, send)),
+            Component("outbox", self.outbox.run),
             Component("alerts", self.alerts.run),
             Component("http", self._serve_http),
             Component("watchdog", self.notifier.run_watchdog),
         ]
 
     async def _on_alert(self, name: str, data: dict[str, Any]) -> None:
-        """An alert event was appended: SSE clients get it now, not at the hub's next poll."""
+        """An alert event (and its outbox row) was appended: SSE clients and MQTT get it now."""
         self.hub.notify()
+        self.outbox.wake()
 
     def _on_commit(self) -> None:
         """New rows are committed: wake the processor, make cached API pages stale."""
@@ -211,6 +215,7 @@ class Gateway:
                 groups = {owner.get(k) for k in changed}
                 if "mqtt" in groups:
                     self.bridge.settings = new.mqtt
+                    self.outbox.settings = new.mqtt
                     if self.supervisor.restart("mqtt"):
                         restarted.append("mqtt")
                 if "ingest" in groups and self.supervisor.restart("ingest"):

@@ -48,3 +48,12 @@ class Backoff:
         """Start again from ``min`` (call after a success)."""
         self._attempt = 0
         self._ceiling = self.min
+
+
+def retry_delay(attempt: int, retry_min: float, retry_max: float) -> float:
+    """Seconds before retry number ``attempt`` (1-based): exponential from ``retry_min``, jittered."""
+    backoff = Backoff(retry_min, max(retry_min, retry_max))
+    delay = 0.0
+    for _ in range(min(attempt, 64)):
+        delay = backoff.next()
+    return delay

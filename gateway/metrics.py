@@ -18,6 +18,16 @@ MQTT_INFLIGHT = Gauge("gateway_mqtt_inflight", "Messages received and not yet ac
 MQTT_PUBLISHED = Counter("gateway_mqtt_published_total", "Publishes confirmed by the broker")
 MQTT_PUBLISH_QUEUE = Gauge("gateway_mqtt_publish_queue", "Publishes waiting or unconfirmed")
 MQTT_PUBLISH_LATENCY = Histogram("gateway_mqtt_publish_seconds", "Publish to PUBACK", buckets=_LAT)
+MQTT_PUBLISH_REFUSED = Counter(
+    "gateway_mqtt_publish_refused_total", "Publishes the broker refused (PUBACK reason code >= 0x80)", ["code"]
+)
+
+# Outbox (durable outbound publishes)
+OUTBOX_PENDING = Gauge("gateway_outbox_pending", "Publishes in the outbox waiting for a PUBACK")
+OUTBOX_DEAD = Gauge("gateway_outbox_dead", "Dead-lettered publishes kept in the outbox")
+OUTBOX_OLDEST = Gauge("gateway_outbox_oldest_seconds", "Age of the oldest waiting publish")
+OUTBOX_RETRIES = Counter("gateway_outbox_retries_total", "Refused publishes scheduled for another attempt")
+OUTBOX_DEAD_LETTERED = Counter("gateway_outbox_dead_lettered_total", "Publishes dead-lettered after the last attempt")
 
 # Ingest
 INGEST_STORED = Counter("gateway_messages_stored_total", "Readings stored", ["source"])

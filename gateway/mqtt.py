@@ -9,6 +9,9 @@ One connection = one paho ``Client`` and one *generation* number. Inside a conne
 * writer: woken by ``on_socket_register_write``; writes while ``want_write()``.
 * housekeeping: ``loop_misc()`` every second (keepalive).
 * publisher: drains the outbound queue with QoS 1, re-sends what the broker did not confirm.
+  The queue is memory: what must survive a crash goes through the outbox (:mod:`gateway.publish`),
+  which hands rows over with :meth:`MqttBridge.send` and hears back on the PUBACK (a reason code
+  >= 0x80 is a refusal, reported as such, never counted as delivered).
 
 paho callbacks only hand data over (append to a list, set an event, cancel the connection's scope).
 They may fire from the ``connect()`` worker thread or from ``Client.__del__``: each checks that it
@@ -29,7 +32,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -69,6 +72,10 @@ class Inbound:
     generation: int
 
 
+OnPublished = Callable[[str | None], None]
+"""Told the outcome of one publish: None when the broker confirmed it, else why it refused it."""
+
+
 @dataclass(slots=True)
 class _Outgoing:
     """A queued publish; ``sent_at`` is the monotonic time of the latest attempt."""
@@ -77,6 +84,7 @@ class _Outgoing:
     payload: bytes
     queued_at: float
     sent_at: float = 0.0
+    on_done: OnPublished | None = None
 
 
 class _BufferedSocket:
@@ -183,7 +191,8 @@ class MqttBridge:
     """The broker connection: inbound QoS 1 stream, manual acks, and a QoS 1 outbound queue.
 
     Also satisfies :class:`gateway.publish.Publisher`. The outbound queue is created here, so
-    publishes survive restarts of :meth:`run` (and the broker being down).
+    queued publishes survive restarts of :meth:`run` (and the broker being down), but not the
+    process: durable publishes come from the outbox.
     """
 
     def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
@@ -269,6 +278,13 @@ class MqttBridge:
     async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
         """Queue a QoS 1 publish on the publish topic (or ``<topic>/<subtopic>``); waits for room."""
         await self._out_send.send(_Outgoing(self._topic(subtopic), payload, time.monotonic()))
+        self._queue_gauge()
+
+    async def send(self, payload: bytes, subtopic: str | None, on_done: OnPublished) -> None:
+        """Queue a QoS 1 publish whose outcome ``on_done`` hears (on the Trio thread): None on a
+        PUBACK with success, else the refusal (e.g. ``Not authorized``). Waits for room.
+        Re-sent after a reconnect until the broker answers; lost only with the process."""
+        await self._out_send.send(_Outgoing(self._topic(subtopic), payload, time.monotonic(), on_done=on_done))
         self._queue_gauge()
 
     def publish_nowait(self, payload: bytes, subtopic: str | None = None) -> None:
@@ -416,7 +432,7 @@ class MqttBridge:
         client.on_connect = lambda c, u, flags, rc, props: self._cb_connect(generation, flags, rc, props)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
-        client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid)
+        client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid, rc)
         client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
@@ -614,17 +630,30 @@ class MqttBridge:
             conn.suback_failure = ", ".join(bad)
         conn.suback.set()
 
-    def _cb_publish(self, generation: int, mid: int) -> None:
+    def _cb_publish(self, generation: int, mid: int, rc: Any) -> None:
+        # Runs under paho's own mutex: only bookkeeping here, and on_done must not publish.
         conn = self._live(generation)
         if conn is None:
             return
         item = conn.unconfirmed.pop(mid, None)
         if item is None:
             return
-        metrics.MQTT_PUBLISHED.inc()
-        metrics.MQTT_PUBLISH_LATENCY.observe(time.monotonic() - item.sent_at)
         conn.confirmed.set()
         self._queue_gauge()
+        refusal: str | None = None
+        if getattr(rc, "is_failure", False):  # MQTT 5 PUBACK reason code >= 0x80
+            code = f"0x{int(getattr(rc, 'value', 0)):02x}"
+            refusal = f"broker refused the publish: {rc} ({code})"
+            metrics.MQTT_PUBLISH_REFUSED.labels(code).inc()
+            log.warning("publish refused topic=%s reason=%r code=%s", item.topic, str(rc), code)
+        else:
+            metrics.MQTT_PUBLISHED.inc()
+            metrics.MQTT_PUBLISH_LATENCY.observe(time.monotonic() - item.sent_at)
+        if item.on_done is not None:
+            try:
+                item.on_done(refusal)
+            except Exception:  # never let paho see an exception
+                log.exception("publish outcome callback failed topic=%s", item.topic)
 
     def _cb_disconnect(self, generation: int, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
@@ -673,4 +702,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, ssl.SSLError) else f"TLS: {text}"
 
 
-__all__ = ["READ_CAP", "Inbound", "MqttBridge"]
+__all__ = ["READ_CAP", "Inbound", "MqttBridge", "OnPublished"]

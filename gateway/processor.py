@@ -3,9 +3,11 @@
 Each run claims up to ``PROCESSOR_BATCH_SIZE`` unprocessed messages with a lease (so processors in this
 or another instance never work on the same message at once; a crashed instance's lease expires and
 the message is claimed again), runs script actions (outside any transaction), then in ONE store
-transaction marks the messages processed or failed and appends their SSE events. MQTT publishes go
-out after that commit, so they can carry the event id. It runs while claims come back full, then
-sleeps until nudged (ingest committed, or another instance's NOTIFY) or ``PROCESSOR_INTERVAL`` passes.
+transaction marks the messages processed or failed, appends their SSE events and writes their MQTT
+publishes to the outbox (rendered with the ids of those events). The outbox publisher
+(:mod:`gateway.publish`) sends them; the processor never waits for the broker, so a slow or absent
+broker cannot hold up SSE or scripts. It runs while claims come back full, then sleeps until nudged
+(ingest committed, or another instance's NOTIFY) or ``PROCESSOR_INTERVAL`` passes.
 
 Failures of one message (a script's non-zero exit or timeout, a broken template) are logged with
 context, counted, and recorded on the message: retried after an exponential backoff with jitter, and
@@ -14,9 +16,9 @@ outage marks the component degraded and is retried with backoff.
 
 Delivery guarantees: SSE events are exactly-once (appended in the transaction that marks the message).
 Scripts run at least once per message (again after a crash before commit, or after a failure of another
-script of the same message); they get a stable key to deduplicate. MQTT publishes are queued after the
-commit: a crash between the commit and the broker's PUBACK loses that publish (see the notes in
-:meth:`Processor._publish`).
+script of the same message); they get a stable key to deduplicate. MQTT publishes are at least once:
+committed with the message, sent until the broker confirms them (again after a crash or restart), and
+carrying the event id so receivers can deduplicate.
 """
 
 from __future__ import annotations
@@ -33,14 +35,13 @@ import trio
 
 from gateway import metrics
 from gateway.actions import ActionFailed, MqttAction, ScriptAction, SseAction
-from gateway.backoff import Backoff
+from gateway.backoff import Backoff, retry_delay
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.health import ComponentHealth
-from gateway.publish import Publisher
 from gateway.retention import DEFAULT_POLICY, RetentionPolicy, prune_expired
 from gateway.rules import PlannedAction, RuleSet, load_rules
 from gateway.settings import ProcessorSettings
-from gateway.store.base import Event, Failure, NewEvent, Store, StoredMessage
+from gateway.store.base import Event, Failure, NewEvent, NewPublish, PublishBuilder, Store, StoredMessage
 from gateway.wake import Nudge
 
 log = logging.getLogger("gateway.processor")
@@ -68,7 +69,6 @@ class Processor:
         self,
         settings: ProcessorSettings,
         store: Store,
-        publisher: Publisher,
         nudge: Nudge,
         health: ComponentHealth,
         *,
@@ -77,17 +77,19 @@ class Processor:
         on_events: Callable[[], None] | None = None,
         on_committed: Callable[[list[Event]], None] | None = None,
         retention: RetentionPolicy = DEFAULT_POLICY,
+        on_outbox: Callable[[], None] | None = None,
         stats_every: float = _STATS_EVERY,
         prune_every: float = _PRUNE_EVERY,
     ) -> None:
         """``rules`` None loads ``settings.rules_file`` (default rules when unset; may raise RuleError).
 
         ``on_events`` is called after a commit that appended events (the hub then tails them);
-        ``on_committed`` receives those events (the hub fans them out without a store read).
+        ``on_committed`` receives those events (the hub fans them out without a store read);
+        ``on_outbox`` is called after a commit that wrote outbox rows (wakes the publisher).
         """
         self._settings = settings
         self._store = store
-        self._publisher = publisher
+        self._on_outbox = on_outbox
         self._nudge = nudge
         self._health = health
         self._rules = rules if rules is not None else load_rules(settings.rules_file)
@@ -214,7 +216,9 @@ class Processor:
                 new_events.extend(e for _, e in w.events)
             else:
                 failures.append(self._failure(w, now))
-        stored = await self._store.complete(self.owner, processed, failures, new_events)
+        done = [w for w in work if w.error is None]
+        publishes = self._publishes(done)
+        stored = await self._store.complete(self.owner, processed, failures, new_events, publishes)
         metrics.PROCESSOR_PROCESSED.inc(len(processed))
         self.processed += len(processed)
         for ev in stored:
@@ -223,7 +227,8 @@ class Processor:
             self._on_committed(stored)
         if stored and self._on_events is not None:
             self._on_events()
-        await self._publish([w for w in work if w.error is None], stored)
+        if publishes is not None and self._on_outbox is not None:
+            self._on_outbox()
 
     def _plan(self, rules: RuleSet, message: StoredMessage) -> _Work:
         """Evaluate the rules and build the events (pure); a failure is recorded on the work item."""
@@ -293,35 +298,38 @@ class Processor:
         )
         return Failure(m.id, error, now + timedelta(seconds=delay))
 
-    async def _publish(self, done: list[_Work], stored: list[Event]) -> None:
-        """Queue the MQTT publishes of committed messages, each carrying its event id.
-
-        The publisher's queue is in memory: a crash after the commit and before the broker confirms
-        loses these publishes. Making that durable needs an outbox (publishes written in the same
-        transaction and deleted on PUBACK) -- not done yet.
-        """
+    def _publishes(self, done: list[_Work]) -> PublishBuilder | None:
+        """The outbox rows of a batch, built inside the commit from the events it appended (so
+        each payload carries its event id); None when no rule publishes."""
         if not any(isinstance(p.action, MqttAction) for w in done for p in w.planned):
-            return
-        ids = _event_ids(done, stored)
-        for w in done:
-            for p in w.planned:
-                if not isinstance(p.action, MqttAction):
-                    continue
-                mine = ids.get(w.message.id, {})
-                event_id = mine.get(p.rule, mine.get(None))
-                try:
-                    payload = p.action.render(w.message, rule=p.rule, event_id=event_id, as_json=w.as_json)
-                    await self._publisher.publish(payload, p.action.subtopic)
-                except (GatewayError, ValueError, TypeError) as exc:
-                    # Already committed: count and log, the next messages go on.
-                    metrics.PROCESSOR_FAILED.labels("mqtt").inc()
-                    log.warning(
-                        "publish failed message_id=%d device_id=%s action=mqtt rule=%s error=%r",
-                        w.message.id,
-                        w.message.device_id,
-                        p.rule,
-                        str(exc),
-                    )
+            return None
+
+        def build(stored: list[Event]) -> list[NewPublish]:
+            ids = _event_ids(done, stored)
+            out: list[NewPublish] = []
+            for w in done:
+                for p in w.planned:
+                    if not isinstance(p.action, MqttAction):
+                        continue
+                    mine = ids.get(w.message.id, {})
+                    event_id = mine.get(p.rule, mine.get(None))
+                    try:
+                        payload = p.action.render(w.message, rule=p.rule, event_id=event_id, as_json=w.as_json)
+                    except (GatewayError, ValueError, TypeError) as exc:
+                        # One bad payload must not fail the batch's commit: count and log it.
+                        metrics.PROCESSOR_FAILED.labels("mqtt").inc()
+                        log.warning(
+                            "publish not rendered message_id=%d device_id=%s action=mqtt rule=%s error=%r",
+                            w.message.id,
+                            w.message.device_id,
+                            p.rule,
+                            str(exc),
+                        )
+                        continue
+                    out.append(NewPublish(payload, p.action.subtopic, w.message.id, event_id))
+            return out
+
+        return build
 
     async def _housekeeping(self) -> None:
         """Every few seconds: backlog gauges and health detail; every few minutes: retention."""
@@ -343,15 +351,6 @@ class Processor:
         if now >= self._next_prune:
             self._next_prune = now + self._prune_every
             await prune_expired(self._store, self._retention, datetime.now(UTC))
-
-
-def retry_delay(attempt: int, retry_min: float, retry_max: float) -> float:
-    """Seconds before retry number ``attempt`` (1-based): exponential from ``retry_min``, jittered."""
-    backoff = Backoff(retry_min, max(retry_min, retry_max))
-    delay = 0.0
-    for _ in range(min(attempt, 64)):
-        delay = backoff.next()
-    return delay
 
 
 def _event_ids(done: list[_Work], stored: list[Event]) -> dict[int, dict[str | None, int]]:

@@ -107,6 +107,13 @@ class MqttSettings(_Component):
     reconnect_min: float = Field(0.5, gt=0, alias="MQTT_RECONNECT_MIN")
     reconnect_max: float = Field(30.0, gt=0, alias="MQTT_RECONNECT_MAX")
     outbound_queue: int = Field(10000, ge=1, alias="MQTT_OUTBOUND_QUEUE")
+    # The outbox publisher (gateway/publish.py): rows taken from the outbox at once, their lease,
+    # and the retry policy for publishes the broker refuses (PUBACK reason code >= 0x80).
+    publish_inflight: int = Field(1000, ge=1, le=65535, alias="MQTT_PUBLISH_INFLIGHT")
+    publish_lease: float = Field(60.0, gt=0, alias="MQTT_PUBLISH_LEASE")
+    publish_max_attempts: int = Field(10, ge=1, alias="MQTT_PUBLISH_MAX_ATTEMPTS")
+    publish_retry_min: float = Field(1.0, gt=0, alias="MQTT_PUBLISH_RETRY_MIN")
+    publish_retry_max: float = Field(300.0, gt=0, alias="MQTT_PUBLISH_RETRY_MAX")
 
     @field_validator("url")
     @classmethod

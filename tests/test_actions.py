@@ -178,10 +178,14 @@ async def test_mqtt_action_publishes_to_real_broker_with_event_id(
     ):
         await nursery.start(store.run)
         async with bridge(subscriber.topic) as b:
+            from gateway.publish import OutboxPublisher
+
+            outbox = OutboxPublisher(b.settings, store, b, ComponentHealth("outbox"))
             proc = Processor(
-                ProcessorSettings.model_validate({"PROCESSOR_INTERVAL": 0.1}), store, b, Nudge(),
-                ComponentHealth("processor"), instance_id="t", rules=rules,
+                ProcessorSettings.model_validate({"PROCESSOR_INTERVAL": 0.1}), store, Nudge(),
+                ComponentHealth("processor"), instance_id="t", rules=rules, on_outbox=outbox.wake,
             )
+            await nursery.start(outbox.run)
             await nursery.start(proc.run)
             ids = await insert(store, new_messages(1, measurements={"temperature": 35.5}))
             ids += await insert(store, new_messages(1, start=1, measurements={"temperature": 20.0}))

@@ -23,7 +23,7 @@ from gateway.alerts import Alerts, AlertState, AlertThresholds, disk_free_ratios
 from gateway.errors import MqttUnavailable, StoreUnavailable
 from gateway.health import Health
 from gateway.settings import load_settings
-from gateway.store.base import Backlog, Event, NewEvent, StoreHealth
+from gateway.store.base import Backlog, Event, NewEvent, PublishBuilder, StoreHealth
 
 EPOCH = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 
@@ -42,6 +42,7 @@ class FakeStore:
         self.down = False
         self.broken: Exception | None = None
         self.backlog_value = Backlog(count=0, oldest=None)
+        self.outbox: list[tuple[dict[str, Any], str | None]] = []
 
     async def backlog(self) -> Backlog:
         if self.down:
@@ -50,11 +51,12 @@ class FakeStore:
             raise self.broken
         return self.backlog_value
 
-    async def append_events(self, events: list[NewEvent]) -> list[Event]:
+    async def append_events(self, events: list[NewEvent], publishes: PublishBuilder | None = None) -> list[Event]:
         if self.down:
             raise StoreUnavailable("connection refused")
         out = [Event(len(self.events) + i + 1, e.type, e.data, wall()) for i, e in enumerate(events)]
         self.events.extend(out)
+        self.outbox += [(json.loads(p.payload), p.subtopic) for p in (publishes(out) if publishes else [])]
         return out
 
 
@@ -172,10 +174,12 @@ async def test_mqtt_disconnected_fires_once_and_resolves_once(
     ]
     assert gauge("mqtt_disconnected") == 0
     assert seen == [("mqtt_disconnected", "firing"), ("mqtt_disconnected", "resolved")]
-    assert [(p["id"], p["type"], p["data"]["state"], sub) for p, sub in pub.sent] == [
+    # Written to the outbox with their events (sent at least once), not published from memory.
+    assert [(p["id"], p["type"], p["data"]["state"], sub) for p, sub in store.outbox] == [
         (1, "alert", "firing", "alerts"),
         (2, "alert", "resolved", "alerts"),
     ]
+    assert pub.sent == []
     records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.alerts"]
     assert [lvl for lvl, _ in records] == ["CRITICAL", "WARNING"]
     assert "mqtt_disconnected firing" in records[0][1]

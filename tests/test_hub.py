@@ -306,7 +306,7 @@ async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_ur
     from gateway.processor import Processor
     from gateway.settings import ProcessorSettings
     from gateway.wake import Nudge
-    from tests.test_processor import FakePublisher, insert, new_messages
+    from tests.test_processor import insert, new_messages
 
     total = 3000
     settings = db_settings(pg_url)
@@ -328,7 +328,7 @@ async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_ur
         async with hub.subscribe(last_event_id=None, types=packets, device_id=None) as sub:
             for i, (st, nudge) in enumerate([(a, nudge_a), (b, nudge_b)]):
                 proc = Processor(
-                    proc_settings, st, FakePublisher(), nudge, ComponentHealth(f"p{i}"),
+                    proc_settings, st, nudge, ComponentHealth(f"p{i}"),
                     instance_id=f"inst-{i}", rules=None, on_events=hub.notify if st is a else None,
                 )
                 await nursery.start(proc.run)

@@ -30,7 +30,7 @@ from gateway.retention import RetentionPolicy
 from gateway.rules import Rule, RuleSet, default_rules, parse_rules
 from gateway.settings import ProcessorSettings
 from gateway.store import open_store
-from gateway.store.base import Event, Failure, NewEvent, NewMessage, Store, StoredMessage
+from gateway.store.base import Event, Failure, NewEvent, NewMessage, PublishBuilder, Store, StoredMessage
 from gateway.wake import Nudge
 from tests.support.pg import db_settings
 
@@ -41,17 +41,10 @@ def idle_jump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.05)
 
 
-class FakePublisher:
-    """Records publishes (payload decoded from JSON) instead of sending them."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[dict[str, Any], str | None]] = []
-
-    async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
-        self.sent.append((json.loads(payload), subtopic))
-
-    def publish_nowait(self, payload: bytes, subtopic: str | None = None) -> None:
-        self.sent.append((json.loads(payload), subtopic))
+async def outbox_rows(store: Store) -> list[tuple[dict[str, Any], str | None]]:
+    """What the processor wrote to the outbox (payloads decoded), oldest first; leases them."""
+    rows = await store.claim_outbox("test-reader", 1_000_000, 60.0)
+    return [(json.loads(r.payload), r.subtopic) for r in rows]
 
 
 class Recorder:
@@ -76,10 +69,15 @@ class Recorder:
         return got
 
     async def complete(
-        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+        self,
+        owner: str,
+        processed: list[int],
+        failed: list[Failure],
+        events: list[NewEvent],
+        publishes: PublishBuilder | None = None,
     ) -> list[Event]:
         self.completes.append((owner, processed, failed, datetime.now(UTC)))
-        return await self.inner.complete(owner, processed, failed, events)
+        return await self.inner.complete(owner, processed, failed, events, publishes)
 
 
 def settings(**kw: Any) -> ProcessorSettings:
@@ -126,13 +124,13 @@ async def running(processor: Processor) -> AsyncIterator[Processor]:
         nursery.cancel_scope.cancel()
 
 
-def make(store: Store, publisher: Any = None, nudge: Nudge | None = None, **kw: Any) -> Processor:
+def make(store: Store, nudge: Nudge | None = None, **kw: Any) -> Processor:
     rules = kw.pop("rules", None)
-    extra = {k: kw.pop(k) for k in ("on_events", "retention", "prune_every", "stats_every") if k in kw}
+    names = ("on_events", "on_outbox", "retention", "prune_every", "stats_every")
+    extra = {k: kw.pop(k) for k in names if k in kw}
     return Processor(
         settings(**kw),
         store,
-        publisher or FakePublisher(),
         nudge or Nudge(),
         ComponentHealth("processor"),
         instance_id="test",
@@ -282,18 +280,19 @@ async def _no_events(store: Store) -> bool:
 
 
 async def test_default_rules_event_and_publish_carry_event_id(store: Store) -> None:
-    pub = FakePublisher()
     woke: list[int] = []
-    proc = make(store, pub, on_events=lambda: woke.append(1), batch_size=7)
+    outbox_woken: list[int] = []
+    proc = make(store, on_events=lambda: woke.append(1), on_outbox=lambda: outbox_woken.append(1), batch_size=7)
     ids = await insert(store, new_messages(20))
     async with running(proc):
         await wait_until(lambda: all_processed(store, ids), seconds=20)
-        await wait_until(lambda: _true(len(pub.sent) == 20), seconds=5)
+    sent = await outbox_rows(store)
+    assert len(sent) == 20 and outbox_woken
     events = await store.read_events(after_id=0, limit=100)
     assert [e.type for e in events] == ["packet"] * 20
     by_message = {e.data["id"]: e for e in events}
     assert sorted(by_message) == sorted(ids)
-    for payload, subtopic in pub.sent:
+    for payload, subtopic in sent:
         assert subtopic is None
         assert payload["type"] == "packet" and payload["rule"] == "default"
         assert payload["event_id"] == by_message[payload["data"]["id"]].id
@@ -305,8 +304,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_hot_reload_rules(store: Store) -> None:
-    pub = FakePublisher()
-    proc = make(store, pub, rules=default_rules())
+    proc = make(store, rules=default_rules())
     async with running(proc):
         ids = await insert(store, new_messages(2))
         proc._nudge.set()
@@ -325,8 +323,9 @@ async def test_hot_reload_rules(store: Store) -> None:
     events = await store.read_events(after_id=0, limit=100)
     assert [e.type for e in events] == ["packet", "packet", "alert"]
     assert events[-1].data == {"device_id": "dev-1"}
-    assert pub.sent[-1] == ({"event_id": events[-1].id, "t": 35.0}, "alerts")
-    assert len(pub.sent) == 3
+    sent = await outbox_rows(store)
+    assert sent[-1] == ({"event_id": events[-1].id, "t": 35.0}, "alerts")
+    assert len(sent) == 3
 
 
 def _script(tmp_path: Path, body: str) -> str:
@@ -438,10 +437,9 @@ async def test_two_processors_one_postgres_database_exactly_once(pg_url: str) ->
         for start in range(0, total, 2000):
             await insert(s1, new_messages(2000, start=start, device=f"dev-{start}"))
         r1, r2 = Recorder(s1), Recorder(s2)
-        p1, p2 = FakePublisher(), FakePublisher()
         n1, n2 = Nudge(), Nudge()
-        proc1 = make(r1, p1, n1, interval=0.2, batch_size=200)
-        proc2 = make(r2, p2, n2, interval=0.2, batch_size=200)
+        proc1 = make(r1, n1, interval=0.2, batch_size=200)
+        proc2 = make(r2, n2, interval=0.2, batch_size=200)
         await nursery.start(proc1.run)
         await nursery.start(proc2.run)
         with trio.fail_after(120):
@@ -453,12 +451,12 @@ async def test_two_processors_one_postgres_database_exactly_once(pg_url: str) ->
     assert done1 and done2, "both processors took part"
     assert len(done1) + len(done2) == total
     assert len(set(done1) | set(done2)) == total
-    published = [p["data"]["id"] for p, _ in p1.sent + p2.sent]
-    assert len(published) == total and len(set(published)) == total
     async with open_store(settings_) as s, trio.open_nursery() as nursery:
         await nursery.start(s.run)
+        published = [p["data"]["id"] for p, _ in await outbox_rows(s)]
         events = await s.read_events(after_id=0, limit=total + 10)
         nursery.cancel_scope.cancel()
+    assert len(published) == total and len(set(published)) == total
     assert len(events) == total
     assert len({e.data["id"] for e in events}) == total
     assert [e.id for e in events] == sorted(e.id for e in events)
@@ -472,7 +470,7 @@ def test_batch_shrinks_so_scripts_fit_in_the_lease(tmp_path: Path, caplog: pytes
         return parse_rules(f'[[rule]]\nname = "s"\nactions = [{{type = "sse"}}, {actions}]')
 
     proc = Processor(
-        settings(lease_seconds=30.0, batch_size=500), None, FakePublisher(), Nudge(),  # type: ignore[arg-type]
+        settings(lease_seconds=30.0, batch_size=500), None, Nudge(),  # type: ignore[arg-type]
         ComponentHealth("p"), instance_id="t", rules=default_rules(),
     )
     assert proc._batch_limit == 500

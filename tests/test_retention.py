@@ -109,7 +109,9 @@ async def test_low_disk_shows_degraded_in_ping_and_fires_alert(api: ApiServer, t
     assert body["components"]["disk"]["state"] == "degraded"
     assert "DISK_MIN_FREE" in body["components"]["disk"]["last_error"]
     assert await alerts(0.999999, 0).check() == [("disk_almost_full", "fire")]
-    assert [json.loads(p)["data"]["alert"] for p, _ in api.publisher.published] == ["disk_almost_full"]
+    # A stored alert is published through the outbox, with its event.
+    queued = await api.store.claim_outbox("test", 10, 60)
+    assert [json.loads(o.payload)["data"]["alert"] for o in queued] == ["disk_almost_full"]
 
     await alerts(0, 0).check()
     assert health.component("disk").state == "ok"

@@ -2,8 +2,8 @@
 
 Each action type is a frozen dataclass with a ``parse(spec)`` classmethod (a table from the rules file;
 raises ValueError) and the method the processor calls: :meth:`SseAction.build` (an event to append),
-:meth:`MqttAction.render` (a payload to publish after commit), :meth:`ScriptAction.run` (awaited before
-commit; raises :class:`ActionFailed`).
+:meth:`MqttAction.render` (a payload written to the outbox with the commit),
+:meth:`ScriptAction.run` (awaited before commit; raises :class:`ActionFailed`).
 """
 
 from __future__ import annotations

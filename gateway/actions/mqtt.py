@@ -1,7 +1,8 @@
 """The ``mqtt`` action: a QoS 1 JSON publish on ``MQTT_PUBLISH_TOPIC`` or a subtopic of it (pure).
 
-The processor publishes after the messages are committed, so the payload can carry the id of the
-event the same message produced (``event_id``), which lets subscribers deduplicate redeliveries.
+The processor renders the payload inside the transaction that marks the message processed and writes
+it to the outbox there, so it can carry the id of the event the same message produced (``event_id``);
+delivery is at least once, and that id lets subscribers deduplicate redeliveries.
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ async def post_packet() -> Response:
     c.live.stored([reading])
     c.on_commit()
     # Publishing goes through the processor, woken just now by on_commit: one path for every
-    # reading, carrying the event id, and the stored row is the outbox (no publish is lost while
-    # the broker is away, and none is sent twice).
+    # reading, carrying the event id: the processor writes the publish to the outbox in the commit
+    # that marks the reading processed, and it is sent at least once (again after a crash).
     return json_response({"id": outcome.id, "duplicate": False}, 201)
 
 

@@ -166,6 +166,59 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class NewPublish:
+    """An MQTT publish for the outbox, written in the transaction that commits its message.
+
+    ``subtopic`` None is ``MQTT_PUBLISH_TOPIC`` itself. ``message_id`` ties it to the message whose
+    processing produced it (dropped with that message's events when the lease was lost).
+    """
+
+    payload: bytes
+    subtopic: str | None = None
+    message_id: int | None = None
+    event_id: int | None = None
+
+
+PublishBuilder = Callable[[list["Event"]], list[NewPublish]]
+"""Builds the outbox rows of a commit from the events it appended (so payloads carry their ids).
+
+Called inside the store's transaction (a worker thread on SQLite, the asyncio side on PostgreSQL):
+it must be pure and quick, and must not raise for one bad payload.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A pending row of ``outbox``, leased to the publisher that claimed it."""
+
+    id: int
+    payload: bytes
+    subtopic: str | None
+    attempts: int
+    created_at: datetime
+    message_id: int | None = None
+    event_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailure:
+    """A refused publish: retry at ``retry_at``, or dead-letter when ``retry_at`` is None."""
+
+    id: int
+    error: str
+    retry_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Publishes waiting (and the oldest's creation time) and dead-lettered ones."""
+
+    pending: int
+    oldest: datetime | None
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
 class MessageQuery:
     """Filters for :meth:`Store.query_messages`. ``key``/``value``: a measurement or a top-level field.
 
@@ -263,17 +316,24 @@ class Store(Protocol):
         ...
 
     async def complete(
-        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+        self,
+        owner: str,
+        processed: list[int],
+        failed: list[Failure],
+        events: list[NewEvent],
+        publishes: PublishBuilder | None = None,
     ) -> list[Event]:
         """In ONE transaction: mark ``processed`` done, record ``failed`` (attempts+1, last_error,
-        retry time or dead), and append ``events`` — only for messages still leased to ``owner``
-        (events with ``message_id=None`` always). Event ids grow in commit order across instances.
+        retry time or dead), append ``events`` and the outbox rows ``publishes`` builds from the
+        appended events — only for messages still leased to ``owner`` (rows with
+        ``message_id=None`` always). Event ids grow in commit order across instances.
         Returns the appended events with their ids.
         """
         ...
 
-    async def append_events(self, events: list[NewEvent]) -> list[Event]:
-        """Append events not tied to a message (alerts). Returns them with ids."""
+    async def append_events(self, events: list[NewEvent], publishes: PublishBuilder | None = None) -> list[Event]:
+        """Append events not tied to a message (alerts), and their outbox rows, in one transaction.
+        Returns the events with ids."""
         ...
 
     async def read_events(
@@ -332,6 +392,31 @@ class Store(Protocol):
         (re)connect, since notifications may have been missed). SQLite: only this process
         writes, so it reports started and waits. Runs until cancelled; callbacks must not block.
         """
+        ...
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Lease up to ``limit`` due, not dead outbox rows (oldest first) to ``owner``; rows leased
+        to anyone are skipped until the lease expires (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+        ...
+
+    async def renew_outbox(self, owner: str, lease_seconds: float) -> int:
+        """Extend every lease ``owner`` holds (rows still waiting for a PUBACK); returns how many."""
+        ...
+
+    async def release_outbox(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds (a restart under the same owner retakes them at once)."""
+        ...
+
+    async def outbox_done(self, ids: list[int]) -> None:
+        """Delete rows the broker confirmed."""
+        ...
+
+    async def outbox_failed(self, failures: list[PublishFailure]) -> None:
+        """Record refusals: attempts+1, last_error, and a retry time or ``dead_at``; releases the lease."""
+        ...
+
+    async def outbox_stats(self) -> OutboxStats:
+        """How many publishes wait (and since when) and how many are dead-lettered."""
         ...
 
 

@@ -54,9 +54,14 @@ from gateway.store.base import (
     Migration,
     NewEvent,
     NewMessage,
+    NewPublish,
     NewReject,
+    OutboxItem,
+    OutboxStats,
     Page,
     PruneTable,
+    PublishBuilder,
+    PublishFailure,
     StoredMessage,
     StoredReject,
     StoreHealth,
@@ -160,6 +165,44 @@ _BACKLOG = """
 SELECT (SELECT count(*) FROM messages WHERE processed_at IS NULL AND dead_at IS NULL),
        (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL ORDER BY id LIMIT 1),
        (SELECT count(*) FROM messages WHERE dead_at IS NOT NULL)
+"""
+
+_OUTBOX_COLS = "id, payload, subtopic, attempts, created_at, message_id, event_id"
+_INSERT_OUTBOX = """
+INSERT INTO outbox (subtopic, payload, message_id, event_id)
+SELECT s, p, m, e FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS u(s, p, m, e, ord)
+ORDER BY ord
+"""
+_CLAIM_OUTBOX = f"""
+UPDATE outbox SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE dead_at IS NULL AND (lease_until IS NULL OR lease_until < now())
+      AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    ORDER BY id LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+RETURNING {_OUTBOX_COLS}
+"""
+_RENEW_OUTBOX = """
+WITH r AS (UPDATE outbox SET lease_until = now() + make_interval(secs => $2)
+           WHERE lease_owner = $1 AND dead_at IS NULL RETURNING 1)
+SELECT count(*) FROM r
+"""
+_RELEASE_OUTBOX = """
+WITH r AS (UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1 RETURNING 1)
+SELECT count(*) FROM r
+"""
+_OUTBOX_FAILED = """
+UPDATE outbox o
+SET attempts = o.attempts + 1, last_error = f.err, next_attempt_at = f.retry,
+    dead_at = CASE WHEN f.retry IS NULL THEN now() END, lease_owner = NULL, lease_until = NULL
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS f(id, err, retry)
+WHERE o.id = f.id
+"""
+_OUTBOX_STATS = """
+SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NULL),
+       (SELECT created_at FROM outbox WHERE dead_at IS NULL ORDER BY id LIMIT 1),
+       (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL)
 """
 
 
@@ -475,10 +518,15 @@ class PostgresStore:
         return sorted((_message(r) for r in rows), key=lambda m: m.id)
 
     async def complete(
-        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+        self,
+        owner: str,
+        processed: list[int],
+        failed: list[Failure],
+        events: list[NewEvent],
+        publishes: PublishBuilder | None = None,
     ) -> list[Event]:
-        """Mark processed/failed and append events, in one transaction, only for messages still
-        leased to ``owner`` (events without a message always). NOTIFYs ``gateway_events``."""
+        """Mark processed/failed, append events and outbox rows, in one transaction, only for
+        messages still leased to ``owner`` (events without a message always). NOTIFYs ``gateway_events``."""
 
         async def complete(conn: Conn) -> list[Event]:
             owned: set[int] = set()
@@ -495,18 +543,25 @@ class PostgresStore:
                     )
                     owned.update(r[0] for r in rows)
                 keep = [e for e in events if e.message_id is None or e.message_id in owned]
-                return await _append(conn, keep)
+                stored = await _append(conn, keep)
+                if publishes is not None:
+                    rows = [p for p in publishes(stored) if p.message_id is None or p.message_id in owned]
+                    await _enqueue(conn, rows)
+                return stored
 
         if not processed and not failed and not events:
             return []
         return await self._run(complete)
 
-    async def append_events(self, events: list[NewEvent]) -> list[Event]:
-        """Append events not tied to a lease (alerts); returns them with ids."""
+    async def append_events(self, events: list[NewEvent], publishes: PublishBuilder | None = None) -> list[Event]:
+        """Append events not tied to a lease (alerts) and their outbox rows; returns the events with ids."""
 
         async def append(conn: Conn) -> list[Event]:
             async with _transaction(conn):
-                return await _append(conn, events)
+                stored = await _append(conn, events)
+                if publishes is not None:
+                    await _enqueue(conn, publishes(stored))
+                return stored
 
         if not events:
             return []
@@ -642,6 +697,42 @@ class PostgresStore:
                 started = True
             await trio.sleep(backoff(attempt, s.retry_min, s.retry_max))
             attempt += 1
+
+    # -- outbox --------------------------------------------------------------------------
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Lease up to ``limit`` due, not dead outbox rows (oldest first) to ``owner``;
+        concurrent claimers never get the same one (``FOR UPDATE SKIP LOCKED``)."""
+        if limit < 1:
+            return []
+        rows = await self._run(lambda conn: conn.fetch(_CLAIM_OUTBOX, owner, limit, float(lease_seconds)))
+        return sorted((OutboxItem(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows), key=lambda o: o.id)
+
+    async def renew_outbox(self, owner: str, lease_seconds: float) -> int:
+        """Extend every lease ``owner`` holds; returns how many."""
+        count: int = await self._run(lambda conn: conn.fetchval(_RENEW_OUTBOX, owner, float(lease_seconds)))
+        return count
+
+    async def release_outbox(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds; returns how many."""
+        count: int = await self._run(lambda conn: conn.fetchval(_RELEASE_OUTBOX, owner))
+        return count
+
+    async def outbox_done(self, ids: list[int]) -> None:
+        """Delete rows the broker confirmed."""
+        if ids:
+            await self._run(lambda conn: conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", ids))
+
+    async def outbox_failed(self, failures: list[PublishFailure]) -> None:
+        """Record refusals (attempts+1, last_error, retry time or dead); releases the leases."""
+        if failures:
+            ids, errors, retries = [f.id for f in failures], [f.error for f in failures], [f.retry_at for f in failures]
+            await self._run(lambda conn: conn.execute(_OUTBOX_FAILED, ids, errors, retries))
+
+    async def outbox_stats(self) -> OutboxStats:
+        """How many publishes wait (and since when) and how many are dead-lettered."""
+        row = await self._run(lambda conn: conn.fetchrow(_OUTBOX_STATS))
+        return OutboxStats(row[0], row[1], row[2])
 
 
 # -- asyncio-side helpers (run on a connection inside one aio_as_trio call) -----------------
@@ -800,3 +891,15 @@ def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
         k, v = param(key), param(Decimal(repr(number)))
         where.append(f"measurements @> jsonb_build_object({k}::text, {v}::numeric)")
     return where, params
+
+
+async def _enqueue(conn: Conn, publishes: list[NewPublish]) -> None:
+    """Insert outbox rows (ids follow the given order)."""
+    if publishes:
+        await conn.execute(
+            _INSERT_OUTBOX,
+            [p.subtopic for p in publishes],
+            [p.payload for p in publishes],
+            [p.message_id for p in publishes],
+            [p.event_id for p in publishes],
+        )

@@ -46,9 +46,14 @@ from gateway.store.base import (
     Migration,
     NewEvent,
     NewMessage,
+    NewPublish,
     NewReject,
+    OutboxItem,
+    OutboxStats,
     Page,
     PruneTable,
+    PublishBuilder,
+    PublishFailure,
     StoredMessage,
     StoredReject,
     StoreHealth,
@@ -103,6 +108,25 @@ _PRUNE = {
         " WHERE received_at < ? AND processed_at IS NOT NULL ORDER BY id LIMIT ?)"
     ),
 }
+
+_OUTBOX_COLS = "id, payload, subtopic, attempts, created_at, message_id, event_id"
+_INSERT_OUTBOX = "INSERT INTO outbox (created_at, subtopic, payload, message_id, event_id) VALUES (?, ?, ?, ?, ?)"
+_CLAIM_OUTBOX = (
+    "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id IN ("
+    " SELECT id FROM outbox WHERE dead_at IS NULL AND (lease_until IS NULL OR lease_until < ?)"
+    " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+    f" ORDER BY id LIMIT ?) RETURNING {_OUTBOX_COLS}"
+)
+_RENEW_OUTBOX = "UPDATE outbox SET lease_until = ? WHERE lease_owner = ? AND dead_at IS NULL"
+_RELEASE_OUTBOX = "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?"
+_OUTBOX_FAILED = (
+    "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, dead_at = ?,"
+    " lease_owner = NULL, lease_until = NULL WHERE id = ?"
+)
+_OUTBOX_STATS = (
+    "SELECT count(*), (SELECT created_at FROM outbox WHERE dead_at IS NULL ORDER BY id LIMIT 1),"
+    " (SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL) FROM outbox WHERE dead_at IS NULL"
+)
 
 # sqlite3 error texts that mean "the query (or schema) is wrong", not "try again later".
 _CORRUPT_HINTS = ("no such table", "no such column", "syntax error", "malformed", "not a database")
@@ -397,9 +421,14 @@ class SqliteStore:
         return await self._call(claim)
 
     async def complete(
-        self, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent]
+        self,
+        owner: str,
+        processed: list[int],
+        failed: list[Failure],
+        events: list[NewEvent],
+        publishes: PublishBuilder | None = None,
     ) -> list[Event]:
-        """Mark processed/failed and append events, only for messages still leased to ``owner``."""
+        """Mark processed/failed, append events and outbox rows, only for messages still leased to ``owner``."""
 
         def complete(conn: sqlite3.Connection) -> list[Event]:
             now = ts_text(now_utc())
@@ -414,16 +443,22 @@ class SqliteStore:
                     if cur.rowcount:
                         owned.add(f.message_id)
                 keep = [e for e in events if e.message_id is None or e.message_id in owned]
-                return _append(conn, keep)
+                stored = _append(conn, keep)
+                if publishes is not None:
+                    _enqueue(conn, [p for p in publishes(stored) if p.message_id is None or p.message_id in owned])
+                return stored
 
         return await self._call(complete)
 
-    async def append_events(self, events: list[NewEvent]) -> list[Event]:
-        """Append events not tied to a lease (alerts); returns them with ids."""
+    async def append_events(self, events: list[NewEvent], publishes: PublishBuilder | None = None) -> list[Event]:
+        """Append events not tied to a lease (alerts) and their outbox rows; returns the events with ids."""
 
         def append(conn: sqlite3.Connection) -> list[Event]:
             with _transaction(conn):
-                return _append(conn, events)
+                stored = _append(conn, events)
+                if publishes is not None:
+                    _enqueue(conn, publishes(stored))
+                return stored
 
         if not events:
             return []
@@ -534,6 +569,62 @@ class SqliteStore:
         task_status.started()
         await trio.sleep_forever()
 
+    # -- outbox --------------------------------------------------------------------------
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Lease up to ``limit`` due, not dead outbox rows (oldest first) to ``owner``."""
+
+        def claim(conn: sqlite3.Connection) -> list[OutboxItem]:
+            now = now_utc()
+            now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
+            with _transaction(conn):
+                rows = conn.execute(_CLAIM_OUTBOX, (owner, until, now_text, now_text, limit)).fetchall()
+            return sorted((_outbox_item(r) for r in rows), key=lambda o: o.id)
+
+        if limit < 1:
+            return []
+        return await self._call(claim)
+
+    async def renew_outbox(self, owner: str, lease_seconds: float) -> int:
+        """Extend every lease ``owner`` holds; returns how many."""
+        until = ts_text(now_utc() + timedelta(seconds=lease_seconds))
+        return await self._write(_RENEW_OUTBOX, (until, owner))
+
+    async def release_outbox(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds; returns how many."""
+        return await self._write(_RELEASE_OUTBOX, (owner,))
+
+    async def outbox_done(self, ids: list[int]) -> None:
+        """Delete rows the broker confirmed."""
+        if ids:
+            await self._write("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+
+    async def outbox_failed(self, failures: list[PublishFailure]) -> None:
+        """Record refusals (attempts+1, last_error, retry time or dead); releases the leases."""
+        now = ts_text(now_utc())
+        rows = [
+            (f.error, ts_text(f.retry_at) if f.retry_at else None, None if f.retry_at else now, f.id) for f in failures
+        ]
+
+        def record(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(_OUTBOX_FAILED, rows)
+
+        if rows:
+            await self._call(record)
+
+    async def outbox_stats(self) -> OutboxStats:
+        """How many publishes wait (and since when) and how many are dead-lettered."""
+        pending, oldest, dead = await self._call(lambda conn: conn.execute(_OUTBOX_STATS).fetchone())
+        return OutboxStats(pending, ts_parse(oldest) if oldest else None, dead)
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                return conn.execute(sql, params).rowcount
+
+        return await self._call(write)
+
 
 class _Reader:
     """A read-only connection with its own deadline, which its progress handler checks."""
@@ -640,3 +731,14 @@ def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
         where.append("EXISTS (SELECT 1 FROM json_each(measurements) WHERE key = ? AND value = ?)")
         params.extend([key, number])
     return where, params
+
+
+def _enqueue(conn: sqlite3.Connection, publishes: list[NewPublish]) -> None:
+    if publishes:
+        now = ts_text(now_utc())
+        rows = [(now, p.subtopic, p.payload, p.message_id, p.event_id) for p in publishes]
+        conn.executemany(_INSERT_OUTBOX, rows)
+
+
+def _outbox_item(r: Any) -> OutboxItem:
+    return OutboxItem(r[0], bytes(r[1]), r[2], r[3], ts_parse(r[4]), r[5], r[6])

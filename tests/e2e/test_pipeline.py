@@ -19,13 +19,13 @@ from tests.support.mqtt import packet, publish
 class Subscriber:
     """A real MQTT subscriber on the shared broker collecting payloads."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, port: int = 1883) -> None:
         self.messages: list[dict[str, object]] = []
         self._ready = threading.Event()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
         self.client.on_subscribe = lambda *a: self._ready.set()
-        self.client.connect("127.0.0.1", 1883)
+        self.client.connect("127.0.0.1", port)
         self.client.subscribe(topic, qos=1)
         self.client.loop_start()
         assert self._ready.wait(10)
