@@ -11,7 +11,7 @@ bin := venv / "bin"
 default:
     @just --list
 
-# create .venv and (re)install the package when pyproject.toml changed
+# create .venv and (re)install the locked dependencies and the package when pyproject.toml or the lock changed
 bootstrap:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -21,9 +21,12 @@ bootstrap:
         "{{bin}}/python" -m pip install -q --upgrade pip
     fi
     stamp="{{venv}}/.deps-stamp"
-    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    want="$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        echo "installing gateway and its dependencies into .venv"
+        echo "installing the locked dependencies and gateway into .venv"
+        "{{bin}}/python" -m pip install -q --require-hashes -r requirements-dev.lock
+        # Anything pyproject.toml gained since the last `just lock` still installs (unpinned);
+        # tests/test_lockfiles.py then fails until the lock is regenerated.
         "{{bin}}/python" -m pip install -q -e '.[dev]'
         echo "$want" > "$stamp"
     fi
@@ -70,6 +73,22 @@ bench-quick: bootstrap
 fuzz: bootstrap
     FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-500} "{{bin}}/python" -m pytest -q tests/test_schemathesis.py -p no:cacheprovider
 
+# re-resolve requirements.lock (runtime) and requirements-dev.lock from pyproject.toml; `just lock --upgrade` takes the newest releases
+lock *ARGS: bootstrap
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd "{{justfile_directory()}}"
+    # One set of versions for every Python >= 3.11 and platform (what CI tests is what deploys).
+    opts=(--universal --fork-strategy fewest --python-version 3.11 --generate-hashes --custom-compile-command "just lock" -q)
+    "{{bin}}/uv" pip compile pyproject.toml "${opts[@]}" {{ARGS}} -o requirements.lock
+    # The dev lock is constrained by the runtime lock: tests run the versions that deploy.
+    "{{bin}}/uv" pip compile pyproject.toml --extra dev -c requirements.lock "${opts[@]}" {{ARGS}} -o requirements-dev.lock
+    git diff --stat -- requirements.lock requirements-dev.lock 2>/dev/null || true
+
+# check the locked dependencies for known vulnerabilities (exit 1: vulnerable; 3: could not audit everything)
+audit: bootstrap
+    "{{bin}}/python" ops/audit.py requirements.lock requirements-dev.lock
+
 # install (or upgrade) into PREFIX as a new release, then switch PREFIX/venv to it (run as root; see ops/DEPLOY.md)
 install prefix="/opt/gateway":
     #!/usr/bin/env bash
@@ -81,8 +100,11 @@ install prefix="/opt/gateway":
     mkdir -p "{{prefix}}/releases"
     trap 'rm -rf "$dest"' ERR   # a failed build leaves no half-installed release behind
     "{{python}}" -m venv "$dest"
-    "$dest/bin/python" -m pip install -q .
-    cp gateway.service ops/DEPLOY.md "$dest/"
+    # Exactly the locked, hash-checked dependencies; then the gateway itself without resolving again.
+    "$dest/bin/python" -m pip install -q --require-hashes -r requirements.lock
+    "$dest/bin/python" -m pip install -q --no-deps .
+    "$dest/bin/python" -m pip check
+    cp gateway.service ops/DEPLOY.md requirements.lock "$dest/"
     cp -r ops "$dest/ops"
     "$dest/bin/gateway" --help >/dev/null
     ln -sfn "$dest" "{{prefix}}/venv.new"

@@ -107,6 +107,7 @@ class Gateway:
             version=__version__,
         )
         self.supervisor = Supervisor(self.settings.supervisor, self._components)
+        self.ingest: Ingest | None = None  # the running group's (one per generation)
         self._reload_lock = trio.Lock()
 
     def _components(self) -> Sequence[Component]:
@@ -120,6 +121,7 @@ class Gateway:
             self.health.component("ingest"),
             on_stored=self._on_stored,
         )
+        self.ingest = ingest
         return [
             Component("database", self.store.run),
             Component("status", self._status_loop),
@@ -218,8 +220,12 @@ class Gateway:
                     self.outbox.settings = new.mqtt
                     if self.supervisor.restart("mqtt"):
                         restarted.append("mqtt")
-                if "ingest" in groups and self.supervisor.restart("ingest"):
-                    restarted.append("ingest")
+                if "ingest" in groups and self.ingest is not None:
+                    # Applied in place at the next batch boundary: a restart would drop the batch
+                    # being filled, unacked, and the broker redelivers only after a reconnect.
+                    self.ingest.reconfigure(new.ingest)
+                if "INGEST_CHANNEL_SIZE" in changed:
+                    requires_restart.append("ingest")  # the channel is rebuilt with the group
                 http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY"}
                 if any(owner.get(k) == "http" and k not in http_live for k in changed):
                     requires_restart.append("http")

@@ -89,8 +89,27 @@ class Ingest:
         self._on_commit = on_commit
         self._on_stored = on_stored
         self._health = health
+        self._filling: trio.CancelScope | None = None
+        self.received = 0
+        """Messages taken from the channel since start."""
         self.committed = 0
         """Messages (readings and rejects) committed since start."""
+
+    @property
+    def held(self) -> int:
+        """Messages received but not yet committed (nor acked): the batch being filled and any rest."""
+        return self.received - self.committed
+
+    def reconfigure(self, settings: IngestSettings) -> None:
+        """Apply new batching settings at the next batch boundary, keeping every message held.
+
+        ``batch_size``, ``flush_ms`` and ``max_payload`` take effect for the batch being filled: it
+        is judged again by the new size and by its start time plus the new ``flush_ms``.
+        ``channel_size`` belongs to the channel the app built; it applies when that is rebuilt.
+        """
+        self._settings = settings
+        if self._filling is not None:
+            self._filling.cancel()  # wake the fill wait; run() re-reads the settings
 
     async def run(
         self,
@@ -101,37 +120,51 @@ class Ingest:
         """Batch, store and ack everything from ``inbound``.
 
         A batch is written when it holds ``batch_size`` messages or ``flush_ms`` after it started
-        filling. Returns when ``inbound`` is closed (after storing what it had); otherwise runs
-        until cancelled. Raises what the store raises besides StoreUnavailable (a bug or a broken
-        schema), leaving the batch unacked for redelivery.
+        filling (both read at each batch boundary, see :meth:`reconfigure`). Returns when
+        ``inbound`` is closed (after storing what it had); otherwise runs until cancelled. Raises
+        what the store raises besides StoreUnavailable (a bug or a broken schema), leaving the
+        batch unacked for redelivery.
         """
-        size = self._settings.batch_size
-        flush = self._settings.flush_ms / 1000.0
         self._health.set("ok")
         task_status.started()
         pending: list[Inbound] = []
+        started = 0.0
         while True:
             if not pending:
                 try:
-                    pending.extend(await inbound.receive())
+                    pending.extend(await self._receive(inbound))
                 except trio.EndOfChannel:
                     return
+                started = trio.current_time()
+            settings = self._settings
+            size = settings.batch_size
             closed = False
             if len(pending) < size:
-                with trio.move_on_after(flush):
+                with trio.CancelScope(deadline=started + settings.flush_ms / 1000.0) as filling:
+                    self._filling = filling
                     try:
                         while len(pending) < size:
-                            pending.extend(await inbound.receive())
+                            pending.extend(await self._receive(inbound))
                     except trio.EndOfChannel:
                         closed = True
+                self._filling = None
+                if self._settings is not settings and not closed:
+                    continue  # reconfigured while filling: judge this batch by the new settings
             # A read burst may exceed batch_size: commit a full batch, keep the rest for the next.
             chunk, pending = pending[:size], pending[size:]
             await self._commit(chunk)
+            started = trio.current_time()  # the rest, if any, starts the next batch
             if closed:
                 while pending:
+                    size = self._settings.batch_size
                     chunk, pending = pending[:size], pending[size:]
                     await self._commit(chunk)
                 return
+
+    async def _receive(self, inbound: trio.MemoryReceiveChannel[list[Inbound]]) -> list[Inbound]:
+        batch = await inbound.receive()
+        self.received += len(batch)
+        return batch
 
     async def _commit(self, chunk: list[Inbound]) -> None:
         """Store one batch (retrying while the database is unavailable), then ack it in order."""

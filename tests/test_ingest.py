@@ -109,6 +109,35 @@ async def test_batches_by_size_and_by_timer(autojump_clock: trio.testing.MockClo
     assert rec.commits == 4
 
 
+async def test_reconfigure_applies_to_the_batch_being_filled(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    rec = Recorder(store)
+    ingest = make_ingest(store, rec, batch_size=1000, flush_ms=10_000)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ingest.run, recv)
+        await send.send([inbound(packet("r", i), i) for i in range(25)])
+        await eventually(lambda: ingest.held == 25)
+        await trio.sleep(1)
+        assert store.batches == [] and rec.acked == []  # waiting for 1000 or 10 s
+        t0 = trio.current_time()
+        ingest.reconfigure(IngestSettings(batch_size=10, flush_ms=5))
+        await eventually(lambda: len(rec.acked) == 25)
+        # The held batch is cut by the new size at once (it is older than the new flush_ms); the
+        # rest of 5 starts the next batch, flushed 5 ms later, not 10 s.
+        assert [len(m) for m, _ in store.batches] == [10, 10, 5]
+        assert store.commit_times[1] - t0 < 0.001 and store.commit_times[2] - t0 < 0.006
+        # Larger again: the next batch waits for the new size or the new flush.
+        ingest.reconfigure(IngestSettings(batch_size=50, flush_ms=200))
+        t1 = trio.current_time()
+        await send.send([inbound(packet("r", i), i) for i in range(25, 45)])
+        await eventually(lambda: len(rec.acked) == 45)
+        assert [len(m) for m, _ in store.batches[3:]] == [20]
+        assert 0.199 < store.commit_times[-1] - t1 < 0.201
+        nursery.cancel_scope.cancel()
+    assert [m.mid for m in rec.acked] == list(range(45)) and ingest.held == 0
+
+
 async def test_store_outage_keeps_batch_unacked_and_retries(autojump_clock: trio.testing.MockClock) -> None:
     store = FakeStore(fail=6)
     rec = Recorder(store)
