@@ -127,13 +127,14 @@ def create_app(ctx: AppContext) -> QuartTrio:
             # arrives after the response, so end the connection instead of keeping it alive.
             headers["Connection"] = "close"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        # Labels come from fixed sets only (h11 accepts any token as a method, and paths are the
+        # client's): the route template or "unmatched", a known method or "other".
+        route = request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED_ROUTE
+        method = metrics.method_label(request.method)
         status = response.status_code
-        counter = counters.get((route, request.method, status))
+        counter = counters.get((route, method, status))
         if counter is None:
-            counter = counters[(route, request.method, status)] = metrics.HTTP_REQUESTS.labels(
-                route, request.method, str(status)
-            )
+            counter = counters[(route, method, status)] = metrics.HTTP_REQUESTS.labels(route, method, str(status))
         counter.inc()
         latency = latencies.get(route)
         if latency is None:
