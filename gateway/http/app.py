@@ -9,7 +9,7 @@ import time
 import uuid
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import trio
 from hypercorn.config import Config
@@ -157,8 +157,12 @@ def create_app(ctx: AppContext) -> QuartTrio:
 
 
 def _loggable_path() -> str:
-    """The request path and query with secrets (``access_token``) masked."""
-    path = request.path
+    """The request path and query with secrets (``access_token``) masked.
+
+    The decoded path is percent-encoded again (``%0a``, spaces, quotes), so it stays one field of
+    one line and cannot imitate the status or key that follow it.
+    """
+    path = quote(request.path, safe="/!$&'()*+,;=:@-._~")
     if not request.query_string:
         return path
     pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True)
