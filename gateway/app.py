@@ -213,7 +213,7 @@ class Gateway:
                         restarted.append("mqtt")
                 if "ingest" in groups and self.supervisor.restart("ingest"):
                     restarted.append("ingest")
-                http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY"}
+                http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY", "HTTP_TRUSTED_PROXIES"}
                 if any(owner.get(k) == "http" and k not in http_live for k in changed):
                     requires_restart.append("http")
                 if "database" in groups:

@@ -8,6 +8,7 @@ systemd credential in ``$CREDENTIALS_DIRECTORY``), and a value in ``.env`` or th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -166,6 +167,7 @@ class HttpSettings(_Component):
     rate_limit: str = Field("600/minute", alias="RATE_LIMIT")
     max_body: int = Field(65536, ge=1024, alias="HTTP_MAX_BODY")
     cors_origins: tuple[str, ...] = Field((), alias="HTTP_CORS_ORIGINS")
+    trusted_proxies: tuple[str, ...] = Field((), alias="HTTP_TRUSTED_PROXIES")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -195,6 +197,19 @@ class HttpSettings(_Component):
         if isinstance(v, str):
             return tuple(o.strip() for o in v.split(",") if o.strip())
         return v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, v: Any) -> Any:
+        """Comma-separated addresses or CIDRs, kept in canonical form (``10.0.0.0/8``)."""
+        items = [p.strip() for p in v.split(",")] if isinstance(v, str) else list(v)
+        out = []
+        for item in (i for i in items if i):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return tuple(out)
 
     @field_validator("rate_limit")
     @classmethod

@@ -24,7 +24,7 @@ from gateway.http.auth import authenticate, presented_key
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
-from gateway.http.ratelimit import RateLimiter, retry_after_header
+from gateway.http.ratelimit import RateLimiter, address_bucket, client_address, parse_networks, retry_after_header
 from gateway.http.sse import SseStreams
 
 log = logging.getLogger("gateway.http")
@@ -64,19 +64,23 @@ def create_app(ctx: AppContext) -> QuartTrio:
         http = ctx.settings.http
         # Keeps the body limit live across reloads (Quart reads it when a request starts).
         app.config["MAX_CONTENT_LENGTH"] = http.max_body
-        if request.content_length or request.headers.get("Transfer-Encoding"):
-            # Receive the whole body before anything can answer: hypercorn's HTTP/1.1 connection
-            # hangs when a response (e.g. 401 or 415) is sent before the body has arrived.
-            # Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
-            await request.get_data(cache=True)
         spec = spec_of(app.view_functions.get(request.endpoint)) if request.endpoint else None
         token = request.args.get("access_token") if spec is not None and spec.query_token else None
         key = presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"), token)
         principal = authenticate(key, http.api_keys) if key else None
         g.principal = principal
-        identity = f"key:{principal.name}" if principal else f"addr:{request.remote_addr}"
+        # The limit comes before the body is read: a client over it costs no body buffering.
+        # (The 429 then closes the connection, see _after.)
         count, period = http.rate
-        wait = limiter.check(identity, count, period)
+        if principal is not None:
+            wait = limiter.check_key(principal.name, count, period)
+        else:
+            address = client_address(
+                request.remote_addr,
+                request.headers.getlist("X-Forwarded-For"),
+                parse_networks(http.trusted_proxies),
+            )
+            wait = limiter.check_address(address_bucket(address), count, period)
         if wait > 0:
             raise ApiError(
                 429,
@@ -84,6 +88,11 @@ def create_app(ctx: AppContext) -> QuartTrio:
                 f"rate limit is {http.rate_limit}",
                 headers={"Retry-After": retry_after_header(wait)},
             )
+        if request.content_length or request.headers.get("Transfer-Encoding"):
+            # Receive the whole body before anything else can answer: hypercorn's HTTP/1.1
+            # connection hangs when a response (e.g. 401 or 415) is sent before the body has
+            # arrived. Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
+            await request.get_data(cache=True)
         if spec is None or spec.role is None or request.method == "OPTIONS":
             return
         if key is None:
