@@ -19,7 +19,7 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 
 from gateway import metrics
-from gateway.http import dashboard, errors, routes
+from gateway.http import dashboard, docs, errors, routes
 from gateway.http.auth import authenticate, presented_key
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
@@ -49,12 +49,14 @@ def create_app(ctx: AppContext) -> QuartTrio:
         info={"title": "Sensor gateway API", "version": ctx.version},
         redoc_ui_path=None,
         scalar_ui_path=None,
+        swagger_ui_path=None,  # served from the package instead (gateway.http.docs)
         security_schemes=SECURITY_SCHEMES,
         openapi_provider_class=GatewayOpenAPIProvider,
     )
     errors.register(app)
     routes.register(app)
     dashboard.register(app)
+    docs.register(app)
 
     @app.before_request
     async def _before() -> None:
@@ -116,6 +118,9 @@ def create_app(ctx: AppContext) -> QuartTrio:
         headers = response.headers
         headers["X-Request-ID"] = request_id
         headers["X-Content-Type-Options"] = "nosniff"
+        if request.scheme == "https":
+            # Browsers keep to HTTPS for this host for a year (only sent over TLS, as RFC 6797 asks).
+            headers["Strict-Transport-Security"] = "max-age=31536000"
         if "Cache-Control" not in headers:
             headers["Cache-Control"] = "no-store"
         origin = request.headers.get("Origin")
