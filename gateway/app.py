@@ -226,7 +226,7 @@ class Gateway:
                     self.ingest.reconfigure(new.ingest)
                 if "INGEST_CHANNEL_SIZE" in changed:
                     requires_restart.append("ingest")  # the channel is rebuilt with the group
-                http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY"}
+                http_live = {"API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS", "HTTP_MAX_BODY", "HTTP_TRUSTED_PROXIES"}
                 if any(owner.get(k) == "http" and k not in http_live for k in changed):
                     requires_restart.append("http")
                 if "database" in groups:

@@ -78,16 +78,39 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# Characters that could end a line or fake one (C0, DEL, C1, Unicode line/paragraph separators).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters written as ``\\n``, ``\\x1b``, ``\\u2028``...
+
+    Applied by both formatters to every rendered message, so a path, topic, device id or header
+    from outside can never start a fake log line or drive a terminal, whichever logger logs it.
+    """
+    return _CONTROL.sub(_escape_one, text) if _CONTROL.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
-    """``2026-11-27T09:00:00.123Z INFO gateway.mqtt connected host=... session_present=True``."""
+    """``2026-11-27T09:00:00.123Z INFO gateway.mqtt connected host=... session_present=True``.
+
+    One record is one line; a traceback follows on lines indented by two spaces, so only a record
+    starts a line at column 0.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f"{ts} {record.levelname} {record.name} {record.getMessage()}"
-        if record.exc_text:
-            line += "\n" + record.exc_text
-        elif record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        line = f"{ts} {record.levelname} {record.name} {escape_control(record.getMessage())}"
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else None)
+        if exc:
+            line += "".join("\n  " + escape_control(part) for part in exc.split("\n"))
         return line
 
 
@@ -97,7 +120,7 @@ class JsonFormatter(logging.Formatter):
     _KV = re.compile(r"(\w+)=(\S+)")
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = escape_control(record.getMessage())
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,

@@ -54,7 +54,9 @@ SSE_DROPPED = Counter("gateway_sse_dropped_total", "SSE subscribers disconnected
 SSE_STUCK = Counter("gateway_sse_stuck_total", "SSE streams cut because the client stopped reading")
 SSE_REFUSED = Counter("gateway_sse_refused_total", "SSE streams refused at a limit", ["limit"])  # per_key|total
 
-# HTTP
+# HTTP: labelled only with values from fixed sets (see method_label), never with raw paths.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"  # the route label of a request no route template matched
 HTTP_REQUESTS = Counter("gateway_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_LATENCY = Histogram("gateway_http_request_seconds", "HTTP request latency", ["route"], buckets=_LAT)
 
@@ -72,3 +74,8 @@ DISK_FREE_RATIO = Gauge(
 API_PUBLISH_OVERFLOW = Counter(
     "gateway_api_publish_overflow_total", "API packets stored but not queued for MQTT (outbound queue full)"
 )
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label for an HTTP method: itself when it is a standard one, else ``other``."""
+    return method if method in HTTP_METHODS else "other"

@@ -8,6 +8,7 @@ systemd credential in ``$CREDENTIALS_DIRECTORY``), and a value in ``.env`` or th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -181,6 +182,7 @@ class HttpSettings(_Component):
     sse_max_streams: int = Field(500, ge=1, alias="SSE_MAX_STREAMS")
     sse_max_streams_per_key: int = Field(50, ge=1, alias="SSE_MAX_STREAMS_PER_KEY")
     sse_send_timeout: float = Field(30.0, ge=1, le=3600, alias="SSE_SEND_TIMEOUT")
+    trusted_proxies: tuple[str, ...] = Field((), alias="HTTP_TRUSTED_PROXIES")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -210,6 +212,19 @@ class HttpSettings(_Component):
         if isinstance(v, str):
             return tuple(o.strip() for o in v.split(",") if o.strip())
         return v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, v: Any) -> Any:
+        """Comma-separated addresses or CIDRs, kept in canonical form (``10.0.0.0/8``)."""
+        items = [p.strip() for p in v.split(",")] if isinstance(v, str) else list(v)
+        out = []
+        for item in (i for i in items if i):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return tuple(out)
 
     @field_validator("rate_limit")
     @classmethod

@@ -41,6 +41,8 @@ async def test_https_serves_http2_and_http1(
             r = await c.get("/api/v1/ping")
             assert r.status_code == 200
             assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            assert r.headers["strict-transport-security"] == "max-age=31536000"
+            assert "strict-transport-security" in (await c.get("/api/v1/nothing")).headers  # errors too
             r = await c.post("/api/v1/packets", json=packet())
             assert r.status_code == 201
             # SSE over TLS as well: the retry frame arrives.
@@ -63,3 +65,8 @@ async def test_client_without_the_ca_refuses_the_certificate(
         # ...while the trusting client still gets through afterwards.
         async with server.client() as c:
             assert (await c.get("/api/v1/ping")).status_code == 200
+
+
+async def test_no_hsts_over_plain_http(api: ApiServer) -> None:
+    async with api.client() as c:
+        assert "strict-transport-security" not in (await c.get("/api/v1/ping")).headers

@@ -86,3 +86,9 @@ def test_unit_documents_encrypted_credentials() -> None:
     text = UNIT.read_text()
     assert re.search(r"^#LoadCredentialEncrypted=mqtt_password:", text, re.M)
     assert re.search(r"^#Environment=MQTT_PASSWORD_FILE=%d/mqtt_password$", text, re.M)
+
+
+def test_unit_bounds_memory_and_tasks() -> None:
+    d = _directives()
+    assert d["MemoryMax"] == ["1G"] and d["MemoryHigh"] == ["768M"]
+    assert d["TasksMax"] == ["256"]

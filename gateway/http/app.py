@@ -9,7 +9,7 @@ import time
 import uuid
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import trio
 from hypercorn.config import Config
@@ -19,12 +19,12 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 
 from gateway import metrics
-from gateway.http import dashboard, errors, routes
+from gateway.http import dashboard, docs, errors, routes
 from gateway.http.auth import authenticate, presented_key
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
-from gateway.http.ratelimit import RateLimiter, retry_after_header
+from gateway.http.ratelimit import RateLimiter, address_bucket, client_address, parse_networks, retry_after_header
 from gateway.http.sse import SendTimeoutConfig, SseStreams
 
 log = logging.getLogger("gateway.http")
@@ -49,12 +49,14 @@ def create_app(ctx: AppContext) -> QuartTrio:
         info={"title": "Sensor gateway API", "version": ctx.version},
         redoc_ui_path=None,
         scalar_ui_path=None,
+        swagger_ui_path=None,  # served from the package instead (gateway.http.docs)
         security_schemes=SECURITY_SCHEMES,
         openapi_provider_class=GatewayOpenAPIProvider,
     )
     errors.register(app)
     routes.register(app)
     dashboard.register(app)
+    docs.register(app)
 
     @app.before_request
     async def _before() -> None:
@@ -64,19 +66,23 @@ def create_app(ctx: AppContext) -> QuartTrio:
         http = ctx.settings.http
         # Keeps the body limit live across reloads (Quart reads it when a request starts).
         app.config["MAX_CONTENT_LENGTH"] = http.max_body
-        if request.content_length or request.headers.get("Transfer-Encoding"):
-            # Receive the whole body before anything can answer: hypercorn's HTTP/1.1 connection
-            # hangs when a response (e.g. 401 or 415) is sent before the body has arrived.
-            # Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
-            await request.get_data(cache=True)
         spec = spec_of(app.view_functions.get(request.endpoint)) if request.endpoint else None
         token = request.args.get("access_token") if spec is not None and spec.query_token else None
         key = presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"), token)
         principal = authenticate(key, http.api_keys) if key else None
         g.principal = principal
-        identity = f"key:{principal.name}" if principal else f"addr:{request.remote_addr}"
+        # The limit comes before the body is read: a client over it costs no body buffering.
+        # (The 429 then closes the connection, see _after.)
         count, period = http.rate
-        wait = limiter.check(identity, count, period)
+        if principal is not None:
+            wait = limiter.check_key(principal.name, count, period)
+        else:
+            address = client_address(
+                request.remote_addr,
+                request.headers.getlist("X-Forwarded-For"),
+                parse_networks(http.trusted_proxies),
+            )
+            wait = limiter.check_address(address_bucket(address), count, period)
         if wait > 0:
             raise ApiError(
                 429,
@@ -84,6 +90,11 @@ def create_app(ctx: AppContext) -> QuartTrio:
                 f"rate limit is {http.rate_limit}",
                 headers={"Retry-After": retry_after_header(wait)},
             )
+        if request.content_length or request.headers.get("Transfer-Encoding"):
+            # Receive the whole body before anything else can answer: hypercorn's HTTP/1.1
+            # connection hangs when a response (e.g. 401 or 415) is sent before the body has
+            # arrived. Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
+            await request.get_data(cache=True)
         if spec is None or spec.role is None or request.method == "OPTIONS":
             return
         if key is None:
@@ -107,6 +118,9 @@ def create_app(ctx: AppContext) -> QuartTrio:
         headers = response.headers
         headers["X-Request-ID"] = request_id
         headers["X-Content-Type-Options"] = "nosniff"
+        if request.scheme == "https":
+            # Browsers keep to HTTPS for this host for a year (only sent over TLS, as RFC 6797 asks).
+            headers["Strict-Transport-Security"] = "max-age=31536000"
         if "Cache-Control" not in headers:
             headers["Cache-Control"] = "no-store"
         origin = request.headers.get("Origin")
@@ -127,13 +141,14 @@ def create_app(ctx: AppContext) -> QuartTrio:
             # arrives after the response, so end the connection instead of keeping it alive.
             headers["Connection"] = "close"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        # Labels come from fixed sets only (h11 accepts any token as a method, and paths are the
+        # client's): the route template or "unmatched", a known method or "other".
+        route = request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED_ROUTE
+        method = metrics.method_label(request.method)
         status = response.status_code
-        counter = counters.get((route, request.method, status))
+        counter = counters.get((route, method, status))
         if counter is None:
-            counter = counters[(route, request.method, status)] = metrics.HTTP_REQUESTS.labels(
-                route, request.method, str(status)
-            )
+            counter = counters[(route, method, status)] = metrics.HTTP_REQUESTS.labels(route, method, str(status))
         counter.inc()
         latency = latencies.get(route)
         if latency is None:
@@ -156,8 +171,12 @@ def create_app(ctx: AppContext) -> QuartTrio:
 
 
 def _loggable_path() -> str:
-    """The request path and query with secrets (``access_token``) masked."""
-    path = request.path
+    """The request path and query with secrets (``access_token``) masked.
+
+    The decoded path is percent-encoded again (``%0a``, spaces, quotes), so it stays one field of
+    one line and cannot imitate the status or key that follow it.
+    """
+    path = quote(request.path, safe="/!$&'()*+,;=:@-._~")
     if not request.query_string:
         return path
     pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True)

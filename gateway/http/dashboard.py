@@ -17,10 +17,13 @@ _CSP = (
 )
 
 
-def _static(name: str, content_type: str) -> Response:
-    response = Response(_STATIC.joinpath(name).read_bytes(), content_type=content_type)
-    response.headers["Content-Security-Policy"] = _CSP
-    response.headers["Cache-Control"] = "no-cache"
+def static_response(
+    name: str, content_type: str, *, csp: str = _CSP, cache: str = "no-cache", body: bytes | None = None
+) -> Response:
+    """A file from ``gateway/http/static`` (or ``body``) with the page headers: CSP, no referrer, no framing."""
+    response = Response(_STATIC.joinpath(name).read_bytes() if body is None else body, content_type=content_type)
+    response.headers["Content-Security-Policy"] = csp
+    response.headers["Cache-Control"] = cache
     # The page puts the key in the EventSource URL: never leak it in a Referer; never framed.
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["X-Frame-Options"] = "DENY"
@@ -29,12 +32,12 @@ def _static(name: str, content_type: str) -> Response:
 
 async def dashboard() -> Response:
     """The dashboard page."""
-    return _static("dashboard.html", "text/html; charset=utf-8")
+    return static_response("dashboard.html", "text/html; charset=utf-8")
 
 
 async def dashboard_js() -> Response:
     """The dashboard's script."""
-    return _static("dashboard.js", "text/javascript; charset=utf-8")
+    return static_response("dashboard.js", "text/javascript; charset=utf-8")
 
 
 def register(app: Quart) -> None:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import math
 import random
+import re
 from datetime import UTC, datetime
 
 from gateway.store.base import MessageQuery
@@ -14,6 +15,10 @@ from gateway.store.base import MessageQuery
 TEXT_FIELDS = frozenset({"device_id", "status", "source"})
 NUMBER_FIELDS = frozenset({"seq", "battery"})
 
+MAX_ID = 2**63 - 1  # BIGINT / SQLite INTEGER
+_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+
 
 def encode_cursor(last_id: int) -> str:
     """The opaque cursor that continues after (below) ``last_id``."""
@@ -21,13 +26,20 @@ def encode_cursor(last_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    """The id a cursor from :func:`encode_cursor` continues below. Raises ValueError if malformed."""
+    """The id a cursor from :func:`encode_cursor` continues below.
+
+    Every part is checked: the text (URL-safe base64, at most 128 characters), the prefix and the
+    number, which must fit a signed 64-bit id (both databases refuse a larger one with an error
+    that is not the client's). Raises ValueError if malformed.
+    """
+    if not _CURSOR_RE.fullmatch(cursor):
+        raise ValueError("malformed cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise ValueError("malformed cursor") from exc
     prefix, _, number = raw.partition(":")
-    if prefix != "id" or not number.isdigit() or len(number) > 19:
+    if prefix != "id" or not _DIGITS_RE.fullmatch(number) or int(number) > MAX_ID:
         raise ValueError("malformed cursor")
     return int(number)
 
