@@ -147,7 +147,8 @@ class SqliteStore:
             )
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
+                conn.execute("PRAGMA synchronous=FULL")
                 conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
                 conn.set_progress_handler(self._over_deadline, 10_000)
             except BaseException:
