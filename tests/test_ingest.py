@@ -72,7 +72,7 @@ def test_to_records_splits_good_and_bad() -> None:
     batch = [inbound(packet("a", 1)), inbound(b"{oops"), inbound(packet("a", 2, ts=1.79e12))]
     messages, rejects = to_records(batch, 65536)
     assert [m.seq for m in messages] == [1, 2]
-    assert messages[0].dedupe_key == "seq:1" and messages[0].source == "mqtt"
+    assert messages[0].dedupe_key == "seq:1@2026-09-21T14:13:20.001000Z" and messages[0].source == "mqtt"
     assert messages[1].device_ts.year == 2026  # milliseconds since the epoch
     assert [r.reason for r in rejects] == ["bad_json"] and rejects[0].payload == b"{oops"
     assert rejects[0].topic == "sensors/x/data" and rejects[0].errors
@@ -200,3 +200,18 @@ async def test_malformed_interleaved_with_good(store: Store) -> None:
     assert {r.reason for r in rejects.items} == {reason for reason, _ in kinds}
     assert all(r.errors and r.topic and r.topic.startswith("sensors/bad") for r in rejects.items)
     assert [m.mid for m in rec.acked] == list(range(3000))
+
+
+async def test_rebooted_device_keeps_every_reading(store: Store) -> None:
+    # The counter restarts after a reboot: same seqs, new timestamps are new readings. A redelivery
+    # (same device, seq and timestamp) is still stored once.
+    before = [inbound(packet("boot", s, ts=1_790_000_000 + s), s) for s in range(1, 101)]
+    after = [inbound(packet("boot", s, ts=1_790_100_000 + s), 100 + s) for s in range(1, 101)]
+    rec = Recorder()
+    await run_ingest(store, [before[:50], before[50:], after], rec)
+    assert (await store.query_messages(MessageQuery(limit=1, device_id="boot"))).total == 200
+    redelivered = [inbound(m.payload, 1000 + i, dup=True) for i, m in enumerate(before + after)]
+    await run_ingest(store, [redelivered[i : i + 37] for i in range(0, 200, 37)], rec)
+    assert (await store.query_messages(MessageQuery(limit=1, device_id="boot"))).total == 200
+    assert (await store.query_rejects(limit=1)).total == 0
+    assert len(rec.acked) == 400
