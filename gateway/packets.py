@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from gateway.errors import PacketInvalid
+from gateway.safetext import safe_text
 from gateway.store._common import ts_text
 
 MAX_PACKET_BYTES = 64 * 1024
@@ -175,9 +176,16 @@ def validate_packet(obj: Any) -> Packet:
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value)."""
+    """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value).
+
+    ``loc`` holds the packet's own keys, so NUL and lone surrogates are escaped (:func:`safe_text`).
+    """
     return [
-        {"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"]).removeprefix("Value error, "), "type": e["type"]}
+        {
+            "loc": [safe_text(str(p)) for p in e["loc"]],
+            "msg": safe_text(str(e["msg"]).removeprefix("Value error, ")),
+            "type": e["type"],
+        }
         for e in exc.errors(include_url=False, include_input=False)
     ][:50]
 

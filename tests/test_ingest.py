@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -14,9 +15,10 @@ from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.ingest import Ingest, to_records
 from gateway.mqtt import Inbound
-from gateway.settings import IngestSettings
+from gateway.settings import DatabaseSettings, IngestSettings
 from gateway.store.base import InsertOutcome, MessageQuery, NewMessage, NewReject, Store
 from tests.support.mqtt import eventually, malformed_packets, packet
+from tests.support.pg import psql
 
 
 def inbound(payload: bytes, mid: int = 1, *, dup: bool = False, topic: str = "sensors/x/data") -> Inbound:
@@ -215,3 +217,36 @@ async def test_rebooted_device_keeps_every_reading(store: Store) -> None:
     assert (await store.query_messages(MessageQuery(limit=1, device_id="boot"))).total == 200
     assert (await store.query_rejects(limit=1)).total == 0
     assert len(rec.acked) == 400
+
+
+def _refuse_seq(settings: DatabaseSettings, seq: int) -> None:
+    """Make the real database refuse (as a data error) any reading with ``seq``."""
+    if settings.kind == "sqlite":
+        with sqlite3.connect(settings.sqlite_path) as conn:
+            conn.execute(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = {seq}"
+                " BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+            )
+        return
+    psql(
+        settings.url.get_secret_value(),
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF NEW.seq = {seq} THEN RAISE EXCEPTION 'refused by test' USING ERRCODE = 'data_exception'; END IF;"
+        " RETURN NEW; END $$;"
+        " CREATE TRIGGER refuse BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+
+
+async def test_refused_message_is_isolated_and_rejected(store: Store, store_settings: DatabaseSettings) -> None:
+    # A value the database refuses fails the whole batch; bisection finds it, stores it as an
+    # `unstorable` reject, and every other message of the batch is stored and acked.
+    _refuse_seq(store_settings, 66)
+    rec = Recorder()
+    batch = [inbound(packet("bis", i), i) for i in range(100)]
+    with trio.fail_after(60):
+        await run_ingest(store, [batch[:60], batch[60:]], rec)
+    page = await store.query_messages(MessageQuery(limit=200, device_id="bis"))
+    assert sorted(m.seq for m in page.items) == [i for i in range(100) if i != 66]
+    rejects = (await store.query_rejects(limit=10)).items
+    assert [(r.reason, r.payload, r.topic) for r in rejects] == [("unstorable", packet("bis", 66), "sensors/x/data")]
+    assert [m.mid for m in rec.acked] == list(range(100))
