@@ -69,9 +69,10 @@ bench *ARGS: bootstrap
 bench-quick: bootstrap
     "{{bin}}/python" -m bench --quick
 
-# fuzz the running API's OpenAPI description longer than the test suite does
+# fuzz the running API's OpenAPI description and the ingest (generated payloads) longer than the test suite does
 fuzz: bootstrap
     FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-500} "{{bin}}/python" -m pytest -q tests/test_schemathesis.py -p no:cacheprovider
+    HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-2000} "{{bin}}/python" -m pytest -q tests/test_ingest_fuzz.py -p no:cacheprovider
 
 # re-resolve requirements.lock (runtime) and requirements-dev.lock from pyproject.toml; `just lock --upgrade` takes the newest releases
 lock *ARGS: bootstrap

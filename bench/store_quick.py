@@ -1,6 +1,7 @@
 """Store write throughput: ``write_batch`` of N new messages in batches, then the same messages
 again (all duplicates), on SQLite and PostgreSQL; plus PostgreSQL without the GIN index on
-``measurements`` to show what that index costs.
+``measurements`` to show what that index costs, and SQLite with ``synchronous=NORMAL`` instead of
+the shipped ``FULL`` (at the batch size and one message per commit) to show what durability costs.
 
     .venv/bin/python -m bench.store_quick [--messages 20000] [--batch 500] [--pg-url URL]
 
@@ -45,12 +46,14 @@ def _messages(n: int) -> list[NewMessage]:
 
 
 async def _run(
-    url: str, n: int, batch: int, drop_gin: bool = False
+    url: str, n: int, batch: int, drop_gin: bool = False, synchronous: str | None = None
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     msgs = _messages(n)
     settings = DatabaseSettings.model_validate({"DATABASE_URL": url})
     async with open_store(settings) as store, trio.open_nursery() as nursery:
         await nursery.start(store.run)
+        if synchronous is not None:  # SQLite only: override the shipped pragma on its connection
+            await store._call(lambda conn: conn.execute(f"PRAGMA synchronous={synchronous}"))  # type: ignore[attr-defined]
         if drop_gin:
             drop = ["psql", "-X", "-q", "-d", url, "-c", "DROP INDEX messages_measurements"]
             await trio.run_process(drop)
@@ -113,6 +116,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             new, dup = trio.run(_run, f"sqlite:///{tmp}/bench.db", args.messages, args.batch)
         _show("sqlite", new, dup)
+        # The cost of synchronous=FULL (one more fsync per commit): at the batch size, and with one
+        # message per commit (a trickle, where each commit holds a single reading).
+        for label, n, size, sync in (
+            ("sq NORMAL", args.messages, args.batch, "NORMAL"),
+            ("sq FULL/1", 500, 1, None),
+            ("sq NORM/1", 500, 1, "NORMAL"),
+        ):
+            with tempfile.TemporaryDirectory() as tmp:
+                new, dup = trio.run(_run, f"sqlite:///{tmp}/bench.db", n, size, False, sync)
+            _show(label, new, dup)
         for label, drop_gin in (("postgres", False), ("pg no GIN", True)):
             name, url = _pg_db(args.pg_url)
             try:

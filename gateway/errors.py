@@ -8,6 +8,7 @@
     │   ├── StoreUnavailable   database unreachable / timed out: retry later (API 503 db_unavailable)
     │   │   └── QueryTimeout   one API read ran past API_QUERY_TIMEOUT (API 503 query_timeout)
     │   └── StoreCorrupt       schema or data not as expected (a bug or a bad migration)
+    │       └── StoreRefused   the database refused a value of a row (that row can never be stored as is)
     ├── MqttUnavailable        broker unreachable (API 503 mqtt_unavailable)
     ├── PacketInvalid          a sensor packet refused by the schema (stored as a reject)
     └── RuleError              a rules file that cannot be used (refused at start-up)
@@ -68,6 +69,11 @@ class StoreCorrupt(StoreError):
     """The database answered, but not as the gateway expects (schema missing, bad data)."""
 
     code = "internal"
+
+
+class StoreRefused(StoreCorrupt):
+    """The database refused the data of a write (PostgreSQL class 22/23, a value sqlite3 cannot
+    bind): retrying the same rows cannot help, so ingest isolates and rejects them."""
 
 
 class MqttUnavailable(GatewayError):

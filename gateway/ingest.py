@@ -4,6 +4,10 @@ Overflow policy: ingest never drops. While the database is down the current batc
 (with backoff) and nothing new is read from the channel, so the MQTT reader blocks and the broker
 stops sending once Receive Maximum messages are unacknowledged. A message is acknowledged only
 after the transaction holding it (as a reading or as a reject) committed.
+
+Data never stops ingest: a batch the database refuses for its data (:class:`StoreRefused`) is
+split in halves until the refused messages are found, and each is stored as an ``unstorable``
+reject, so no message is redelivered forever and the component never restarts for data.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import trio
 
 from gateway import metrics
 from gateway.backoff import Backoff
-from gateway.errors import PacketInvalid, StoreUnavailable
+from gateway.errors import PacketInvalid, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound
 from gateway.packets import Packet, parse_packet
@@ -43,6 +47,13 @@ def message_from_packet(packet: Packet, source: Source, received_at: datetime, t
         received_at=received_at,
         topic=topic,
     )
+
+
+def unstorable_reject(received_at: datetime, source: Source, topic: str | None, payload: bytes) -> NewReject:
+    """The reject kept for a message the database refused to store (its raw bytes and a fixed
+    error: the database's text may quote the value, so it goes to the log only)."""
+    errors = [{"loc": [], "msg": "the database cannot store a value of this packet", "type": "unstorable"}]
+    return NewReject(received_at, source, topic, payload, "unstorable", errors)
 
 
 def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMessage], list[NewReject]]:
@@ -168,7 +179,40 @@ class Ingest:
 
     async def _commit(self, chunk: list[Inbound]) -> None:
         """Store one batch (retrying while the database is unavailable), then ack it in order."""
+        messages, rejects, outcomes = await self._store_chunk(chunk)
+        self._ack(chunk)
+        self.committed += len(chunk)
+        self._observe(chunk, outcomes, rejects)
+        if self._on_stored is not None:
+            self._on_stored(messages, outcomes)
+        self._on_commit()
+
+    async def _store_chunk(self, chunk: list[Inbound]) -> tuple[list[NewMessage], list[NewReject], list[InsertOutcome]]:
+        """Store ``chunk``; returns what was written (readings, rejects, one outcome per reading).
+
+        Refused for its data: store each half on its own, down to single messages, which become
+        ``unstorable`` rejects. Raises StoreCorrupt when even such a reject is refused (then it
+        is not the data). Runs until stored: StoreUnavailable is retried with backoff.
+        """
         messages, rejects = to_records(chunk, self._settings.max_payload)
+        try:
+            return messages, rejects, await self._write(messages, rejects, len(chunk))
+        except StoreRefused as exc:
+            if len(chunk) > 1:
+                half = len(chunk) // 2
+                a, b = await self._store_chunk(chunk[:half]), await self._store_chunk(chunk[half:])
+                return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+            m = chunk[0]
+            log.warning("storing a message as a reject: the database refused it topic=%s error=%s", m.topic, exc)
+            reject = unstorable_reject(m.received_at, "mqtt", m.topic, m.payload[: self._settings.max_payload])
+            try:
+                await self._write([], [reject], 1)
+            except StoreRefused as again:
+                raise StoreCorrupt(f"the database refuses even a reject: {again}") from again
+            return [], [reject], []
+
+    async def _write(self, messages: list[NewMessage], rejects: list[NewReject], size: int) -> list[InsertOutcome]:
+        """``write_batch``, retried with backoff while the database is unavailable."""
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
@@ -178,17 +222,12 @@ class Ingest:
                 metrics.INGEST_DB_ERRORS.inc()
                 self._health.set("degraded", f"database: {exc}")
                 delay = backoff.next()
-                log.warning("store unavailable batch=%d retry_in=%.2fs error=%s", len(chunk), delay, exc)
+                log.warning("store unavailable batch=%d retry_in=%.2fs error=%s", size, delay, exc)
                 await trio.sleep(delay)
         if self._health.state != "ok":
-            log.info("store available again batch=%d attempts=%d", len(chunk), backoff.attempt + 1)
+            log.info("store available again batch=%d attempts=%d", size, backoff.attempt + 1)
             self._health.set("ok")
-        self._ack(chunk)
-        self.committed += len(chunk)
-        self._observe(chunk, outcomes, rejects)
-        if self._on_stored is not None:
-            self._on_stored(messages, outcomes)
-        self._on_commit()
+        return outcomes
 
     def _observe(self, chunk: list[Inbound], outcomes: list[InsertOutcome], rejects: list[NewReject]) -> None:
         dup = sum(1 for o in outcomes if o.duplicate)

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from gateway.errors import PacketInvalid
+from gateway.safetext import safe_text
+from gateway.store._common import ts_text
 
 MAX_PACKET_BYTES = 64 * 1024
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -122,9 +124,12 @@ class Packet(BaseModel):
         return v
 
     def dedupe_key(self) -> str:
-        """The redelivery key: ``seq:<n>`` when a seq is given, else a hash of time and content."""
+        """The redelivery key (unique per device): a redelivery is the same packet, so the same
+        seq AND timestamp, ``seq:<n>@<UTC time text>``; a counter restarted by a reboot gives new
+        keys. Without a seq, a hash of time and content. Migration 0002 rewrote older ``seq:<n>``
+        keys to this form (in SQL: keep both in step)."""
         if self.seq is not None:
-            return f"seq:{self.seq}"
+            return f"seq:{self.seq}@{ts_text(self.timestamp)}"
         body = json.dumps(
             [self.timestamp.isoformat(), self.measurements, self.status, self.battery],
             sort_keys=True,
@@ -171,9 +176,16 @@ def validate_packet(obj: Any) -> Packet:
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value)."""
+    """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value).
+
+    ``loc`` holds the packet's own keys, so NUL and lone surrogates are escaped (:func:`safe_text`).
+    """
     return [
-        {"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"]).removeprefix("Value error, "), "type": e["type"]}
+        {
+            "loc": [safe_text(str(p)) for p in e["loc"]],
+            "msg": safe_text(str(e["msg"]).removeprefix("Value error, ")),
+            "type": e["type"],
+        }
         for e in exc.errors(include_url=False, include_input=False)
     ][:50]
 

@@ -44,6 +44,37 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 # ---- POST /packets ----------------------------------------------------------------------------
 
 
+async def test_post_unstorable_text_or_value_is_400_never_500(api: ApiServer) -> None:
+    # NUL and lone surrogates in keys reach the field errors; a value the database refuses
+    # (here a trigger stands for any such value) makes an `unstorable` reject, not a 500.
+    import sqlite3
+
+    raw = b'{"\\u0000": 1, "device_id": "x"}'
+    path = api.ctx.settings.database.sqlite_path
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = 13"
+            " BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+        )
+    async with api.client("write") as c:
+        r = await c.post("/api/v1/packets", content=raw, headers={"Content-Type": "application/json"})
+        body = assert_problem(r, 400, "packet_invalid")
+        r.content.decode("utf-8")  # strict UTF-8
+        assert ["\\x00"] in [e["loc"] for e in body["errors"]], body
+        surrogate = b'{"\\ud800": {"\\udfff": 1}, "device_id": "x"}'
+        r = await c.post("/api/v1/packets", content=surrogate, headers={"Content-Type": "application/json"})
+        assert_problem(r, 400, "packet_invalid")
+        r.content.decode("utf-8")
+        refused = await c.post("/api/v1/packets", json=packet(seq=13))
+        assert assert_problem(refused, 400, "packet_invalid")["reason"] == "unstorable"
+        assert (await c.post("/api/v1/packets", json=packet(seq=14))).status_code == 201
+    page = await api.store.query_rejects(10)
+    assert [r.reason for r in page.items] == ["unstorable", "schema", "schema"]
+    assert json.loads(page.items[0].payload) == packet(seq=13)
+
+
+
+
 async def test_post_packet_stores_wakes_processor_and_dedupes(api: ApiServer) -> None:
     async with api.client("write") as c:
         r = await c.post("/api/v1/packets", json=packet(seq=7))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -14,9 +15,10 @@ from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.ingest import Ingest, to_records
 from gateway.mqtt import Inbound
-from gateway.settings import IngestSettings
+from gateway.settings import DatabaseSettings, IngestSettings
 from gateway.store.base import InsertOutcome, MessageQuery, NewMessage, NewReject, Store
 from tests.support.mqtt import eventually, malformed_packets, packet
+from tests.support.pg import psql
 
 
 def inbound(payload: bytes, mid: int = 1, *, dup: bool = False, topic: str = "sensors/x/data") -> Inbound:
@@ -72,7 +74,7 @@ def test_to_records_splits_good_and_bad() -> None:
     batch = [inbound(packet("a", 1)), inbound(b"{oops"), inbound(packet("a", 2, ts=1.79e12))]
     messages, rejects = to_records(batch, 65536)
     assert [m.seq for m in messages] == [1, 2]
-    assert messages[0].dedupe_key == "seq:1" and messages[0].source == "mqtt"
+    assert messages[0].dedupe_key == "seq:1@2026-09-21T14:13:20.001000Z" and messages[0].source == "mqtt"
     assert messages[1].device_ts.year == 2026  # milliseconds since the epoch
     assert [r.reason for r in rejects] == ["bad_json"] and rejects[0].payload == b"{oops"
     assert rejects[0].topic == "sensors/x/data" and rejects[0].errors
@@ -229,3 +231,51 @@ async def test_malformed_interleaved_with_good(store: Store) -> None:
     assert {r.reason for r in rejects.items} == {reason for reason, _ in kinds}
     assert all(r.errors and r.topic and r.topic.startswith("sensors/bad") for r in rejects.items)
     assert [m.mid for m in rec.acked] == list(range(3000))
+
+
+async def test_rebooted_device_keeps_every_reading(store: Store) -> None:
+    # The counter restarts after a reboot: same seqs, new timestamps are new readings. A redelivery
+    # (same device, seq and timestamp) is still stored once.
+    before = [inbound(packet("boot", s, ts=1_790_000_000 + s), s) for s in range(1, 101)]
+    after = [inbound(packet("boot", s, ts=1_790_100_000 + s), 100 + s) for s in range(1, 101)]
+    rec = Recorder()
+    await run_ingest(store, [before[:50], before[50:], after], rec)
+    assert (await store.query_messages(MessageQuery(limit=1, device_id="boot"))).total == 200
+    redelivered = [inbound(m.payload, 1000 + i, dup=True) for i, m in enumerate(before + after)]
+    await run_ingest(store, [redelivered[i : i + 37] for i in range(0, 200, 37)], rec)
+    assert (await store.query_messages(MessageQuery(limit=1, device_id="boot"))).total == 200
+    assert (await store.query_rejects(limit=1)).total == 0
+    assert len(rec.acked) == 400
+
+
+def _refuse_seq(settings: DatabaseSettings, seq: int) -> None:
+    """Make the real database refuse (as a data error) any reading with ``seq``."""
+    if settings.kind == "sqlite":
+        with sqlite3.connect(settings.sqlite_path) as conn:
+            conn.execute(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.seq = {seq}"
+                " BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
+            )
+        return
+    psql(
+        settings.url.get_secret_value(),
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF NEW.seq = {seq} THEN RAISE EXCEPTION 'refused by test' USING ERRCODE = 'data_exception'; END IF;"
+        " RETURN NEW; END $$;"
+        " CREATE TRIGGER refuse BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+
+
+async def test_refused_message_is_isolated_and_rejected(store: Store, store_settings: DatabaseSettings) -> None:
+    # A value the database refuses fails the whole batch; bisection finds it, stores it as an
+    # `unstorable` reject, and every other message of the batch is stored and acked.
+    _refuse_seq(store_settings, 66)
+    rec = Recorder()
+    batch = [inbound(packet("bis", i), i) for i in range(100)]
+    with trio.fail_after(60):
+        await run_ingest(store, [batch[:60], batch[60:]], rec)
+    page = await store.query_messages(MessageQuery(limit=200, device_id="bis"))
+    assert sorted(m.seq for m in page.items) == [i for i in range(100) if i != 66]
+    rejects = (await store.query_rejects(limit=10)).items
+    assert [(r.reason, r.payload, r.topic) for r in rejects] == [("unstorable", packet("bis", 66), "sensors/x/data")]
+    assert [m.mid for m in rec.acked] == list(range(100))

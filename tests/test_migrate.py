@@ -3,6 +3,8 @@ and the two dialects keeping the same table and column names."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,8 +13,11 @@ import pytest
 import trio
 
 from gateway.errors import StoreCorrupt
+from gateway.ingest import message_from_packet
+from gateway.packets import parse_packet
+from gateway.settings import DatabaseSettings
 from gateway.store import migrate, open_store
-from gateway.store.base import Migration
+from gateway.store.base import Migration, NewMessage
 from gateway.store.sqlite import _statements
 from tests.support.pg import db_settings, psql
 
@@ -131,3 +136,40 @@ async def test_same_names_in_both_dialects(pg_url: str, tmp_path: Path) -> None:
     assert pg_cols == lite_cols
     assert {"messages.id", "messages.device_ts", "rejects.payload", "events.created_at"} <= pg_cols
     assert "schema_migrations.version" in pg_cols
+
+
+_OLD_STYLE = [  # (timestamp as sent, seq): zone offsets, microseconds, the ends of the range
+    ("2026-11-27T09:00:00Z", 1),
+    ("2026-11-27T10:00:00.123456+01:00", 2),
+    ("0001-01-01T00:00:00Z", 3),
+    ("9999-12-31T23:59:59.999999Z", 4),
+    (1_790_000_000.5, 5),
+]
+
+
+def _mig_packet(ts: object, seq: int) -> bytes:
+    body = {"device_id": "old", "timestamp": ts, "seq": seq, "measurements": {"t": 1}, "status": "ok"}
+    return json.dumps(body).encode()
+
+
+async def test_0002_rewrites_old_dedupe_keys(store_settings: DatabaseSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows stored with the old 'seq:<n>' key still dedupe their redelivery once 0002 ran: the SQL
+    # produces exactly the text of Packet.dedupe_key, in both dialects.
+    every = migrate.load_migrations
+    monkeypatch.setattr(migrate, "load_migrations", lambda d: [f for f in every(d) if f.version < 2])
+    now = datetime.now(UTC)
+    packets = [parse_packet(_mig_packet(ts, seq)) for ts, seq in _OLD_STYLE]
+    new = [message_from_packet(p, "mqtt", now) for p in packets]
+    old: list[NewMessage] = [dataclasses.replace(m, dedupe_key=f"seq:{m.seq}") for m in new]
+    async with open_store(store_settings) as st, trio.open_nursery() as nursery:
+        await nursery.start(st.run)  # applies 0001 only
+        assert [m.version for m in await st.migration_status()] == [1]
+        stored = await st.write_batch(old, [])
+        monkeypatch.setattr(migrate, "load_migrations", every)
+        assert 2 in [m.version for m in await st.migrate()]
+        again = await st.write_batch(new, [])
+        assert [(o.id, o.duplicate) for o in again] == [(o.id, True) for o in stored]
+        # A restarted counter (same seq, new time) is a new reading.
+        later = parse_packet(_mig_packet("2026-11-28T09:00:00Z", 1))
+        assert not (await st.write_batch([message_from_packet(later, "mqtt", now)], []))[0].duplicate
+        nursery.cancel_scope.cancel()

@@ -420,3 +420,16 @@ async def test_pg_concurrent_writers_same_keys(pg_url: str, pg_store: Store) -> 
     assert len(ids) == 300
     assert all(sorted(dups) == [False, True] for dups in ids.values())
     assert (await pg_store.query_messages(MessageQuery(limit=1))).total == 300
+
+
+async def test_sqlite_synchronous_full(tmp_path: Path) -> None:
+    # WAL + NORMAL can roll back a committed (already acked) transaction after a power cut.
+    from gateway.store.sqlite import SqliteStore
+
+    st = SqliteStore(db_settings(f"sqlite:///{tmp_path}/gateway.db"))
+    try:
+        mode = await st._call(lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0])
+        level = await st._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+    finally:
+        await st.aclose()
+    assert (mode, level) == ("wal", 2)  # 2 = FULL

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
 from gateway import metrics
-from gateway.errors import PacketInvalid, StoreError
+from gateway.errors import PacketInvalid, StoreError, StoreRefused
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import (
@@ -35,7 +35,7 @@ from gateway.http.openapi import (
     spec_of,
 )
 from gateway.http.sse import SseStreams
-from gateway.ingest import message_from_packet
+from gateway.ingest import message_from_packet, unstorable_reject
 from gateway.packets import (
     DEVICE_ID_PATTERN,
     MAX_PACKET_BYTES,
@@ -166,7 +166,19 @@ async def post_packet() -> Response:
             400, "packet_invalid", f"packet refused: {exc.reason}", reason=exc.reason, errors=exc.errors
         ) from None
     message = message_from_packet(packet, "api", received)
-    outcome = (await c.store.write_batch([message], []))[0]
+    try:
+        outcome = (await c.store.write_batch([message], []))[0]
+    except StoreRefused as exc:  # the client's data, not our fault: a reject and a 400, never a 500
+        log.warning("storing an API packet as a reject: the database refused it: %s", exc)
+        reject = unstorable_reject(received, "api", None, body)
+        metrics.INGEST_REJECTED.labels(reject.reason).inc()
+        try:
+            await c.store.write_batch([], [reject])
+        except StoreError:
+            log.warning("could not store a rejected API packet (request %s)", g.get("request_id"))
+        raise ApiError(
+            400, "packet_invalid", "packet refused: unstorable", reason=reject.reason, errors=reject.errors
+        ) from None
     if outcome.duplicate:
         metrics.INGEST_DUPLICATES.labels("api").inc()
         return json_response({"id": outcome.id, "duplicate": True}, 200)

@@ -34,7 +34,8 @@ import trio
 import trio_asyncio
 
 from gateway import metrics
-from gateway.errors import QueryTimeout, StoreCorrupt, StoreUnavailable
+from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import (
@@ -470,7 +471,7 @@ class PostgresStore:
                     m.status,
                     m.battery,
                     m.source,
-                    m.topic,
+                    m.topic and safe_text(m.topic),
                 )
                 for m in unique
             ],
@@ -478,11 +479,21 @@ class PostgresStore:
         )
         cols[5] = json.dumps([m.measurements for m in unique])
         rej_cols = _columns(
-            [(r.received_at, r.source, r.topic, r.payload, r.reason, json.dumps(r.errors)) for r in rejects],
+            [
+                (r.received_at, r.source, r.topic and safe_text(r.topic), r.payload, r.reason, safe_json(r.errors))
+                for r in rejects
+            ],
             6,
         )
 
         async def write(conn: Conn) -> dict[tuple[str, str], tuple[int, bool]]:
+            try:
+                return await insert(conn)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                # Rolled back; a value of some row cannot be stored (the caller isolates it).
+                raise StoreRefused(f"database refused a value: {_describe(exc)}") from exc
+
+        async def insert(conn: Conn) -> dict[tuple[str, str], tuple[int, bool]]:
             ids: dict[tuple[str, str], tuple[int, bool]] = {}
             async with _transaction(conn):
                 if unique:

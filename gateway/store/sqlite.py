@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import trio
 
 from gateway import metrics
-from gateway.errors import QueryTimeout, StoreCorrupt, StoreUnavailable
+from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import (
@@ -200,7 +201,8 @@ class SqliteStore:
             )
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
+                conn.execute("PRAGMA synchronous=FULL")
                 conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
                 conn.set_progress_handler(self._over_deadline, 10_000)
             except BaseException:
@@ -361,12 +363,13 @@ class SqliteStore:
                 m.status,
                 m.battery,
                 m.source,
-                m.topic,
+                m.topic and safe_text(m.topic),
             )
             for m in messages
         ]
         rej_rows = [
-            (ts_text(r.received_at), r.source, r.topic, r.payload, r.reason, json.dumps(r.errors)) for r in rejects
+            (ts_text(r.received_at), r.source, r.topic and safe_text(r.topic), r.payload, r.reason, safe_json(r.errors))
+            for r in rejects
         ]
 
         first: dict[tuple[str, str], int] = {}
@@ -375,6 +378,13 @@ class SqliteStore:
         unique = [msg_rows[i] for i in first.values()]
 
         def write(conn: sqlite3.Connection) -> list[InsertOutcome]:
+            try:
+                return insert(conn)
+            except (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, ValueError) as exc:
+                # Rolled back; a value of some row cannot be stored (the caller isolates it).
+                raise StoreRefused(f"sqlite refused a value: {type(exc).__name__}: {exc}") from exc
+
+        def insert(conn: sqlite3.Connection) -> list[InsertOutcome]:
             with _transaction(conn):
                 ids: dict[tuple[str, str], tuple[int, bool]] = {}
                 if unique:
