@@ -1,8 +1,13 @@
 """The composition root: opens resources, builds the components, runs them under one supervisor.
 
 Data flow (see README): mqtt → (channel) → ingest → store → processor → hub → http (SSE, REST).
-Start order is the dependency order; the supervisor stops them in reverse, so intake stops first
-and the store closes last.
+The HTTP API starts first, under its own supervisor, so ``/ping`` answers (503 ``starting``, with
+each component's cause) while the rest cannot start yet. The other components start in dependency
+order; the supervisor stops them in reverse, so intake stops first and the store closes last.
+
+A stop request is obeyed at every moment. An error no retry can fix (refused credentials, an
+unknown database, an address in use) ends a start that has not finished with
+:class:`~gateway.errors.StartupRefused`; once the gateway runs, it shows as ``degraded`` instead.
 """
 
 from __future__ import annotations
@@ -12,9 +17,8 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,8 +30,9 @@ from pydantic import SecretStr
 
 from gateway import __version__, metrics
 from gateway.alerts import Alerts, AlertThresholds, disk_paths_for
-from gateway.errors import ConfigError, RuleError
-from gateway.health import Health
+from gateway.backoff import Backoff
+from gateway.errors import ConfigError, RuleError, StartupRefused
+from gateway.health import Health, State
 from gateway.http.app import serve as serve_http
 from gateway.http.context import AppContext
 from gateway.hub import Hub
@@ -66,7 +71,7 @@ class Gateway:
     settings: Settings
     env_file: str | None
     store: Store
-    health: Health = field(default_factory=Health)
+    health: Health = field(default_factory=lambda: Health(starting=True))
     nudge: Nudge = field(default_factory=Nudge)
     notifier: Notifier = field(default_factory=Notifier)
     stop_requested: trio.Event = field(default_factory=trio.Event)
@@ -108,6 +113,11 @@ class Gateway:
         )
         self.supervisor = Supervisor(self.settings.supervisor, self._components)
         self.ingest: Ingest | None = None  # the running group's (one per generation)
+        # The API has its own supervisor: it answers while the group (re)starts.
+        self.front = Supervisor(self.settings.supervisor, lambda: [Component("http", self._serve_http)])
+        self._refusal = trio.Event()
+        self.health.on_refusal(lambda _: self._refusal.set())
+        self._run_scope: trio.CancelScope | None = None
         self._reload_lock = trio.Lock()
 
     def _components(self) -> Sequence[Component]:
@@ -132,7 +142,6 @@ class Gateway:
             Component("mqtt", partial(self.bridge.run, send)),
             Component("outbox", self.outbox.run),
             Component("alerts", self.alerts.run),
-            Component("http", self._serve_http),
             Component("watchdog", self.notifier.run_watchdog),
         ]
 
@@ -157,17 +166,42 @@ class Gateway:
             self.ctx.live.stored(reversed(list(latest.values())))
 
     async def _serve_http(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        stop = trio.Event()
+        """Serve the API; stop gracefully on a stop request. Runs until cancelled.
 
-        async def relay() -> None:
-            await self.stop_requested.wait()
-            stop.set()
+        An address that cannot be bound (in use, not local, not permitted) is a refusal (see the
+        module docstring), retried with backoff.
+        """
+        http = self.health.component("http")
+        backoff = Backoff(self.settings.supervisor.restart_min, self.settings.supervisor.restart_max)
+        while True:
+            stop = trio.Event()
+            failure: OSError | None = None
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay)
-            bound = await nursery.start(partial(serve_http, self.ctx, stop=stop))
-            self.http_port = bound if isinstance(bound, int) else None
-            task_status.started(bound)
+            async def relay(stop: trio.Event = stop) -> None:
+                await self.stop_requested.wait()
+                stop.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay)
+                try:
+                    bound = await nursery.start(partial(serve_http, self.ctx, stop=stop))
+                except OSError as exc:  # raised by the bind, before anything else started
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+                else:
+                    self.http_port = bound if isinstance(bound, int) else None
+                    http.set("ok")
+                    task_status.started(bound)
+                    task_status = trio.TASK_STATUS_IGNORED
+            if failure is None:
+                if stop.is_set():
+                    await trio.sleep_forever()  # stopped gracefully: the supervisor cancels us
+                return  # ended by itself: the supervisor treats it as a crash
+            s = self.settings.http
+            cause = f"cannot listen on {s.host}:{s.port}: {failure.strerror or failure}"
+            log.error("HTTP API %s", cause)
+            http.set("degraded", cause, code="http_listen_failed", refused=True)
+            await trio.sleep(backoff.next())
 
     async def _status_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mirror store health into the registry and systemd STATUS, every second."""
@@ -176,7 +210,8 @@ class Gateway:
         last_status = ""
         while True:
             sh = self.store.health
-            db.set("ok" if sh.state == "ok" else ("starting" if sh.state == "starting" else "degraded"), sh.last_error)
+            state: State = "ok" if sh.state == "ok" else ("starting" if sh.state == "starting" else "degraded")
+            db.set(state, sh.last_error, code="db_refused" if sh.refused else "db_unavailable", refused=sh.refused)
             db.detail["reconnects"] = sh.reconnects
             for name, comp in self.health.as_dict().items():
                 metrics.COMPONENT_UP.labels(component=name).set(1 if comp["state"] == "ok" else 0)
@@ -247,31 +282,73 @@ class Gateway:
                 self.notifier.ready()
 
     async def run(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every component, report READY, and run until a stop is requested."""
+        """Start the API, then every component; report READY; run until a stop is requested.
+
+        A stop request is obeyed at every moment, start-up included (see :meth:`request_stop`).
+        Raises StartupRefused when a component reports a refusal before every component started.
+        """
         t0 = time.monotonic()
+        refused: StartupRefused | None = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.supervisor.run)
-            self.notifier.ready()
-            log.info(
-                "gateway ready version=%s instance=%s database=%s http_port=%s startup_ms=%.0f",
-                __version__,
-                self.instance_id,
-                self.store.kind,
-                self.http_port,
-                (time.monotonic() - t0) * 1000,
-            )
-            task_status.started(self.http_port)
-            await self.stop_requested.wait()
+            self._run_scope = nursery.cancel_scope
+            nursery.start_soon(self.front.run)
+            nursery.start_soon(self.supervisor.run)
+            outcome = await _first_of(started=self._started, stop=self.stop_requested.wait, refused=self._refusal.wait)
+            if outcome == "started":
+                self.health.started = True
+                self.notifier.ready()
+                log.info(
+                    "gateway ready version=%s instance=%s database=%s http_port=%s startup_ms=%.0f",
+                    __version__,
+                    self.instance_id,
+                    self.store.kind,
+                    self.http_port,
+                    (time.monotonic() - t0) * 1000,
+                )
+                task_status.started(self.http_port)
+                await self.stop_requested.wait()
+            elif outcome == "refused" and self.health.refusal is not None:
+                comp = self.health.refusal
+                refused = StartupRefused(comp.name, comp.last_error or comp.code or "refused")
+                log.error("cannot start: %s", refused)
             log.info("stopping")
             self.notifier.stopping()
             with trio.move_on_after(self.settings.supervisor.shutdown_timeout * 2):
+                await self.front.stop()
                 await self.supervisor.stop()
             nursery.cancel_scope.cancel()
+        self._run_scope = None
+        if refused is not None:
+            raise refused
         log.info("gateway stopped")
 
+    async def _started(self) -> None:
+        await self.front.ready.wait()
+        await self.supervisor.ready.wait()
+
     def request_stop(self) -> None:
-        """Ask the gateway to stop gracefully."""
+        """Ask the gateway to stop gracefully; asked again while stopping, stop at once."""
+        if self.stop_requested.is_set():
+            if self._run_scope is not None:
+                log.warning("second stop request: stopping now")
+                self._run_scope.cancel()
+            return
         self.stop_requested.set()
+
+
+async def _first_of(**waits: Callable[[], Awaitable[object]]) -> str:
+    """Run every wait concurrently; return the name of the first to finish (the others are cancelled)."""
+    winner: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            await fn()
+            winner.append(name)
+            nursery.cancel_scope.cancel()
+
+        for name, fn in waits.items():
+            nursery.start_soon(wait, name, fn)
+    return winner[0]
 
 
 def _raw_values(settings: Settings) -> dict[str, str]:
@@ -283,10 +360,13 @@ def _raw_values(settings: Settings) -> dict[str, str]:
 
 
 async def serve(settings: Settings, env_file: str | None = None) -> None:
-    """Run the gateway until SIGTERM/SIGINT (graceful stop); SIGHUP reloads the configuration."""
-    async with open_store(settings.database) as store:
-        gateway = Gateway(settings, env_file, store)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    """Run the gateway until SIGTERM/SIGINT (graceful stop; a second one stops at once); SIGHUP
+    reloads the configuration. Raises StartupRefused (see :meth:`Gateway.run`)."""
+    # Signals first: a stop asked while the store opens is kept and obeyed.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        refused: StartupRefused | None = None
+        async with open_store(settings.database) as store:
+            gateway = Gateway(settings, env_file, store)
             async with trio.open_nursery() as nursery:
 
                 async def on_signals() -> None:
@@ -300,12 +380,21 @@ async def serve(settings: Settings, env_file: str | None = None) -> None:
                             gateway.request_stop()
 
                 nursery.start_soon(on_signals)
-                await gateway.run()
+                try:
+                    await gateway.run()
+                except StartupRefused as exc:
+                    refused = exc  # raised outside every nursery: one error, not a group
                 nursery.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
 
 
-def run_gateway(settings: Settings, env_file: str | None = None) -> int:
-    """Set up logging and run :func:`serve`; returns the exit code."""
+def run_gateway(settings: Settings, env_file: str | None = None) -> None:
+    """Set up logging and run :func:`serve` until a clean stop.
+
+    Raises what ends it (ConfigError, RuleError, StartupRefused, ...): ``gateway.cli`` maps each
+    to the exit code; unexpected errors are logged here with their traceback first.
+    """
     setup_logging(settings.log, secret_values(settings))
     if settings.database.kind == "sqlite":
         Path(settings.database.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
@@ -313,11 +402,9 @@ def run_gateway(settings: Settings, env_file: str | None = None) -> int:
         trio.run(serve, settings, env_file)
     except (ConfigError, RuleError) as exc:
         log.error("configuration error: %s", exc)
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+        raise
+    except (KeyboardInterrupt, StartupRefused):
+        raise
     except Exception:
         log.critical("fatal error", exc_info=True)
-        return 1
-    return 0
+        raise

@@ -1,7 +1,13 @@
 """The ``gateway`` command: serve, migrate, check-config, simulate, apikey, secrets.
 
-Exit codes: 0 success or clean stop; 2 invalid configuration (the message names the variable);
-1 any other fatal error.
+Exit codes (:func:`exit_code` is the one mapping; README, "Command line", documents it):
+
+- 0: success, or a clean stop;
+- 1: any other fatal error (a bug; the traceback is in the log);
+- 2: invalid configuration (the message names the variable);
+- 3: the environment refused the gateway at start-up, in a way no retry fixes: credentials
+  refused by the database or broker, an unknown role or database, the HTTP address in use.
+  ``gateway.service`` lists it in ``RestartPreventExitStatus=`` so systemd does not loop.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 import trio
 
 from gateway import __version__
-from gateway.errors import ConfigError, GatewayError, StoreUnavailable
+from gateway.errors import ConfigError, GatewayError, RuleError, StartupRefused, StoreUnavailable
 from gateway.settings import Settings, load_settings
 
 log = logging.getLogger("gateway.cli")
@@ -23,6 +29,16 @@ log = logging.getLogger("gateway.cli")
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+
+
+def exit_code(exc: BaseException) -> int:
+    """The process exit code for the error that ended a command (see the module docstring)."""
+    if isinstance(exc, ConfigError | RuleError):
+        return EXIT_CONFIG
+    if isinstance(exc, StartupRefused):
+        return EXIT_REFUSED
+    return EXIT_FATAL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except (ConfigError, RuleError) as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except StartupRefused as exc:
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+        return exit_code(exc)
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
-        return EXIT_FATAL
+        return exit_code(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -89,7 +108,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = _load(args)
         from gateway.app import run_gateway
 
-        return run_gateway(settings, env_file=args.env_file)
+        try:
+            run_gateway(settings, env_file=args.env_file)
+        except GatewayError:
+            raise
+        except Exception as exc:  # already logged with its traceback
+            print(f"gateway: fatal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return exit_code(exc)
+        return EXIT_OK
     if command == "check-config":
         settings = _load(args)
         width = max(len(k) for k in settings.masked())

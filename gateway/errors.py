@@ -6,10 +6,12 @@
     ├── ConfigError            invalid configuration (exit 2, API 400 config_invalid)
     ├── StoreError
     │   ├── StoreUnavailable   database unreachable / timed out: retry later (API 503 db_unavailable)
-    │   │   └── QueryTimeout   one API read ran past API_QUERY_TIMEOUT (API 503 query_timeout)
+    │   │   ├── QueryTimeout   one API read ran past API_QUERY_TIMEOUT (API 503 query_timeout)
+    │   │   └── StoreAccessRefused  credentials refused, unknown role or database: no retry fixes it
     │   └── StoreCorrupt       schema or data not as expected (a bug or a bad migration)
     │       └── StoreRefused   the database refused a value of a row (that row can never be stored as is)
     ├── MqttUnavailable        broker unreachable (API 503 mqtt_unavailable)
+    ├── StartupRefused         a component refused at start-up for good (exit 3)
     ├── PacketInvalid          a sensor packet refused by the schema (stored as a reject)
     └── RuleError              a rules file that cannot be used (refused at start-up)
 
@@ -65,6 +67,14 @@ class QueryTimeout(StoreUnavailable):
     code = "query_timeout"
 
 
+class StoreAccessRefused(StoreUnavailable):
+    """The database refused us for a reason no retry fixes (bad password, unknown role or database).
+
+    Ends the start with exit code 3; once the gateway runs it is retried like any outage, since an
+    operator may fix it (create the role) without restarting the gateway.
+    """
+
+
 class StoreCorrupt(StoreError):
     """The database answered, but not as the gateway expects (schema missing, bad data)."""
 
@@ -80,6 +90,20 @@ class MqttUnavailable(GatewayError):
     """The broker is not connected; a publish was queued or refused."""
 
     code = "mqtt_unavailable"
+
+
+class StartupRefused(GatewayError):
+    """A component met an error no retry can fix while the gateway was starting (exit 3).
+
+    ``component`` names it (``database``, ``mqtt``, ``http``); ``cause`` is one line.
+    """
+
+    code = "startup_refused"
+
+    def __init__(self, component: str, cause: str) -> None:
+        super().__init__(f"{component}: {cause}")
+        self.component = component
+        self.cause = cause
 
 
 class PacketInvalid(GatewayError):

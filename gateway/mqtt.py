@@ -170,6 +170,7 @@ class _Connection:
     write_wanted: trio.Event = field(default_factory=trio.Event)
     connack: trio.Event = field(default_factory=trio.Event)
     connack_failure: str | None = None
+    refused: bool = False  # the CONNACK refusal is one no retry fixes (credentials, client id)
     session_present: bool = False
     broker_receive_max: int | None = None
     suback: trio.Event = field(default_factory=trio.Event)
@@ -248,7 +249,10 @@ class MqttBridge:
                 backoff.reset()
             else:
                 log.warning("connect failed host=%s port=%d reason=%s", s.host, s.port, reason)
-            self._health.set("degraded", f"broker: {reason}")
+            if conn.refused:
+                self._health.set("degraded", f"broker: {reason}", code="mqtt_refused", refused=True)
+            else:
+                self._health.set("degraded", f"broker: {reason}", code="mqtt_unavailable")
             if not started:
                 started = True
                 task_status.started()
@@ -615,6 +619,7 @@ class MqttBridge:
             return
         if rc.is_failure:
             conn.connack_failure = str(rc)
+            conn.refused = rc.value in _REFUSED_CONNACK
             conn.lose(f"broker refused the connection: {rc}")
         conn.session_present = bool(flags.session_present)
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
@@ -695,6 +700,12 @@ class MqttBridge:
         conn = self._conn
         waiting = self._out_recv.statistics().current_buffer_used + len(self._resend)
         metrics.MQTT_PUBLISH_QUEUE.set(waiting + (len(conn.unconfirmed) if conn else 0))
+
+
+# CONNACK reason codes no retry fixes (MQTT 5 values; paho maps 3.1.1 return codes 1, 2, 4, 5 onto
+# them): unsupported protocol version, client id not valid, bad user name or password, not
+# authorised, banned, bad authentication method.
+_REFUSED_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,7 +10,9 @@ reports itself started when all are, and then:
   ``restart_reset_after`` seconds;
 - ``restart(name)`` restarts one component in place (a configuration change), not a failure;
 - ``stop()`` cancels the components in reverse start order, each given a bounded time to finish,
-  so intake stops before the stages behind it and the store closes last.
+  so intake stops before the stages behind it and the store closes last. It works at any moment:
+  during the first start (the component still starting goes first), while a restart waits out
+  its backoff, and while the group is being rebuilt.
 
 Expected faults (broker or database down) never reach here: components retry those themselves and
 report them as health.
@@ -78,6 +80,8 @@ class Supervisor:
         self._group_scope: trio.CancelScope | None = None
         self._sleep_scope: trio.CancelScope | None = None
         self._stopping = False
+        self._starting: str | None = None  # the component whose start() is awaited right now
+        self.ready = trio.Event()  # set once the whole group has started the first time
         self.restarts = 0
         self.delays: list[float] = []
 
@@ -99,15 +103,19 @@ class Supervisor:
                     async with trio.open_nursery() as nursery:
                         self._order = []
                         for component in self._build():
+                            self._starting = component.name
                             await nursery.start(self._runner, component)
+                            self._starting = None
                             self._order.append(component.name)
                         if not ready_reported:
                             ready_reported = True
+                            self.ready.set()
                             task_status.started()
                         log.info("group started components=%s", ",".join(self._order))
             except* Exception as group:
                 crashed = group
             self._group_scope = None
+            self._starting = None
             if self._stopping:
                 break
             if crashed is None:
@@ -174,7 +182,8 @@ class Supervisor:
         self._stopping = True
         if self._sleep_scope is not None:
             self._sleep_scope.cancel()
-        for name in reversed(self._order):
+        starting = [self._starting] if self._starting is not None else []
+        for name in [*starting, *reversed(self._order)]:
             scope = self._scopes.get(name)
             done = self._done.get(name)
             if scope is None or done is None:

@@ -84,6 +84,115 @@ async def test_script_missing_at_run_time(tmp_path: Path) -> None:
         await action.run(msg(), rule="r", key="k", default_timeout=5)
 
 
+async def test_script_gets_a_minimal_environment_plus_the_rules_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {
+        "MQTT_PASSWORD": "broker-secret",
+        "SECRETS_KEY": "fernet-key",
+        "DATABASE_URL": "postgresql://u:db-secret@h/db",
+        "API_KEYS": "a:admin:00",
+        "LANG": "C.UTF-8",
+        "TZ": "UTC",
+    }.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "env.json"
+    exe = _exe(tmp_path, f"import os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))")
+    action = ScriptAction.parse(
+        {"type": "script", "command": [exe], "env": {"PRINTER": "lab-2", "MODE": "a b=c"}}
+    )
+    await action.run(msg(), rule="r", key="k", default_timeout=10)
+    env = json.loads(out.read_text())
+    assert env["PRINTER"] == "lab-2" and env["MODE"] == "a b=c"
+    assert env["LANG"] == "C.UTF-8" and env["TZ"] == "UTC" and env["PATH"]
+    allowed = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PRINTER", "MODE"}
+    # The interpreter may add a few of its own (e.g. LC_CTYPE coercion); nothing from the gateway.
+    assert set(env) - allowed <= {"LC_CTYPE"}, set(env) - allowed
+    assert not any("secret" in v or "fernet" in v for v in env.values())
+
+
+@pytest.mark.parametrize(
+    "env", [[], {"1X": "a"}, {"A-B": "a"}, {"A": 1}, {"A": "x\x00y"}, {"": "a"}], ids=str
+)
+def test_script_env_table_is_checked(tmp_path: Path, env: object) -> None:
+    with pytest.raises(ValueError, match="env"):
+        ScriptAction.parse({"type": "script", "command": [_exe(tmp_path, "pass")], "env": env})
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # a zombie waiting for its reaper is dead too
+
+
+async def test_script_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    exe = _exe(
+        tmp_path,
+        "import subprocess\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(30)\n",
+    )
+    action = ScriptAction.parse({"type": "script", "command": [exe], "timeout": 1.0})
+    with pytest.raises(ActionFailed, match="timed out"):
+        await action.run(msg(), rule="r", key="k", default_timeout=60)
+    grandchild = int(pid_file.read_text())
+    with trio.fail_after(5):
+        while not _gone(grandchild):
+            await trio.sleep(0.05)
+
+
+async def test_script_that_exits_is_not_held_by_a_background_child(tmp_path: Path) -> None:
+    """The script starts a child that keeps its stdout open and exits 0: that is a success,
+    reported as soon as the script exited (plus a short grace), not a timeout."""
+    pid_file = tmp_path / "bg.pid"
+    exe = _exe(
+        tmp_path,
+        "import subprocess\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)'])\n"  # inherits the pipes
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "print('queued'); sys.exit(0)\n",
+    )
+    action = ScriptAction.parse({"type": "script", "command": [exe], "timeout": 5})
+    t0 = time.monotonic()
+    try:
+        await action.run(msg(), rule="r", key="k", default_timeout=60)
+        assert time.monotonic() - t0 < 3
+    finally:
+        import os
+        import signal
+
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_script_output_is_bounded_while_it_is_read(tmp_path: Path) -> None:
+    """40 MB on stdout and stderr: memory stays small (the output is cut while reading), the
+    first bytes of stdout and the last line of stderr are kept."""
+    import tracemalloc
+
+    exe = _exe(
+        tmp_path,
+        "chunk = b'x' * 65536\n"
+        "sys.stdout.buffer.write(b'HEAD'); sys.stdout.buffer.flush()\n"
+        "for _ in range(320): sys.stdout.buffer.write(chunk); sys.stderr.buffer.write(chunk)\n"
+        "sys.stderr.write('\\nthe real reason\\n'); sys.exit(3)\n",
+    )
+    action = ScriptAction.parse({"type": "script", "command": [exe], "timeout": 60})
+    tracemalloc.start()
+    try:
+        with pytest.raises(ActionFailed) as info:
+            await action.run(msg(), rule="r", key="k", default_timeout=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.problem == "exit status 3: the real reason"
+    assert peak < 4_000_000, f"peak {peak} bytes while reading 40 MB of output"
+
+
 def test_template_values_and_errors() -> None:
     t = Template({"a": ["{seq}", {"b": "{battery}%"}], "c": "{{x}}", "d": "{ device_id }", "e": None is None})
     out = t.render(Context(msg(3), rule="r", event_id=9))

@@ -197,3 +197,41 @@ async def test_crash_during_start_is_retried(autojump_clock: trio.testing.MockCl
         await nursery.start(sup.run)
         assert attempts == 3
         await sup.stop()
+
+
+async def test_stop_while_a_component_cannot_finish_starting(autojump_clock: trio.testing.MockClock) -> None:
+    """The first start never completes (a store that waits for its database): stop still works,
+    the stuck component goes first, then the started ones in reverse order."""
+    rec = Recorder()
+    stuck_cancelled = trio.Event()
+
+    async def never_ready(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            rec.events.append((trio.current_time(), "stop stuck"))
+            stuck_cancelled.set()
+
+    sup = Supervisor(POLICY, lambda: [rec.component("store"), Component("stuck", never_ready), rec.component("x")])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup.run)
+        await trio.sleep(60)
+        assert not sup.ready.is_set()
+        t0 = trio.current_time()
+        await sup.stop()
+        assert trio.current_time() - t0 < 1
+    assert stuck_cancelled.is_set()
+    assert [e for _, e in rec.events] == ["start store", "stop stuck", "stop store"]
+
+
+async def test_stop_while_a_restart_waits_out_its_backoff(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    sup = Supervisor(POLICY, lambda: [rec.component("a", lambda n: 0.5)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(0.6)  # crashed; now sleeping before the restart
+        assert sup.restarts == 1
+        t0 = trio.current_time()
+        await sup.stop()
+        assert trio.current_time() - t0 < 0.01
+    assert sup.restarts == 1

@@ -7,13 +7,15 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 from quart import Response, g, request
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
@@ -215,6 +217,12 @@ async def serve(
     """
     app = create_app(ctx)
     streams: SseStreams = app.extensions["gateway.sse"]
+    config = _config(ctx)
+    # Bind first, outside any nursery: an address in use (or not ours) is a plain OSError here,
+    # which the gateway reports as a refusal instead of a crash of the task group.
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(config.backlog)
 
     async def _shutdown_trigger() -> None:
         if stop is None:
@@ -223,11 +231,32 @@ async def serve(
             await stop.wait()
         streams.close()
 
+    try:
+        await _serve_on(app, config, sockets, streams, _shutdown_trigger, task_status)
+    finally:
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.close()  # a no-op when hypercorn closed it already
+
+
+async def _serve_on(
+    app: QuartTrio,
+    config: Config,
+    sockets: Sockets,
+    streams: SseStreams,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[int],
+) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(streams.run)
 
         async def _server(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await hypercorn_serve(app, _config(ctx), shutdown_trigger=_shutdown_trigger, task_status=task_status)
+            await worker_serve(
+                wrap_app(app, config.wsgi_max_body_size, None),
+                config,
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
+            )
             nursery.cancel_scope.cancel()  # stopped: end the stream owner too
 
         binds: list[str] = await nursery.start(partial(_server))

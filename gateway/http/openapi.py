@@ -54,7 +54,7 @@ class PacketStored(BaseModel):
 class Ping(BaseModel):
     """Liveness; with a valid key also component detail."""
 
-    status: Literal["ok", "degraded"]
+    status: Literal["starting", "ok", "degraded"]
     time: str
     version: str | None = None
     uptime_seconds: float | None = None

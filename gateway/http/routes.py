@@ -192,17 +192,20 @@ async def post_packet() -> Response:
     return json_response({"id": outcome.id, "duplicate": False}, 201)
 
 
-@api(role=None, ok={200: (Ping, JSON)})
+@api(role=None, ok={200: (Ping, JSON), 503: (Ping, JSON)})
 async def ping() -> Response:
     """Liveness and, with any valid key, component detail
 
     Without a key: status and time. With a key: components, backlog and lag, SSE clients, uptime.
+    Each component shows its state and a generic ``cause`` code; the error text (which names users
+    and hosts) only to admin keys. 503 with status ``starting`` until every component has started.
     """
     c = ctx()
     _args(frozenset())
     status = c.health.overall
     body: dict[str, Any] = {"status": status, "time": _now()}
-    if g.get("principal") is not None:
+    principal = g.get("principal")
+    if principal is not None:
         backlog: dict[str, Any] | None
         try:
             cached = c.live.backlog
@@ -214,16 +217,18 @@ async def ping() -> Response:
             lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
             backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
         except StoreError:
-            backlog, body["status"] = None, "degraded"
+            backlog = None
+            if status == "ok":
+                body["status"] = "degraded"
         body.update(
             version=c.version,
             uptime_seconds=round(time.time() - c.health.started_at, 3),
-            components=c.health.as_dict(),
+            components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
             sse_clients=int(getattr(c.hub, "clients", 0)),
             devices=len(c.live.latest()),
         )
-    return json_response(body)
+    return json_response(body, 503 if status == "starting" else 200)
 
 
 @api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))

@@ -271,6 +271,7 @@ class StoreHealth:
 
     state: Literal["starting", "ok", "degraded"] = "starting"
     last_error: str | None = None
+    refused: bool = False  # last_error is one no retry fixes (see errors.StoreAccessRefused)
     reconnects: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -34,7 +34,7 @@ import trio
 import trio_asyncio
 
 from gateway import metrics
-from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -89,6 +89,10 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
+
+# Connect-time answers no retry can fix: invalid authorization (28xxx: unknown role, bad password),
+# unknown database (3D000), no CONNECT privilege (42501).
+_REFUSED_SQLSTATES = ("28", "3D000", "42501")
 
 _MSG_COLS = (
     "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
@@ -255,7 +259,7 @@ class PostgresStore:
                         raise
                     self._pool = pool
                 except StoreUnavailable as exc:
-                    self._set_degraded(str(exc))
+                    self._set_degraded(str(exc), refused=isinstance(exc, StoreAccessRefused))
                     log.warning("database unavailable, retrying: %s", exc)
                     if not started:
                         task_status.started()
@@ -286,8 +290,12 @@ class PostgresStore:
                 )
         except trio.TooSlowError as exc:
             raise StoreUnavailable(f"database did not answer within {s.connect_timeout:g} s") from exc
-        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-            # At connect time every server error (auth, unknown database) is "not usable yet".
+        except asyncpg.PostgresError as exc:
+            if str(getattr(exc, "sqlstate", "") or "").startswith(_REFUSED_SQLSTATES):
+                raise StoreAccessRefused(f"refused the connection: {_describe(exc)}") from exc
+            # Any other server error at connect time (starting up, too many clients) is "not yet".
+            raise StoreUnavailable(f"cannot connect to database: {_describe(exc)}") from exc
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to database: {_describe(exc)}") from exc
 
     async def _close_pool(self, pool: Any) -> None:
@@ -318,11 +326,13 @@ class PostgresStore:
             self.health.reconnects += 1
         self.health.state = "ok"
         self.health.last_error = None
+        self.health.refused = False
         metrics.DB_UP.set(1)
 
-    def _set_degraded(self, error: str) -> None:
+    def _set_degraded(self, error: str, *, refused: bool = False) -> None:
         self.health.state = "degraded"
         self.health.last_error = error
+        self.health.refused = refused
         metrics.DB_UP.set(0)
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]], seconds: float | None = None) -> T:
