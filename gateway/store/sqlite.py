@@ -314,6 +314,9 @@ class SqliteStore:
         files = _migrate.load_migrations("sqlite")
 
         def apply(conn: sqlite3.Connection) -> list[Migration]:
+            # Migrations may rewrite whole tables (0002 on 1M rows: ~9 s here): allow them longer
+            # than a query, as on PostgreSQL.
+            self._deadline = time.monotonic() + self._settings.query_timeout * 10
             conn.execute(_migrate.BOOTSTRAP["sqlite"])
             done: list[Migration] = []
             for mig in files:

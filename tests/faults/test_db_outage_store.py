@@ -108,7 +108,7 @@ async def test_database_down_at_start(pg_server_factory: Callable[[], PgServer])
 
         await server.astart()
         await _until_ok(store)
-        assert [m.applied_at is not None for m in await store.migration_status()] == [True]
+        assert all(m.applied_at is not None for m in await store.migration_status())
         await store.write_batch([msg(n=1)], [])
         nursery.cancel_scope.cancel()
 
