@@ -56,6 +56,6 @@ async def test_random_methods_and_paths_keep_labels_bounded(api: ApiServer) -> N
     templates = {rule.rule for rule in create_app(api.ctx).url_map.iter_rules()}
     assert routes <= templates | {UNMATCHED_ROUTE}, sorted(routes - templates)[:10]
     statuses = {s for _, _, s in labels}
-    assert len(statuses) <= 12, statuses
+    assert len(statuses) <= 20, statuses  # the codes the app answers with (other tests add some)
     # A handful of new series at most, not one per method or path.
     assert len(after) - len(before) < 8_000, len(after) - len(before)
