@@ -302,10 +302,10 @@ async def test_http_5xx_rate(autojump_clock: trio.testing.MockClock) -> None:
     health, store, pub = Health(), FakeStore(), FakePublisher()
     alerts = Alerts(health, store, pub, clock=wall, thresholds=FAST)
     await alerts.check()
-    metrics.HTTP_REQUESTS.labels("/test", "GET", "200").inc(10)
-    metrics.HTTP_REQUESTS.labels("/test", "GET", "503").inc(9)
+    metrics.HTTP_REQUESTS.labels("/api/v1/messages", "GET", "200").inc(10)
+    metrics.HTTP_REQUESTS.labels("/api/v1/messages", "GET", "503").inc(9)
     assert await alerts.check() == []  # 9 of 19: below 50 %
-    metrics.HTTP_REQUESTS.labels("/test", "GET", "500").inc(2)
+    metrics.HTTP_REQUESTS.labels("/api/v1/messages", "GET", "500").inc(2)
     assert await alerts.check() == [("http_errors", "fire")]
 
 

@@ -4,6 +4,7 @@ streams): retry first, heartbeats, replay after Last-Event-ID, filters, reset, a
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -129,7 +130,7 @@ async def test_access_token_query_and_kept_out_of_logs(
         )
     assert [f["event"] for f in got if "data" in f] == ["packet"]
     assert api.keys["read"] not in caplog.text
-    assert "access_token=%2A%2A%2A" in caplog.text and "key=test-read" in caplog.text
+    assert re.search(r"access_token=(\*+|(%2A)+)&", caplog.text) and "key=test-read" in caplog.text
 
 
 @pytest.mark.parametrize(

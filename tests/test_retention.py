@@ -103,7 +103,7 @@ async def test_low_disk_shows_degraded_in_ping_and_fires_alert(api: ApiServer, t
 
     assert await alerts(0.999999, 60).check() == []  # any real disk is "low"; the alert waits ...
     assert health.component("disk").state == "degraded"  # ... /ping does not
-    async with api.client("read") as client:
+    async with api.client("admin") as client:  # the cause is shown to admin keys only
         body = (await client.get("/api/v1/ping")).json()
     assert body["status"] == "degraded"
     assert body["components"]["disk"]["state"] == "degraded"
