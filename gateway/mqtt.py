@@ -58,7 +58,11 @@ _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """One message received from the broker; ``generation`` is the connection it came on."""
+    """One message received from the broker; ``generation`` is the connection it came on.
+
+    ``topic_device``: the topic's level at the ``+`` of the subscribe filter when
+    ``MQTT_DEVICE_FROM_TOPIC`` is on (the packet's ``device_id`` must equal it), else None.
+    """
 
     topic: str
     payload: bytes
@@ -67,6 +71,7 @@ class Inbound:
     qos: int
     dup: bool
     generation: int
+    topic_device: str | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +194,7 @@ class MqttBridge:
     def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
         self.settings = settings
         self._health = health
+        self._device_level = settings.device_level
         self._out_send, self._out_recv = trio.open_memory_channel[_Outgoing](settings.outbound_queue)
         # Publishes taken off the queue but not confirmed by a PUBACK yet, oldest first; they
         # are re-sent on the next connection.
@@ -589,7 +595,13 @@ class MqttBridge:
         try:
             topic = msg._topic.decode("utf-8", "replace")  # .topic raises on bad UTF-8
             payload = bytes(msg.payload)
-            conn.batch.append(Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation))
+            device = None
+            if self._device_level is not None:
+                levels = topic.split("/")
+                device = levels[self._device_level] if len(levels) > self._device_level else ""
+            conn.batch.append(
+                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device)
+            )
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
 

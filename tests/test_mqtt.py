@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from gateway import metrics
-from gateway.errors import MqttUnavailable
+from gateway.errors import ConfigError, MqttUnavailable
 from gateway.health import ComponentHealth
+from gateway.ingest import to_records
 from gateway.mqtt import Inbound, MqttBridge
-from gateway.settings import MqttSettings
-from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, publish
+from gateway.settings import MqttSettings, load_settings
+from gateway.store.base import MessageQuery, Store
+from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, pipeline, publish
 
 
 def settings_for(server: MosquittoServer | None, **kw: Any) -> MqttSettings:
@@ -272,3 +279,94 @@ async def test_password_never_logged(mosquitto: MosquittoServer, caplog: pytest.
         async with running(settings) as (bridge, _):
             assert bridge.connected
     assert "s3cret-pw" not in caplog.text
+
+
+# ------------------------------------------------------------------- device_id from the topic
+
+
+@pytest.mark.parametrize(
+    ("topic", "setting", "level"),
+    [
+        ("sensors/+/data", None, 1),  # unset: on, exactly one "+"
+        ("+/data", None, 0),
+        ("site/+/#", None, 1),
+        ("sensors/#", None, None),  # no "+": nothing to compare
+        ("a/+/b/+", None, None),  # two: which one would it be?
+        ("sensors/dev/data", None, None),
+        ("sensors/+/data", "false", None),
+        ("sensors/+/data", "true", 1),
+    ],
+)
+def test_device_from_topic_default_follows_the_filter(topic: str, setting: str | None, level: int | None) -> None:
+    env = {"MQTT_SUBSCRIBE_TOPIC": topic}
+    if setting is not None:
+        env["MQTT_DEVICE_FROM_TOPIC"] = setting
+    assert load_settings(None, env).mqtt.device_level == level
+
+
+@pytest.mark.parametrize("topic", ["sensors/#", "a/+/b/+"])
+def test_device_from_topic_on_needs_exactly_one_plus(topic: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"MQTT_SUBSCRIBE_TOPIC": topic, "MQTT_DEVICE_FROM_TOPIC": "true"})
+    assert info.value.variable == "MQTT_DEVICE_FROM_TOPIC" and "exactly one +" in str(info.value)
+
+
+_DEVICE = st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True)
+
+
+@given(device=_DEVICE, claimed=_DEVICE)
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_topic_device_decides_reading_or_reject(device: str, claimed: str) -> None:
+    m = Inbound(f"sensors/{device}/data", packet(claimed, 1), datetime.now(UTC), 1, 1, False, 1, device)
+    messages, rejects = to_records([m], 65536)
+    if device == claimed:
+        assert [r.device_id for r in messages] == [claimed] and rejects == []
+    else:
+        assert messages == [] and [r.reason for r in rejects] == ["topic_mismatch"]
+        assert rejects[0].errors[0]["loc"] == ["device_id"] and rejects[0].topic == m.topic
+        assert rejects[0].payload == m.payload  # kept as received
+
+
+async def test_forged_device_id_stored_as_topic_mismatch(mosquitto: MosquittoServer, store: Store) -> None:
+    """Through a real broker, shared subscription included: only the topic's own device is stored."""
+    cases = [
+        ("sensors/A/data", packet("B", 1), "topic_mismatch"),  # A writes as B
+        ("sensors/A/data", packet("A", 2), None),
+        ("sensors/B/data", packet("B", 3), None),
+        ("sensors/B/data", packet("A", 3), "topic_mismatch"),  # also cannot shadow A's seq 3
+    ]
+    for share in (None, "grp"):
+        before = len((await store.query_rejects(100)).items)
+        settings = settings_for(mosquitto, client_id=f"gw-topic-{share}", share_group=share)
+        async with pipeline(settings, store) as p:
+            res = await trio.to_thread.run_sync(lambda: publish(
+                mosquitto.host, mosquitto.port, [c[1] for c in cases], topics=[c[0] for c in cases]))
+            assert res.count == len(cases)
+            await eventually(lambda: p.ingest.committed >= len(cases), 15)
+        rejects = (await store.query_rejects(100)).items
+        new = sorted((r.topic, r.payload) for r in rejects[: len(rejects) - before])
+        assert new == sorted((t, b) for t, b, why in cases if why)
+        assert {r.reason for r in rejects} == {"topic_mismatch"}
+        stored = (await store.query_messages(MessageQuery(limit=100))).items
+        assert sorted((m.device_id, m.seq) for m in stored) == [("A", 2), ("B", 3)]  # redelivery-safe
+
+
+# --------------------------------------------------------------------------- default client id
+
+
+def test_default_client_id_is_per_database_and_never_shows_the_url(tmp_path: Any) -> None:
+    def cid(url: str | None, **extra: str) -> str:
+        env = {"DATABASE_URL": url, **extra} if url else dict(extra)
+        return load_settings(None, env).mqtt.client_id
+
+    host = socket.gethostname()
+    pg_a = cid("postgresql://gw:s3cret@db.example:5432/plant_a")
+    assert pg_a.startswith(f"gateway-{host}-") and len(pg_a) == len(f"gateway-{host}-") + 8
+    assert "s3cret" not in pg_a and "plant_a" not in pg_a and "db.example" not in pg_a
+    assert pg_a == cid("postgresql://gw:s3cret@db.example:5432/plant_a")  # stable
+    assert pg_a == cid("postgres://gw:rotated@db.example/plant_a")  # a new password keeps the session
+    assert pg_a != cid("postgresql://gw:s3cret@db.example:5432/plant_b")
+    assert pg_a != cid("postgresql://gw:s3cret@db2.example:5432/plant_a")
+    assert cid(f"sqlite:///{tmp_path}/a.db") != cid(f"sqlite:///{tmp_path}/b.db")
+    assert cid(None) == cid("sqlite:///data/gateway.db") == MqttSettings().client_id
+    assert cid("postgresql://gw@db/x", MQTT_CLIENT_ID="mine") == "mine"  # explicit wins
