@@ -53,6 +53,11 @@ _paho_log = logging.getLogger("gateway.mqtt.paho")
 READ_CAP = 2000
 """Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
 
+TAKEOVER_REPEATS = 3
+"""MQTT 3.1.1: this many drops in a row soon after CONNACK are reported as a session takeover."""
+
+_SESSION_TAKEN_OVER = 0x8E
+
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
@@ -94,13 +99,15 @@ class _BufferedSocket:
     from the underlying socket unchanged, when the buffer is empty, exactly as paho expects.
     """
 
-    __slots__ = ("_buf", "_out", "_pos", "_raw")
+    __slots__ = ("_buf", "_out", "_pos", "_raw", "eof")
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self._buf = b""
         self._pos = 0
         self._out = bytearray()
+        self.eof = False
+        """The peer closed the connection (the broker dropped us, e.g. for another client)."""
 
     @property
     def buffered(self) -> int:
@@ -109,8 +116,13 @@ class _BufferedSocket:
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos >= len(self._buf):
-            data: bytes = self._raw.recv(65536)
+            try:
+                data: bytes = self._raw.recv(65536)
+            except ConnectionResetError:
+                self.eof = True
+                raise
             if not data:
+                self.eof = True
                 return data  # peer closed: paho sees b"" as before
             if len(data) <= bufsize:
                 return bytes(data)
@@ -167,6 +179,8 @@ class _Connection:
     write_wanted: trio.Event = field(default_factory=trio.Event)
     connack: trio.Event = field(default_factory=trio.Event)
     connack_failure: str | None = None
+    connack_at: float | None = None
+    taken_over: bool = False
     session_present: bool = False
     broker_receive_max: int | None = None
     suback: trio.Event = field(default_factory=trio.Event)
@@ -205,6 +219,12 @@ class MqttBridge:
         self._ever_connected = False
         self.connected = False
         self.reconnects = 0
+        # A connection that lasted this long was not in a fight over its client id (a rival with
+        # the same settings reconnects within reconnect_max): only then the backoff starts over.
+        self._stable_after = max(5.0, 2 * settings.reconnect_max)
+        self._early_drops = 0
+        self._takeover: str | None = None
+        self.takeovers = 0
         self._set_detail()
 
     # ----------------------------------------------------------------------------------- public
@@ -240,12 +260,21 @@ class MqttBridge:
             if ready:
                 started = True
             reason = conn.lost or "closed"
+            lived = time.monotonic() - conn.connack_at if conn.connack_at is not None else None
             if was_connected:
                 log.warning("disconnected host=%s generation=%d reason=%s", s.host, conn.generation, reason)
-                backoff.reset()
             else:
                 log.warning("connect failed host=%s port=%d reason=%s", s.host, s.port, reason)
-            self._health.set("degraded", f"broker: {reason}")
+            if lived is not None and lived >= self._stable_after:
+                backoff.reset()  # a short-lived connection (a takeover fight, a flapping link) keeps growing it
+            takeover = self._takeover_cause(conn, lived)
+            if takeover is not None:
+                self._takeover = takeover
+                self.takeovers += 1
+                self._set_detail()
+                metrics.MQTT_TAKEOVERS.inc()
+                log.error("%s; reconnecting with growing backoff", takeover)
+            self._health.set("degraded", self._takeover or f"broker: {reason}")
             if not started:
                 started = True
                 task_status.started()
@@ -370,7 +399,10 @@ class MqttBridge:
             metrics.MQTT_RECONNECTS.inc()
         self._ever_connected = True
         self._set_connected(True)
-        self._health.set("ok")
+        if self._takeover is None:
+            self._health.set("ok")
+        else:  # until the session stays ours for a while (see _housekeeping)
+            self._health.set("degraded", f"{self._takeover} (connected again, watching)")
         log.info(
             "connected host=%s port=%d client_id=%s protocol=%s session_present=%s subscription=%s generation=%d",
             s.host,
@@ -423,7 +455,7 @@ class MqttBridge:
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
         client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid)
-        client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, rc)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, flags, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
         return client
@@ -549,6 +581,34 @@ class MqttBridge:
             if rc != _SUCCESS:
                 conn.lose(f"keepalive: {paho.error_string(rc)}")
                 return
+            held = time.monotonic() - conn.connack_at if conn.connack_at is not None else 0.0
+            if self._takeover is not None and self.connected and held >= self._stable_after:
+                log.info("session kept for %.0fs: no other client takes it over now", held)
+                self._takeover = None
+                self._early_drops = 0
+                self._health.set("ok")
+
+    def _takeover_cause(self, conn: _Connection, lived: float | None) -> str | None:
+        """Why this connection ended, when another client with our id took the session; else None.
+
+        MQTT 5 says so (DISCONNECT 0x8E). MQTT 3.1.1 only closes the socket: a connection the
+        broker closes soon after CONNACK, :data:`TAKEOVER_REPEATS` times in a row, is reported as
+        a probable takeover. A failed connect (the broker is away) starts the count over.
+        """
+        cid = self.settings.client_id
+        if conn.taken_over:
+            self._early_drops = 0
+            return f"another client with id {cid!r} took the session over (broker DISCONNECT 0x8E)"
+        if lived is None or lived >= self._stable_after or conn.rbuf is None or not conn.rbuf.eof:
+            self._early_drops = 0
+            return None
+        self._early_drops += 1
+        if self._early_drops < TAKEOVER_REPEATS:
+            return None
+        return (
+            f"another client with id {cid!r} probably took the session over: the broker closed the connection "
+            f"{self._early_drops} times in a row within {self._stable_after:.0f}s of accepting it"
+        )
 
     async def _publisher(self, conn: _Connection) -> None:
         """Send queued publishes, re-sends first, keeping at most the broker's window unconfirmed.
@@ -612,6 +672,8 @@ class MqttBridge:
         if rc.is_failure:
             conn.connack_failure = str(rc)
             conn.lose(f"broker refused the connection: {rc}")
+        else:
+            conn.connack_at = time.monotonic()
         conn.session_present = bool(flags.session_present)
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
         conn.broker_receive_max = int(rm) if rm else None
@@ -638,11 +700,16 @@ class MqttBridge:
         conn.confirmed.set()
         self._queue_gauge()
 
-    def _cb_disconnect(self, generation: int, rc: Any) -> None:
+    def _cb_disconnect(self, generation: int, flags: Any, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
         conn = self._live(generation)
-        if conn is not None:
-            conn.lose(f"disconnected: {rc}")
+        if conn is None:
+            return
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            # paho closed the socket first ("socket closed"): the broker's reason says more.
+            conn.lost = f"broker sent DISCONNECT: {rc}"
+            conn.taken_over = getattr(rc, "value", None) == _SESSION_TAKEN_OVER
+        conn.lose(f"disconnected: {rc}")
 
     def _cb_socket_close(self, generation: int, sock: Any) -> None:
         # Also called from Client.__del__ (any thread, possibly after Trio ended).
@@ -671,6 +738,7 @@ class MqttBridge:
         self._health.detail.update(
             connected=self.connected,
             reconnects=self.reconnects,
+            takeovers=self.takeovers,
             broker=f"{self.settings.host}:{self.settings.port}",
         )
 

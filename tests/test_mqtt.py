@@ -19,7 +19,7 @@ from gateway import metrics
 from gateway.errors import ConfigError, MqttUnavailable
 from gateway.health import ComponentHealth
 from gateway.ingest import to_records
-from gateway.mqtt import Inbound, MqttBridge
+from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge
 from gateway.settings import MqttSettings, load_settings
 from gateway.store.base import MessageQuery, Store
 from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, pipeline, publish
@@ -370,3 +370,77 @@ def test_default_client_id_is_per_database_and_never_shows_the_url(tmp_path: Any
     assert cid(f"sqlite:///{tmp_path}/a.db") != cid(f"sqlite:///{tmp_path}/b.db")
     assert cid(None) == cid("sqlite:///data/gateway.db") == MqttSettings().client_id
     assert cid("postgresql://gw@db/x", MQTT_CLIENT_ID="mine") == "mine"  # explicit wins
+
+
+# ------------------------------------------------------------------------------ session takeover
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_two_bridges_with_one_client_id_report_the_takeover(
+    mosquitto: MosquittoServer, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(mosquitto, client_id="twin", protocol=protocol, reconnect_min=0.05, reconnect_max=0.4)
+    health_a, health_b = ComponentHealth("mqtt"), ComponentHealth("mqtt")
+    taken = metrics.MQTT_TAKEOVERS._value.get()
+    with caplog.at_level(logging.INFO, "gateway.mqtt"):
+        async with running(settings, health_a) as (a, _):
+            async with running(settings, health_b) as (b, _):
+                await eventually(lambda: a.takeovers + b.takeovers >= 2, 20)
+                cause = next(h.last_error for h in (health_a, health_b) if h.last_error and "took" in h.last_error)
+                # mosquitto 2.0.11 closes the old connection without a DISCONNECT even on MQTT 5.
+                assert "another client with id 'twin'" in cause and "took the session over" in cause
+                assert "degraded" in (health_a.state, health_b.state)
+                assert health_a.detail["takeovers"] + health_b.detail["takeovers"] >= 2
+            # The twin is gone: after a quiet while the survivor says ok again.
+            await eventually(lambda: a.connected and health_a.state == "ok", 15)
+    assert metrics.MQTT_TAKEOVERS._value.get() - taken >= 2
+    said = [r for r in caplog.records if "another client with id 'twin'" in r.getMessage()]
+    assert said and said[0].levelno == logging.ERROR
+    # The fight slows down: the backoff is not reset by connections that end within seconds.
+    attempts = [int(r.getMessage().rsplit("attempt=", 1)[1]) for r in caplog.records
+                if r.getMessage().startswith("reconnecting in=")]
+    assert max(attempts) >= 3
+
+
+async def test_broker_restarts_are_no_takeover(mosquitto: MosquittoServer) -> None:
+    health = ComponentHealth("mqtt")
+    async with running(settings_for(mosquitto, protocol="3.1.1"), health) as (bridge, _):
+        for _ in range(TAKEOVER_REPEATS + 1):
+            mosquitto.stop()
+            await eventually(lambda: "refused" in (health.last_error or ""), 10)  # a failed connect
+            mosquitto.start()
+            await eventually(lambda: bridge.connected, 10)
+        assert bridge.takeovers == 0 and health.state == "ok"
+
+
+async def _scripted_v5_broker(listener: trio.SocketListener, disconnect: bytes) -> None:
+    """Accept MQTT 5 clients: CONNACK, SUBACK for their SUBSCRIBE, then ``disconnect`` and close."""
+    while True:
+        stream = await listener.accept()
+        async with stream:
+            got = b""
+            while len(got) < 2 or len(got) < 2 + got[1]:  # CONNECT (short: one length byte)
+                got += await stream.receive_some()
+            await stream.send_all(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success, no properties
+            rest = got[2 + got[1] :]
+            while len(rest) < 4:
+                rest += await stream.receive_some()
+            assert rest[0] >> 4 == 8, rest  # SUBSCRIBE
+            await stream.send_all(bytes([0x90, 4, rest[2], rest[3], 0, 1]))  # SUBACK: granted QoS 1
+            await stream.send_all(disconnect)
+
+
+async def test_mqtt5_disconnect_session_taken_over_is_reported_at_once() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    health = ComponentHealth("mqtt")
+    settings = settings_for(None, url=f"mqtt://127.0.0.1:{port}", client_id="twin5", reconnect_max=5.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_scripted_v5_broker, listeners[0], bytes([0xE0, 2, 0x8E, 0]))
+        bridge = MqttBridge(settings, health)
+        nursery.start_soon(bridge.run, trio.open_memory_channel[list[Inbound]](1)[0])
+        await eventually(lambda: bridge.takeovers >= 1, 10)
+        assert health.state == "degraded" and health.last_error is not None
+        assert "another client with id 'twin5' took the session over" in health.last_error
+        assert "0x8E" in health.last_error
+        nursery.cancel_scope.cancel()
