@@ -55,6 +55,8 @@ def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMess
     rejects: list[NewReject] = []
     for m in batch:
         try:
+            if m.truncated_from is not None:
+                raise _cut_short(m.truncated_from, len(m.payload))
             p = parse_packet(m.payload, max_bytes=max_payload)
             if m.topic_device is not None and p.device_id != m.topic_device:
                 raise _topic_mismatch(p.device_id, m.topic_device)
@@ -70,6 +72,11 @@ def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMess
             continue
         messages.append(message_from_packet(p, "mqtt", m.received_at, m.topic))
     return messages, rejects
+
+
+def _cut_short(size: int, kept: int) -> PacketInvalid:
+    msg = f"packet is {size} bytes, over MQTT_MAX_PACKET_SIZE: only its first {kept} bytes were read"
+    return PacketInvalid("too_large", [{"loc": [], "msg": msg, "type": "too_large"}])
 
 
 def _topic_mismatch(device_id: str, topic_device: str) -> PacketInvalid:

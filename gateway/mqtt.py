@@ -67,6 +67,8 @@ class Inbound:
 
     ``topic_device``: the topic's level at the ``+`` of the subscribe filter when
     ``MQTT_DEVICE_FROM_TOPIC`` is on (the packet's ``device_id`` must equal it), else None.
+    ``truncated_from``: the payload's size on the wire when only its first bytes were kept
+    (a packet over ``MQTT_MAX_PACKET_SIZE``), else None.
     """
 
     topic: str
@@ -77,6 +79,7 @@ class Inbound:
     dup: bool
     generation: int
     topic_device: str | None = None
+    truncated_from: int | None = None
 
 
 @dataclass(slots=True)
@@ -89,50 +92,219 @@ class _Outgoing:
     sent_at: float = 0.0
 
 
+_PUBLISH = 0x30
+_KEEP = 65536
+"""Payload bytes kept of a PUBLISH over ``MQTT_MAX_PACKET_SIZE`` (the rest is read past, not held)."""
+_HEAD = 2 + 65535 + 2 + 4
+"""Room for a PUBLISH's variable header: topic length and topic, packet id, properties length."""
+_READS_PER_CALL = 16
+"""Socket reads one ``recv`` may spend skipping or collecting before it lets the reader yield."""
+
+
 class _BufferedSocket:
-    """The connected socket as paho sees it, with a read buffer.
+    """The connected socket as paho sees it: a read buffer that knows where packets begin.
 
     paho 2.2 reads each packet in several small ``recv()`` calls and sends each packet with its
     own ``send()``; here one ``recv(65536)`` serves many packets, and the writer sends everything
-    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`. Read errors
-    (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come
-    from the underlying socket unchanged, when the buffer is empty, exactly as paho expects.
+    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`.
+
+    At each packet boundary it reads the fixed header first, which gives two controls paho lacks:
+
+    * a gate: a PUBLISH is handed to paho only while ``room`` (messages) and ``room_bytes`` are
+      left; otherwise ``blocked`` is set and paho sees "would block", so nothing more is read from
+      the socket and TCP pushes back on the broker;
+    * a size cap: a PUBLISH over ``max_packet`` bytes is never held whole. Its topic, packet id and
+      first :data:`_KEEP` payload bytes are kept (MQTT 5 properties dropped), the rest is read and
+      thrown away as it streams in, and paho gets the shortened packet; ``truncated`` maps its
+      number (``publishes`` counts every PUBLISH handed over, in order) to the original payload size.
+
+    Read errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come from the
+    underlying socket unchanged, exactly as paho expects.
     """
 
-    __slots__ = ("_buf", "_out", "_pos", "_raw", "eof")
+    __slots__ = (
+        "_big",
+        "_big_cmd",
+        "_big_need",
+        "_big_packet",
+        "_big_remaining",
+        "_buf",
+        "_discard",
+        "_left",
+        "_max_packet",
+        "_out",
+        "_pos",
+        "_raw",
+        "_starved",
+        "_v5",
+        "blocked",
+        "eof",
+        "publishes",
+        "room",
+        "room_bytes",
+        "truncated",
+    )
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, *, max_packet: int = 268435460, v5: bool = False) -> None:
         self._raw = raw
         self._buf = b""
         self._pos = 0
+        self._left = 0  # bytes of the current packet paho has not read yet
         self._out = bytearray()
+        self._max_packet = max_packet
+        self._v5 = v5
+        self._big: bytearray | None = None  # head of an oversized PUBLISH, being collected
+        self._big_cmd = 0
+        self._big_remaining = 0
+        self._big_need = 0
+        self._big_packet: bytes | None = None  # its shortened form, handed over after the skip
+        self._discard = 0
+        self._starved = False
         self.eof = False
         """The peer closed the connection (the broker dropped us, e.g. for another client)."""
+        self.room = 1 << 30
+        self.room_bytes = 1 << 62
+        self.blocked = False
+        self.publishes = 0
+        self.truncated: dict[int, int] = {}
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet handed to paho."""
+        """Bytes received that paho can make progress with now (0 while waiting for more)."""
+        if self._starved or self.blocked:
+            return 0
         return len(self._buf) - self._pos
 
     def recv(self, bufsize: int) -> bytes:
-        if self._pos >= len(self._buf):
-            try:
-                data: bytes = self._raw.recv(65536)
-            except ConnectionResetError:
-                self.eof = True
-                raise
-            if not data:
-                self.eof = True
-                return data  # peer closed: paho sees b"" as before
-            if len(data) <= bufsize:
-                return bytes(data)
-            self._buf, self._pos = data, 0
-        end = self._pos + bufsize
+        if self._left == 0 and not self._next_packet():
+            return b""
+        if self._pos >= len(self._buf) and not self._fill():
+            return b""
+        end = self._pos + min(bufsize, self._left)
         chunk = self._buf[self._pos : end]
-        self._pos = min(end, len(self._buf))
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = b"", 0
+        self._pos += len(chunk)
+        self._left -= len(chunk)
         return chunk
+
+    def _fill(self) -> bool:
+        """Read once from the socket into the buffer; False when the peer closed."""
+        try:
+            data: bytes = self._raw.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            self._starved = True
+            raise
+        except ConnectionResetError:
+            self.eof = True
+            raise
+        if not data:
+            self.eof = True
+            return False
+        self._starved = False
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = data, 0
+        else:
+            self._buf, self._pos = self._buf[self._pos :] + data, 0
+        return True
+
+    def _next_packet(self) -> bool:
+        """Move to the next packet paho may read (sets ``_left``); False when the peer closed.
+
+        Raises ``BlockingIOError`` when the gate is shut or more bytes are needed first.
+        """
+        reads = 0
+        while True:
+            if self._big_packet is not None and not self._discard:
+                packet, self._big_packet = self._big_packet, None
+                self._buf, self._pos = packet + self._buf[self._pos :], 0
+                self._left = len(packet)
+                return True
+            avail = len(self._buf) - self._pos
+            if avail and self._discard:
+                n = min(avail, self._discard)
+                self._pos += n
+                self._discard -= n
+                continue
+            if avail and self._big is not None:
+                n = min(avail, self._big_need - len(self._big))
+                self._big += self._buf[self._pos : self._pos + n]
+                self._pos += n
+                if len(self._big) == self._big_need:
+                    self._shorten()
+                continue
+            busy = self._discard or self._big is not None
+            header = self._header() if avail >= 2 and not busy else None
+            if header is None:
+                reads += 1
+                if reads > _READS_PER_CALL:
+                    raise BlockingIOError  # the reader yields to Trio, then calls again
+                if not self._fill():
+                    return False
+                continue
+            cmd, remaining, hlen = header
+            if cmd & 0xF0 == _PUBLISH:
+                if self.room <= 0 or self.room_bytes <= 0:
+                    self.blocked = True
+                    raise BlockingIOError
+                self.room -= 1
+                self.publishes += 1
+                if hlen + remaining > self._max_packet:
+                    self.room_bytes -= _KEEP
+                    self._pos += hlen
+                    self._big, self._big_cmd, self._big_remaining = bytearray(), cmd, remaining
+                    self._big_need = min(remaining, _HEAD + _KEEP)
+                    continue
+                self.room_bytes -= remaining
+            self._left = hlen + remaining
+            return True
+
+    def _header(self) -> tuple[int, int, int] | None:
+        """(first byte, remaining length, header length) of the packet at ``_pos``; None if incomplete."""
+        buf, pos = self._buf, self._pos
+        remaining, mult, i = 0, 1, pos + 1
+        while i < len(buf):
+            byte = buf[i]
+            remaining += (byte & 127) * mult
+            i += 1
+            if not byte & 128:
+                return buf[pos], remaining, i - pos
+            if i - pos > 4:  # a 5th length byte follows: hand it over, paho reports the protocol error
+                return buf[pos], 0, 6
+            mult *= 128
+        return None
+
+    def _shorten(self) -> None:
+        """The collected head of an oversized PUBLISH becomes a short packet; skip the rest."""
+        head, cmd, remaining = self._big, self._big_cmd, self._big_remaining
+        assert head is not None
+        self._big = None
+        pos = 2 + int.from_bytes(head[0:2], "big") + (2 if cmd & 0x06 else 0)
+        if pos > len(head):
+            raise ConnectionError("malformed PUBLISH (topic longer than the packet)")
+        var = bytes(head[:pos])
+        if self._v5:  # drop the properties (we use none of an inbound publish's)
+            plen, mult, i = 0, 1, pos
+            while True:
+                if i >= len(head) or i - pos >= 4:
+                    raise ConnectionError("malformed PUBLISH (properties length)")
+                byte = head[i]
+                plen += (byte & 127) * mult
+                i += 1
+                if not byte & 128:
+                    break
+                mult *= 128
+            pos = i + plen
+            var += b"\x00"
+        body = var + bytes(head[pos : pos + _KEEP])
+        self.truncated[self.publishes] = max(0, remaining - pos)
+        length = bytearray()
+        n = len(body)
+        while True:
+            n, digit = divmod(n, 128)
+            length.append(digit | (128 if n else 0))
+            if not n:
+                break
+        self._big_packet = bytes([cmd]) + bytes(length) + body
+        self._discard = remaining - len(head)
 
     def pending(self) -> int:
         extra = self._raw.pending() if hasattr(self._raw, "pending") else 0
@@ -180,6 +352,7 @@ class _Connection:
     connack: trio.Event = field(default_factory=trio.Event)
     connack_failure: str | None = None
     connack_at: float | None = None
+    ready: bool = False  # CONNACK, and SUBACK unless the session was present
     taken_over: bool = False
     session_present: bool = False
     broker_receive_max: int | None = None
@@ -189,7 +362,10 @@ class _Connection:
     lost: str | None = None
     unconfirmed: dict[int, _Outgoing] = field(default_factory=dict)
     confirmed: trio.Event = field(default_factory=trio.Event)
-    inflight: int = 0
+    inflight: int = 0  # messages handed to ingest and not acked yet (QoS 0 until committed)
+    inflight_bytes: int = 0  # their payload bytes
+    room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
+    delivered: int = 0  # PUBLISH packets paho handed to on_message (matches rbuf.publishes)
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -237,7 +413,8 @@ class MqttBridge:
     ) -> None:
         """Connect, subscribe, stream messages into ``inbound``; reconnect forever with backoff.
 
-        Reports started after CONNACK and SUBACK, or after the first failed attempt (health
+        Reports started after CONNACK and SUBACK (CONNACK alone when the broker kept our session:
+        it may send the backlog first), or after the first failed attempt (health
         ``degraded``) so the gateway can start without its broker. Does not close ``inbound``.
         Runs until cancelled.
         """
@@ -292,14 +469,19 @@ class MqttBridge:
             return
         gen = conn.generation
         client = conn.client
-        n = 0
+        n = size = 0
         for m in messages:
-            if m.generation == gen and m.qos > 0:
-                client.ack(m.mid, m.qos)
+            if m.generation == gen:
+                if m.qos > 0:
+                    client.ack(m.mid, m.qos)
                 n += 1
+                size += len(m.payload)
         if n:
             conn.inflight -= n
+            conn.inflight_bytes -= size
             metrics.MQTT_INFLIGHT.set(conn.inflight)
+            metrics.MQTT_INFLIGHT_BYTES.set(conn.inflight_bytes)
+            conn.room.set()
 
     async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
         """Queue a QoS 1 publish on the publish topic (or ``<topic>/<subtopic>``); waits for room."""
@@ -344,7 +526,7 @@ class MqttBridge:
             # paho reads a packet in three or more recv() calls (type, length, body): give it a
             # buffer filled by one large recv per burst instead of a syscall per field.
             conn.sock = raw
-            conn.rbuf = _BufferedSocket(raw)
+            conn.rbuf = _BufferedSocket(raw, max_packet=s.max_packet_size, v5=s.protocol == "5")
             client._sock = conn.rbuf
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, conn, inbound)
@@ -358,7 +540,7 @@ class MqttBridge:
                     task_status.started()
                 nursery.start_soon(self._publisher, conn)
         # Reached when conn.lose() cancelled the scope (never by a plain return of the nursery).
-        return conn.connack.is_set() and conn.suback.is_set()
+        return conn.ready
 
     async def _acknowledged(self, conn: _Connection, ack: trio.Event, what: str) -> bool:
         """Wait up to the connect timeout for ``ack``; a silent broker loses the connection."""
@@ -385,6 +567,11 @@ class MqttBridge:
             conn.lose(f"subscribe failed: {paho.error_string(rc)}")
             return False
         conn.sub_mid = mid
+        if conn.session_present:
+            # The broker may send the session's backlog before the SUBACK, and the reader takes
+            # only our own window of it until ingest acks: waiting here could wait for ever.
+            # The subscription is in the session already; a refusal still ends the connection.
+            return True
         if not await self._acknowledged(conn, conn.suback, "SUBACK"):
             return False
         if conn.suback_failure is not None:
@@ -394,6 +581,7 @@ class MqttBridge:
 
     def _on_ready(self, conn: _Connection) -> None:
         s = self.settings
+        conn.ready = True
         if self._ever_connected:
             self.reconnects += 1
             metrics.MQTT_RECONNECTS.inc()
@@ -427,6 +615,7 @@ class MqttBridge:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry
             props.ReceiveMaximum = s.receive_maximum
+            props.MaximumPacketSize = s.max_packet_size  # the broker drops bigger ones for us
             client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
         else:
             client.connect(s.host, s.port, keepalive=s.keepalive)
@@ -495,18 +684,28 @@ class MqttBridge:
         if conn.lost is None:
             conn.lost = "stopped"
         metrics.MQTT_INFLIGHT.set(0)
+        metrics.MQTT_INFLIGHT_BYTES.set(0)
         self._queue_gauge()
 
     # ------------------------------------------------------------------------------ tasks
 
     async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
+        """Read bursts of packets and hand each burst over as one batch.
+
+        Our own window, whatever the broker does with Receive Maximum: at most
+        ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
+        between the socket and the ack. At either limit the reader stops reading the socket until
+        ingest acks, so TCP pushes back on the broker.
+        """
         client, sock, rbuf = conn.client, conn.sock, conn.rbuf
+        assert rbuf is not None
+        cap, budget = self.settings.receive_maximum, self.settings.inflight_bytes
         ssl_sock = isinstance(sock, ssl.SSLSocket)
         fionread = array.array("i", [0])
         fd = sock.fileno()
 
         def pending() -> bool:
-            if rbuf is not None and rbuf.buffered:
+            if rbuf.buffered:
                 return True
             if ssl_sock:
                 return bool(sock.pending())
@@ -514,6 +713,13 @@ class MqttBridge:
             return fionread[0] > 0
 
         while True:
+            if conn.inflight >= cap or conn.inflight_bytes >= budget or rbuf.blocked:
+                # Set by any ack since the last wait (also one that came while we handed over).
+                await conn.room.wait()
+                conn.room = trio.Event()
+                rbuf.blocked = False
+                continue
+            rbuf.room, rbuf.room_bytes = cap - conn.inflight, budget - conn.inflight_bytes
             if pending():
                 await trio.lowlevel.checkpoint()
             else:
@@ -527,14 +733,15 @@ class MqttBridge:
                 if rc != _SUCCESS:
                     conn.lose(f"read: {paho.error_string(rc)}")
                     break
-                if conn.lost is not None or not pending():
+                if conn.lost is not None or rbuf.blocked or not pending():
                     break
             if conn.batch:
                 batch, conn.batch = conn.batch, []
-                n = sum(1 for m in batch if m.qos > 0)
-                conn.inflight += n
+                conn.inflight += len(batch)
+                conn.inflight_bytes += sum(len(m.payload) for m in batch)
                 metrics.MQTT_RECEIVED.inc(len(batch))
                 metrics.MQTT_INFLIGHT.set(conn.inflight)
+                metrics.MQTT_INFLIGHT_BYTES.set(conn.inflight_bytes)
                 # Blocks while ingest is behind: we stop reading, the broker stops sending.
                 await inbound.send(batch)
             if conn.lost is not None:
@@ -659,8 +866,10 @@ class MqttBridge:
             if self._device_level is not None:
                 levels = topic.split("/")
                 device = levels[self._device_level] if len(levels) > self._device_level else ""
+            conn.delivered += 1
+            cut = conn.rbuf.truncated.pop(conn.delivered, None) if conn.rbuf and conn.rbuf.truncated else None
             conn.batch.append(
-                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device)
+                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device, cut)
             )
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
@@ -686,6 +895,8 @@ class MqttBridge:
         bad = [str(rc) for rc in rcs if rc.is_failure]
         if bad:
             conn.suback_failure = ", ".join(bad)
+            if conn.ready:
+                conn.lose(f"subscription {self.settings.subscription!r} refused: {conn.suback_failure}")
         conn.suback.set()
 
     def _cb_publish(self, generation: int, mid: int) -> None:

@@ -138,6 +138,8 @@ class MqttSettings(_Component):
     keepalive: int = Field(30, ge=5, le=3600, alias="MQTT_KEEPALIVE")
     session_expiry: int = Field(7 * 86400, ge=0, alias="MQTT_SESSION_EXPIRY")
     receive_maximum: int = Field(1000, ge=1, le=65535, alias="MQTT_RECEIVE_MAXIMUM")
+    inflight_bytes: int = Field(16 * 1024 * 1024, ge=65536, alias="MQTT_INFLIGHT_BYTES")
+    max_packet_size: int = Field(1024 * 1024, ge=2048, le=268435460, alias="MQTT_MAX_PACKET_SIZE")
     connect_timeout: float = Field(10.0, gt=0, alias="MQTT_CONNECT_TIMEOUT")
     reconnect_min: float = Field(0.5, gt=0, alias="MQTT_RECONNECT_MIN")
     reconnect_max: float = Field(30.0, gt=0, alias="MQTT_RECONNECT_MAX")

@@ -444,3 +444,176 @@ async def test_mqtt5_disconnect_session_taken_over_is_reported_at_once() -> None
         assert "another client with id 'twin5' took the session over" in health.last_error
         assert "0x8E" in health.last_error
         nursery.cancel_scope.cancel()
+
+
+# -------------------------------------------------------------- bounded memory, own window
+
+
+def _mqtt_packet(cmd: int, body: bytes) -> bytes:
+    length = bytearray()
+    n = len(body)
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (128 if n else 0))
+        if not n:
+            return bytes([cmd]) + bytes(length) + body
+
+
+def _publish_packet(topic: bytes, mid: int, payload: bytes, v5: bool, props: bytes = b"") -> bytes:
+    var = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
+    if v5:
+        var += _mqtt_packet(0, props)[1:]  # properties length (a varint) and the properties
+    return _mqtt_packet(0x32, var + payload)
+
+
+class _ChunkedRaw:
+    """A socket that returns the stream in the given chunk sizes, "would block" between some."""
+
+    def __init__(self, data: bytes, chunks: list[int], stalls: list[bool]) -> None:
+        self.data, self.chunks, self.stalls, self.pos, self.i = data, chunks, stalls, 0, 0
+
+    def recv(self, n: int) -> bytes:
+        self.i += 1
+        if self.stalls[self.i % len(self.stalls)]:
+            raise BlockingIOError
+        size = min(n, self.chunks[self.i % len(self.chunks)])
+        out = self.data[self.pos : self.pos + size]
+        self.pos += len(out)
+        if not out:
+            raise BlockingIOError
+        return out
+
+
+def _read_like_paho(sock: Any) -> list[bytes]:
+    """Read whole packets the way paho 2.2 does (1 byte, length bytes, then the body)."""
+    packets: list[bytes] = []
+    header, body, remaining = b"", b"", -1
+    while True:
+        try:
+            if not header:
+                header = sock.recv(1)
+            while remaining < 0:
+                header += sock.recv(1)
+                if not header[-1] & 128:
+                    remaining = sum((b & 127) << (7 * i) for i, b in enumerate(header[1:]))
+            while len(body) < remaining:
+                body += sock.recv(remaining - len(body))
+            packets.append(header + body)
+            header, body, remaining = b"", b"", -1
+        except BlockingIOError:
+            if sock._raw.pos >= len(sock._raw.data) and not header and not sock.buffered:
+                return packets
+
+
+@given(
+    sizes=st.lists(st.sampled_from([0, 10, 300, 3000, 70_000, 200_000]), min_size=1, max_size=8),
+    chunks=st.lists(st.integers(1, 70_000), min_size=1, max_size=6),
+    stalls=st.lists(st.booleans(), min_size=1, max_size=4).map(lambda s: [*s, False]),
+    v5=st.booleans(),
+)
+@hypothesis_settings(max_examples=60, deadline=None)
+def test_read_buffer_cuts_oversized_publishes_wherever_the_stream_splits(
+    sizes: list[int], chunks: list[int], stalls: list[bool], v5: bool
+) -> None:
+    from gateway.mqtt import _BufferedSocket
+
+    limit = 65_536
+    stream, want = b"", []
+    for i, size in enumerate(sizes):
+        payload = bytes([65 + i % 26]) * size
+        pkt = _publish_packet(b"sensors/d/data", i + 1, payload, v5, props=b"\x23\x00\x05" if v5 else b"")
+        ping = _mqtt_packet(0xD0, b"")  # a PINGRESP between publishes passes untouched
+        stream += pkt + ping
+        want.append(pkt if len(pkt) <= limit else _publish_packet(b"sensors/d/data", i + 1, payload[:65536], v5))
+        want.append(ping)
+    sock = _BufferedSocket(_ChunkedRaw(stream, chunks, stalls), max_packet=limit, v5=v5)
+    assert _read_like_paho(sock) == want
+    assert sock.publishes == len(sizes)
+    assert sock.truncated == {i + 1: size for i, size in enumerate(sizes) if size > 60_000}
+
+
+async def test_oversized_publish_is_kept_as_truncated_reject_without_holding_it(
+    mosquitto: MosquittoServer, tmp_path: Any
+) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size: a 20 MB publish arrives; only its head is ever held."""
+    import tracemalloc
+
+    settings = settings_for(mosquitto, protocol="3.1.1", max_packet_size=256 * 1024)
+    big = b'{"device_id": "d7", "pad": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+    big_file = tmp_path / "big.json"
+    big_file.write_bytes(big)
+    topic = "sensors/d7/data"
+    async with running(settings) as (bridge, recv):
+        tracemalloc.start()  # (the big one is published from another process: only ours counts)
+        try:
+            assert await pub(mosquitto, [packet("d7", 1)], topic=topic) == 1
+            await trio.run_process(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", topic,
+                                    "-f", str(big_file)])
+            assert await pub(mosquitto, [b"y" * 200_000, packet("d7", 2)], topic=topic) == 2
+            got = await collect(recv, 4)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [m.truncated_from for m in got] == [None, len(big), None, None]  # 200 KB is under the cap
+        assert len(got[1].payload) == 65536 and got[1].payload == big[:65536]
+        assert peak < 4 * 1024 * 1024, peak  # not 20 MB (paho alone used to copy it three times)
+        messages, rejects = to_records(got, 65536)
+        assert [m.seq for m in messages] == [1, 2]
+        assert [r.reason for r in rejects] == ["too_large", "too_large"]
+        assert str(len(big)) in rejects[0].errors[0]["msg"] and len(rejects[0].payload) == 65536
+        bridge.ack(got)
+
+
+async def test_mqtt5_maximum_packet_size_makes_the_broker_drop_oversized(mosquitto: MosquittoServer) -> None:
+    settings = settings_for(mosquitto, protocol="5", max_packet_size=64 * 1024)
+    async with running(settings) as (bridge, recv):
+        assert await pub(mosquitto, [b"z" * 100_000, packet("d8", 1)], topic="sensors/d8/data") == 2
+        got = await collect(recv, 1)
+        assert [m.payload for m in got] == [packet("d8", 1)]  # the big one never reached us
+        bridge.ack(got)
+        assert await quiet(recv, 0.3) == []
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_inflight_stays_within_our_own_window(mosquitto: MosquittoServer, protocol: str) -> None:
+    """The test broker allows 1000 in flight (and mosquitto overshoots Receive Maximum when acks
+    come in batches): the bridge itself stops reading at MQTT_RECEIVE_MAXIMUM."""
+    cap = 50
+    settings = settings_for(mosquitto, protocol=protocol, receive_maximum=cap, client_id=f"win-{protocol}")
+    async with running(settings):
+        pass  # the session exists, so a backlog queues while we are away
+    await pub(mosquitto, [packet("d9", i) for i in range(3000)], topic="sensors/d9/data")
+    seen = 0
+    most = 0
+    async with running(settings) as (bridge, recv):
+        held: list[Inbound] = []
+        with trio.fail_after(60):
+            while seen < 3000:
+                batch = await recv.receive()
+                seen += len(batch)
+                held.extend(batch)
+                most = max(most, int(metrics.MQTT_INFLIGHT._value.get()))
+                if len(held) >= 40 or seen == 3000:  # acks in batches, as ingest sends them
+                    await trio.sleep(0.01)
+                    bridge.ack(held)
+                    held = []
+    assert seen == 3000 and 40 <= most <= cap
+
+
+async def test_inflight_bytes_budget_stops_reading(mosquitto: MosquittoServer) -> None:
+    budget = 256 * 1024
+    settings = settings_for(mosquitto, inflight_bytes=budget)
+    async with running(settings) as (bridge, recv):
+        body = b"b" * 30_000
+        assert await pub(mosquitto, [body] * 40, topic="sensors/d10/data") == 40
+        first = await collect(recv, 40, 1.0)  # nothing acked: only about the budget comes in
+        assert budget <= sum(len(m.payload) for m in first) < budget + len(body)
+        assert metrics.MQTT_INFLIGHT_BYTES._value.get() == sum(len(m.payload) for m in first)
+        bridge.ack(first)
+        total = len(first)
+        with trio.fail_after(10):
+            while total < 40:  # acking as it comes: the rest flows
+                batch = await recv.receive()
+                assert metrics.MQTT_INFLIGHT_BYTES._value.get() < budget + len(body)
+                total += len(batch)
+                bridge.ack(batch)
