@@ -66,7 +66,11 @@ def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMess
     rejects: list[NewReject] = []
     for m in batch:
         try:
+            if m.truncated_from is not None:
+                raise _cut_short(m.truncated_from, len(m.payload))
             p = parse_packet(m.payload, max_bytes=max_payload)
+            if m.topic_device is not None and p.device_id != m.topic_device:
+                raise _topic_mismatch(p.device_id, m.topic_device)
         except PacketInvalid as exc:
             raw = m.payload[:max_payload]
             rejects.append(NewReject(m.received_at, "mqtt", m.topic, raw, exc.reason, exc.errors))
@@ -79,6 +83,16 @@ def to_records(batch: Sequence[Inbound], max_payload: int) -> tuple[list[NewMess
             continue
         messages.append(message_from_packet(p, "mqtt", m.received_at, m.topic))
     return messages, rejects
+
+
+def _cut_short(size: int, kept: int) -> PacketInvalid:
+    msg = f"packet is {size} bytes, over MQTT_MAX_PACKET_SIZE: only its first {kept} bytes were read"
+    return PacketInvalid("too_large", [{"loc": [], "msg": msg, "type": "too_large"}])
+
+
+def _topic_mismatch(device_id: str, topic_device: str) -> PacketInvalid:
+    msg = f"device_id {device_id!r} differs from the topic's device {topic_device!r} (MQTT_DEVICE_FROM_TOPIC)"
+    return PacketInvalid("topic_mismatch", [{"loc": ["device_id"], "msg": msg, "type": "topic_mismatch"}])
 
 
 class Ingest:

@@ -13,8 +13,12 @@ _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 # MQTT
 MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 when connected to the broker")
 MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects_total", "Connections established after the first")
+MQTT_TAKEOVERS = Counter(
+    "gateway_mqtt_session_takeovers_total", "Times another client with our client id took the session over"
+)
 MQTT_RECEIVED = Counter("gateway_mqtt_received_total", "Messages received from the broker")
-MQTT_INFLIGHT = Gauge("gateway_mqtt_inflight", "Messages received and not yet acknowledged")
+MQTT_INFLIGHT = Gauge("gateway_mqtt_inflight", "Messages received and not yet committed and acknowledged")
+MQTT_INFLIGHT_BYTES = Gauge("gateway_mqtt_inflight_bytes", "Payload bytes of the messages in gateway_mqtt_inflight")
 MQTT_PUBLISHED = Counter("gateway_mqtt_published_total", "Publishes confirmed by the broker")
 MQTT_PUBLISH_QUEUE = Gauge("gateway_mqtt_publish_queue", "Publishes waiting or unconfirmed")
 MQTT_PUBLISH_LATENCY = Histogram("gateway_mqtt_publish_seconds", "Publish to PUBACK", buckets=_LAT)

@@ -56,12 +56,23 @@ _paho_log = logging.getLogger("gateway.mqtt.paho")
 READ_CAP = 2000
 """Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
 
+TAKEOVER_REPEATS = 3
+"""MQTT 3.1.1: this many drops in a row soon after CONNACK are reported as a session takeover."""
+
+_SESSION_TAKEN_OVER = 0x8E
+
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """One message received from the broker; ``generation`` is the connection it came on."""
+    """One message received from the broker; ``generation`` is the connection it came on.
+
+    ``topic_device``: the topic's level at the ``+`` of the subscribe filter when
+    ``MQTT_DEVICE_FROM_TOPIC`` is on (the packet's ``device_id`` must equal it), else None.
+    ``truncated_from``: the payload's size on the wire when only its first bytes were kept
+    (a packet over ``MQTT_MAX_PACKET_SIZE``), else None.
+    """
 
     topic: str
     payload: bytes
@@ -70,6 +81,8 @@ class Inbound:
     qos: int
     dup: bool
     generation: int
+    topic_device: str | None = None
+    truncated_from: int | None = None
 
 
 OnPublished = Callable[[str | None], None]
@@ -87,43 +100,219 @@ class _Outgoing:
     on_done: OnPublished | None = None
 
 
+_PUBLISH = 0x30
+_KEEP = 65536
+"""Payload bytes kept of a PUBLISH over ``MQTT_MAX_PACKET_SIZE`` (the rest is read past, not held)."""
+_HEAD = 2 + 65535 + 2 + 4
+"""Room for a PUBLISH's variable header: topic length and topic, packet id, properties length."""
+_READS_PER_CALL = 16
+"""Socket reads one ``recv`` may spend skipping or collecting before it lets the reader yield."""
+
+
 class _BufferedSocket:
-    """The connected socket as paho sees it, with a read buffer.
+    """The connected socket as paho sees it: a read buffer that knows where packets begin.
 
     paho 2.2 reads each packet in several small ``recv()`` calls and sends each packet with its
     own ``send()``; here one ``recv(65536)`` serves many packets, and the writer sends everything
-    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`. Read errors
-    (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come
-    from the underlying socket unchanged, when the buffer is empty, exactly as paho expects.
+    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`.
+
+    At each packet boundary it reads the fixed header first, which gives two controls paho lacks:
+
+    * a gate: a PUBLISH is handed to paho only while ``room`` (messages) and ``room_bytes`` are
+      left; otherwise ``blocked`` is set and paho sees "would block", so nothing more is read from
+      the socket and TCP pushes back on the broker;
+    * a size cap: a PUBLISH over ``max_packet`` bytes is never held whole. Its topic, packet id and
+      first :data:`_KEEP` payload bytes are kept (MQTT 5 properties dropped), the rest is read and
+      thrown away as it streams in, and paho gets the shortened packet; ``truncated`` maps its
+      number (``publishes`` counts every PUBLISH handed over, in order) to the original payload size.
+
+    Read errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come from the
+    underlying socket unchanged, exactly as paho expects.
     """
 
-    __slots__ = ("_buf", "_out", "_pos", "_raw")
+    __slots__ = (
+        "_big",
+        "_big_cmd",
+        "_big_need",
+        "_big_packet",
+        "_big_remaining",
+        "_buf",
+        "_discard",
+        "_left",
+        "_max_packet",
+        "_out",
+        "_pos",
+        "_raw",
+        "_starved",
+        "_v5",
+        "blocked",
+        "eof",
+        "publishes",
+        "room",
+        "room_bytes",
+        "truncated",
+    )
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, *, max_packet: int = 268435460, v5: bool = False) -> None:
         self._raw = raw
         self._buf = b""
         self._pos = 0
+        self._left = 0  # bytes of the current packet paho has not read yet
         self._out = bytearray()
+        self._max_packet = max_packet
+        self._v5 = v5
+        self._big: bytearray | None = None  # head of an oversized PUBLISH, being collected
+        self._big_cmd = 0
+        self._big_remaining = 0
+        self._big_need = 0
+        self._big_packet: bytes | None = None  # its shortened form, handed over after the skip
+        self._discard = 0
+        self._starved = False
+        self.eof = False
+        """The peer closed the connection (the broker dropped us, e.g. for another client)."""
+        self.room = 1 << 30
+        self.room_bytes = 1 << 62
+        self.blocked = False
+        self.publishes = 0
+        self.truncated: dict[int, int] = {}
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet handed to paho."""
+        """Bytes received that paho can make progress with now (0 while waiting for more)."""
+        if self._starved or self.blocked:
+            return 0
         return len(self._buf) - self._pos
 
     def recv(self, bufsize: int) -> bytes:
-        if self._pos >= len(self._buf):
-            data: bytes = self._raw.recv(65536)
-            if not data:
-                return data  # peer closed: paho sees b"" as before
-            if len(data) <= bufsize:
-                return bytes(data)
-            self._buf, self._pos = data, 0
-        end = self._pos + bufsize
+        if self._left == 0 and not self._next_packet():
+            return b""
+        if self._pos >= len(self._buf) and not self._fill():
+            return b""
+        end = self._pos + min(bufsize, self._left)
         chunk = self._buf[self._pos : end]
-        self._pos = min(end, len(self._buf))
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = b"", 0
+        self._pos += len(chunk)
+        self._left -= len(chunk)
         return chunk
+
+    def _fill(self) -> bool:
+        """Read once from the socket into the buffer; False when the peer closed."""
+        try:
+            data: bytes = self._raw.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            self._starved = True
+            raise
+        except ConnectionResetError:
+            self.eof = True
+            raise
+        if not data:
+            self.eof = True
+            return False
+        self._starved = False
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = data, 0
+        else:
+            self._buf, self._pos = self._buf[self._pos :] + data, 0
+        return True
+
+    def _next_packet(self) -> bool:
+        """Move to the next packet paho may read (sets ``_left``); False when the peer closed.
+
+        Raises ``BlockingIOError`` when the gate is shut or more bytes are needed first.
+        """
+        reads = 0
+        while True:
+            if self._big_packet is not None and not self._discard:
+                packet, self._big_packet = self._big_packet, None
+                self._buf, self._pos = packet + self._buf[self._pos :], 0
+                self._left = len(packet)
+                return True
+            avail = len(self._buf) - self._pos
+            if avail and self._discard:
+                n = min(avail, self._discard)
+                self._pos += n
+                self._discard -= n
+                continue
+            if avail and self._big is not None:
+                n = min(avail, self._big_need - len(self._big))
+                self._big += self._buf[self._pos : self._pos + n]
+                self._pos += n
+                if len(self._big) == self._big_need:
+                    self._shorten()
+                continue
+            busy = self._discard or self._big is not None
+            header = self._header() if avail >= 2 and not busy else None
+            if header is None:
+                reads += 1
+                if reads > _READS_PER_CALL:
+                    raise BlockingIOError  # the reader yields to Trio, then calls again
+                if not self._fill():
+                    return False
+                continue
+            cmd, remaining, hlen = header
+            if cmd & 0xF0 == _PUBLISH:
+                if self.room <= 0 or self.room_bytes <= 0:
+                    self.blocked = True
+                    raise BlockingIOError
+                self.room -= 1
+                self.publishes += 1
+                if hlen + remaining > self._max_packet:
+                    self.room_bytes -= _KEEP
+                    self._pos += hlen
+                    self._big, self._big_cmd, self._big_remaining = bytearray(), cmd, remaining
+                    self._big_need = min(remaining, _HEAD + _KEEP)
+                    continue
+                self.room_bytes -= remaining
+            self._left = hlen + remaining
+            return True
+
+    def _header(self) -> tuple[int, int, int] | None:
+        """(first byte, remaining length, header length) of the packet at ``_pos``; None if incomplete."""
+        buf, pos = self._buf, self._pos
+        remaining, mult, i = 0, 1, pos + 1
+        while i < len(buf):
+            byte = buf[i]
+            remaining += (byte & 127) * mult
+            i += 1
+            if not byte & 128:
+                return buf[pos], remaining, i - pos
+            if i - pos > 4:  # a 5th length byte follows: hand it over, paho reports the protocol error
+                return buf[pos], 0, 6
+            mult *= 128
+        return None
+
+    def _shorten(self) -> None:
+        """The collected head of an oversized PUBLISH becomes a short packet; skip the rest."""
+        head, cmd, remaining = self._big, self._big_cmd, self._big_remaining
+        assert head is not None
+        self._big = None
+        pos = 2 + int.from_bytes(head[0:2], "big") + (2 if cmd & 0x06 else 0)
+        if pos > len(head):
+            raise ConnectionError("malformed PUBLISH (topic longer than the packet)")
+        var = bytes(head[:pos])
+        if self._v5:  # drop the properties (we use none of an inbound publish's)
+            plen, mult, i = 0, 1, pos
+            while True:
+                if i >= len(head) or i - pos >= 4:
+                    raise ConnectionError("malformed PUBLISH (properties length)")
+                byte = head[i]
+                plen += (byte & 127) * mult
+                i += 1
+                if not byte & 128:
+                    break
+                mult *= 128
+            pos = i + plen
+            var += b"\x00"
+        body = var + bytes(head[pos : pos + _KEEP])
+        self.truncated[self.publishes] = max(0, remaining - pos)
+        length = bytearray()
+        n = len(body)
+        while True:
+            n, digit = divmod(n, 128)
+            length.append(digit | (128 if n else 0))
+            if not n:
+                break
+        self._big_packet = bytes([cmd]) + bytes(length) + body
+        self._discard = remaining - len(head)
 
     def pending(self) -> int:
         extra = self._raw.pending() if hasattr(self._raw, "pending") else 0
@@ -171,6 +360,9 @@ class _Connection:
     connack: trio.Event = field(default_factory=trio.Event)
     connack_failure: str | None = None
     refused: bool = False  # the CONNACK refusal is one no retry fixes (credentials, client id)
+    connack_at: float | None = None
+    ready: bool = False  # CONNACK, and SUBACK unless the session was present
+    taken_over: bool = False
     session_present: bool = False
     broker_receive_max: int | None = None
     suback: trio.Event = field(default_factory=trio.Event)
@@ -179,7 +371,10 @@ class _Connection:
     lost: str | None = None
     unconfirmed: dict[int, _Outgoing] = field(default_factory=dict)
     confirmed: trio.Event = field(default_factory=trio.Event)
-    inflight: int = 0
+    inflight: int = 0  # messages handed to ingest and not acked yet (QoS 0 until committed)
+    inflight_bytes: int = 0  # their payload bytes
+    room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
+    delivered: int = 0  # PUBLISH packets paho handed to on_message (matches rbuf.publishes)
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -199,6 +394,7 @@ class MqttBridge:
     def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
         self.settings = settings
         self._health = health
+        self._device_level = settings.device_level
         self._out_send, self._out_recv = trio.open_memory_channel[_Outgoing](settings.outbound_queue)
         # Publishes taken off the queue but not confirmed by a PUBACK yet, oldest first; they
         # are re-sent on the next connection.
@@ -209,6 +405,12 @@ class MqttBridge:
         self._ever_connected = False
         self.connected = False
         self.reconnects = 0
+        # A connection that lasted this long was not in a fight over its client id (a rival with
+        # the same settings reconnects within reconnect_max): only then the backoff starts over.
+        self._stable_after = max(5.0, 2 * settings.reconnect_max)
+        self._early_drops = 0
+        self._takeover: str | None = None
+        self.takeovers = 0
         self._set_detail()
 
     # ----------------------------------------------------------------------------------- public
@@ -221,7 +423,8 @@ class MqttBridge:
     ) -> None:
         """Connect, subscribe, stream messages into ``inbound``; reconnect forever with backoff.
 
-        Reports started after CONNACK and SUBACK, or after the first failed attempt (health
+        Reports started after CONNACK and SUBACK (CONNACK alone when the broker kept our session:
+        it may send the backlog first), or after the first failed attempt (health
         ``degraded``) so the gateway can start without its broker. Does not close ``inbound``.
         Runs until cancelled.
         """
@@ -244,15 +447,24 @@ class MqttBridge:
             if ready:
                 started = True
             reason = conn.lost or "closed"
+            lived = time.monotonic() - conn.connack_at if conn.connack_at is not None else None
             if was_connected:
                 log.warning("disconnected host=%s generation=%d reason=%s", s.host, conn.generation, reason)
-                backoff.reset()
             else:
                 log.warning("connect failed host=%s port=%d reason=%s", s.host, s.port, reason)
+            if lived is not None and lived >= self._stable_after:
+                backoff.reset()  # a short-lived connection (a takeover fight, a flapping link) keeps growing it
+            takeover = self._takeover_cause(conn, lived)
+            if takeover is not None:
+                self._takeover = takeover
+                self.takeovers += 1
+                self._set_detail()
+                metrics.MQTT_TAKEOVERS.inc()
+                log.error("%s; reconnecting with growing backoff", takeover)
             if conn.refused:
                 self._health.set("degraded", f"broker: {reason}", code="mqtt_refused", refused=True)
             else:
-                self._health.set("degraded", f"broker: {reason}", code="mqtt_unavailable")
+                self._health.set("degraded", self._takeover or f"broker: {reason}", code="mqtt_unavailable")
             if not started:
                 started = True
                 task_status.started()
@@ -270,14 +482,19 @@ class MqttBridge:
             return
         gen = conn.generation
         client = conn.client
-        n = 0
+        n = size = 0
         for m in messages:
-            if m.generation == gen and m.qos > 0:
-                client.ack(m.mid, m.qos)
+            if m.generation == gen:
+                if m.qos > 0:
+                    client.ack(m.mid, m.qos)
                 n += 1
+                size += len(m.payload)
         if n:
             conn.inflight -= n
+            conn.inflight_bytes -= size
             metrics.MQTT_INFLIGHT.set(conn.inflight)
+            metrics.MQTT_INFLIGHT_BYTES.set(conn.inflight_bytes)
+            conn.room.set()
 
     async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
         """Queue a QoS 1 publish on the publish topic (or ``<topic>/<subtopic>``); waits for room."""
@@ -329,7 +546,7 @@ class MqttBridge:
             # paho reads a packet in three or more recv() calls (type, length, body): give it a
             # buffer filled by one large recv per burst instead of a syscall per field.
             conn.sock = raw
-            conn.rbuf = _BufferedSocket(raw)
+            conn.rbuf = _BufferedSocket(raw, max_packet=s.max_packet_size, v5=s.protocol == "5")
             client._sock = conn.rbuf
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, conn, inbound)
@@ -343,7 +560,7 @@ class MqttBridge:
                     task_status.started()
                 nursery.start_soon(self._publisher, conn)
         # Reached when conn.lose() cancelled the scope (never by a plain return of the nursery).
-        return conn.connack.is_set() and conn.suback.is_set()
+        return conn.ready
 
     async def _acknowledged(self, conn: _Connection, ack: trio.Event, what: str) -> bool:
         """Wait up to the connect timeout for ``ack``; a silent broker loses the connection."""
@@ -370,6 +587,11 @@ class MqttBridge:
             conn.lose(f"subscribe failed: {paho.error_string(rc)}")
             return False
         conn.sub_mid = mid
+        if conn.session_present:
+            # The broker may send the session's backlog before the SUBACK, and the reader takes
+            # only our own window of it until ingest acks: waiting here could wait for ever.
+            # The subscription is in the session already; a refusal still ends the connection.
+            return True
         if not await self._acknowledged(conn, conn.suback, "SUBACK"):
             return False
         if conn.suback_failure is not None:
@@ -379,12 +601,16 @@ class MqttBridge:
 
     def _on_ready(self, conn: _Connection) -> None:
         s = self.settings
+        conn.ready = True
         if self._ever_connected:
             self.reconnects += 1
             metrics.MQTT_RECONNECTS.inc()
         self._ever_connected = True
         self._set_connected(True)
-        self._health.set("ok")
+        if self._takeover is None:
+            self._health.set("ok")
+        else:  # until the session stays ours for a while (see _housekeeping)
+            self._health.set("degraded", f"{self._takeover} (connected again, watching)")
         log.info(
             "connected host=%s port=%d client_id=%s protocol=%s session_present=%s subscription=%s generation=%d",
             s.host,
@@ -409,6 +635,7 @@ class MqttBridge:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry
             props.ReceiveMaximum = s.receive_maximum
+            props.MaximumPacketSize = s.max_packet_size  # the broker drops bigger ones for us
             client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
         else:
             client.connect(s.host, s.port, keepalive=s.keepalive)
@@ -437,7 +664,7 @@ class MqttBridge:
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
         client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid, rc)
-        client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, rc)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, flags, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
         return client
@@ -477,18 +704,28 @@ class MqttBridge:
         if conn.lost is None:
             conn.lost = "stopped"
         metrics.MQTT_INFLIGHT.set(0)
+        metrics.MQTT_INFLIGHT_BYTES.set(0)
         self._queue_gauge()
 
     # ------------------------------------------------------------------------------ tasks
 
     async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
+        """Read bursts of packets and hand each burst over as one batch.
+
+        Our own window, whatever the broker does with Receive Maximum: at most
+        ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
+        between the socket and the ack. At either limit the reader stops reading the socket until
+        ingest acks, so TCP pushes back on the broker.
+        """
         client, sock, rbuf = conn.client, conn.sock, conn.rbuf
+        assert rbuf is not None
+        cap, budget = self.settings.receive_maximum, self.settings.inflight_bytes
         ssl_sock = isinstance(sock, ssl.SSLSocket)
         fionread = array.array("i", [0])
         fd = sock.fileno()
 
         def pending() -> bool:
-            if rbuf is not None and rbuf.buffered:
+            if rbuf.buffered:
                 return True
             if ssl_sock:
                 return bool(sock.pending())
@@ -496,6 +733,13 @@ class MqttBridge:
             return fionread[0] > 0
 
         while True:
+            if conn.inflight >= cap or conn.inflight_bytes >= budget or rbuf.blocked:
+                # Set by any ack since the last wait (also one that came while we handed over).
+                await conn.room.wait()
+                conn.room = trio.Event()
+                rbuf.blocked = False
+                continue
+            rbuf.room, rbuf.room_bytes = cap - conn.inflight, budget - conn.inflight_bytes
             if pending():
                 await trio.lowlevel.checkpoint()
             else:
@@ -509,14 +753,15 @@ class MqttBridge:
                 if rc != _SUCCESS:
                     conn.lose(f"read: {paho.error_string(rc)}")
                     break
-                if conn.lost is not None or not pending():
+                if conn.lost is not None or rbuf.blocked or not pending():
                     break
             if conn.batch:
                 batch, conn.batch = conn.batch, []
-                n = sum(1 for m in batch if m.qos > 0)
-                conn.inflight += n
+                conn.inflight += len(batch)
+                conn.inflight_bytes += sum(len(m.payload) for m in batch)
                 metrics.MQTT_RECEIVED.inc(len(batch))
                 metrics.MQTT_INFLIGHT.set(conn.inflight)
+                metrics.MQTT_INFLIGHT_BYTES.set(conn.inflight_bytes)
                 # Blocks while ingest is behind: we stop reading, the broker stops sending.
                 await inbound.send(batch)
             if conn.lost is not None:
@@ -563,6 +808,34 @@ class MqttBridge:
             if rc != _SUCCESS:
                 conn.lose(f"keepalive: {paho.error_string(rc)}")
                 return
+            held = time.monotonic() - conn.connack_at if conn.connack_at is not None else 0.0
+            if self._takeover is not None and self.connected and held >= self._stable_after:
+                log.info("session kept for %.0fs: no other client takes it over now", held)
+                self._takeover = None
+                self._early_drops = 0
+                self._health.set("ok")
+
+    def _takeover_cause(self, conn: _Connection, lived: float | None) -> str | None:
+        """Why this connection ended, when another client with our id took the session; else None.
+
+        MQTT 5 says so (DISCONNECT 0x8E). MQTT 3.1.1 only closes the socket: a connection the
+        broker closes soon after CONNACK, :data:`TAKEOVER_REPEATS` times in a row, is reported as
+        a probable takeover. A failed connect (the broker is away) starts the count over.
+        """
+        cid = self.settings.client_id
+        if conn.taken_over:
+            self._early_drops = 0
+            return f"another client with id {cid!r} took the session over (broker DISCONNECT 0x8E)"
+        if lived is None or lived >= self._stable_after or conn.rbuf is None or not conn.rbuf.eof:
+            self._early_drops = 0
+            return None
+        self._early_drops += 1
+        if self._early_drops < TAKEOVER_REPEATS:
+            return None
+        return (
+            f"another client with id {cid!r} probably took the session over: the broker closed the connection "
+            f"{self._early_drops} times in a row within {self._stable_after:.0f}s of accepting it"
+        )
 
     async def _publisher(self, conn: _Connection) -> None:
         """Send queued publishes, re-sends first, keeping at most the broker's window unconfirmed.
@@ -609,7 +882,15 @@ class MqttBridge:
         try:
             topic = msg._topic.decode("utf-8", "replace")  # .topic raises on bad UTF-8
             payload = bytes(msg.payload)
-            conn.batch.append(Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation))
+            device = None
+            if self._device_level is not None:
+                levels = topic.split("/")
+                device = levels[self._device_level] if len(levels) > self._device_level else ""
+            conn.delivered += 1
+            cut = conn.rbuf.truncated.pop(conn.delivered, None) if conn.rbuf and conn.rbuf.truncated else None
+            conn.batch.append(
+                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device, cut)
+            )
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
 
@@ -621,6 +902,8 @@ class MqttBridge:
             conn.connack_failure = str(rc)
             conn.refused = rc.value in _REFUSED_CONNACK
             conn.lose(f"broker refused the connection: {rc}")
+        else:
+            conn.connack_at = time.monotonic()
         conn.session_present = bool(flags.session_present)
         rm = getattr(props, "ReceiveMaximum", None) if props is not None else None
         conn.broker_receive_max = int(rm) if rm else None
@@ -633,6 +916,8 @@ class MqttBridge:
         bad = [str(rc) for rc in rcs if rc.is_failure]
         if bad:
             conn.suback_failure = ", ".join(bad)
+            if conn.ready:
+                conn.lose(f"subscription {self.settings.subscription!r} refused: {conn.suback_failure}")
         conn.suback.set()
 
     def _cb_publish(self, generation: int, mid: int, rc: Any) -> None:
@@ -660,11 +945,16 @@ class MqttBridge:
             except Exception:  # never let paho see an exception
                 log.exception("publish outcome callback failed topic=%s", item.topic)
 
-    def _cb_disconnect(self, generation: int, rc: Any) -> None:
+    def _cb_disconnect(self, generation: int, flags: Any, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
         conn = self._live(generation)
-        if conn is not None:
-            conn.lose(f"disconnected: {rc}")
+        if conn is None:
+            return
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            # paho closed the socket first ("socket closed"): the broker's reason says more.
+            conn.lost = f"broker sent DISCONNECT: {rc}"
+            conn.taken_over = getattr(rc, "value", None) == _SESSION_TAKEN_OVER
+        conn.lose(f"disconnected: {rc}")
 
     def _cb_socket_close(self, generation: int, sock: Any) -> None:
         # Also called from Client.__del__ (any thread, possibly after Trio ended).
@@ -693,6 +983,7 @@ class MqttBridge:
         self._health.detail.update(
             connected=self.connected,
             reconnects=self.reconnects,
+            takeovers=self.takeovers,
             broker=f"{self.settings.host}:{self.settings.port}",
         )
 

@@ -8,6 +8,7 @@ systemd credential in ``$CREDENTIALS_DIRECTORY``), and a value in ``.env`` or th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -18,12 +19,48 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+
+DEFAULT_DATABASE_URL = "sqlite:///data/gateway.db"
+
+
+def default_client_id(database_url: str, hostname: str | None = None) -> str:
+    """``gateway-<hostname>-<hash>``: stable per deployment, distinct per database.
+
+    The hash (8 hex digits of SHA-256) covers the database's identity only: scheme, user, host,
+    port, database name and query without any password, or the absolute SQLite path. So two
+    gateways on one host with different databases get different ids, and rotating the database
+    password keeps the id (and with it the broker session). Neither the URL nor the password
+    appears in the id.
+    """
+    if database_url.startswith("sqlite:///"):
+        identity = "sqlite:" + os.path.abspath(database_url[len("sqlite:///") :])
+    else:
+        parts = urlsplit(database_url)
+        user = parts.username or ""
+        try:
+            port = parts.port or 5432
+        except ValueError:  # refused by the store at connect time; the id just needs to be stable
+            port = 0
+        where = f"{parts.hostname or ''}:{port}"
+        query = "&".join(q for q in parts.query.split("&") if q and not q.lower().startswith("password="))
+        identity = f"postgresql://{user}@{where}{parts.path}?{query}"
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"gateway-{hostname or socket.gethostname()}-{digest}"
 
 
 class _Component(BaseSettings):
@@ -47,7 +84,7 @@ class _Component(BaseSettings):
 class DatabaseSettings(_Component):
     """Storage: SQLite (embedded default) or PostgreSQL."""
 
-    url: SecretStr = Field(SecretStr("sqlite:///data/gateway.db"), alias="DATABASE_URL")
+    url: SecretStr = Field(SecretStr(DEFAULT_DATABASE_URL), alias="DATABASE_URL")
     pool_min: int = Field(1, ge=0, le=100, alias="DATABASE_POOL_MIN")
     pool_max: int = Field(10, ge=1, le=200, alias="DATABASE_POOL_MAX")
     connect_timeout: float = Field(5.0, gt=0, alias="DATABASE_CONNECT_TIMEOUT")
@@ -96,14 +133,19 @@ class MqttSettings(_Component):
     ca_file: Path | None = Field(None, alias="MQTT_CA_FILE")
     cert_file: Path | None = Field(None, alias="MQTT_CERT_FILE")
     key_file: Path | None = Field(None, alias="MQTT_KEY_FILE")
-    client_id: str = Field(default_factory=lambda: f"gateway-{socket.gethostname()}", alias="MQTT_CLIENT_ID")
+    # load_settings derives the default from DATABASE_URL; alone, from the default database.
+    client_id: str = Field(default_factory=lambda: default_client_id(DEFAULT_DATABASE_URL), alias="MQTT_CLIENT_ID")
     subscribe_topic: str = Field("sensors/+/data", alias="MQTT_SUBSCRIBE_TOPIC")
+    # None: on when the subscribe filter has exactly one "+" (see device_level).
+    device_from_topic: bool | None = Field(None, alias="MQTT_DEVICE_FROM_TOPIC")
     publish_topic: str = Field("gateway/events", alias="MQTT_PUBLISH_TOPIC")
     share_group: str | None = Field(None, alias="MQTT_SHARE_GROUP")
     protocol: Literal["5", "3.1.1"] = Field("5", alias="MQTT_PROTOCOL")
     keepalive: int = Field(30, ge=5, le=3600, alias="MQTT_KEEPALIVE")
     session_expiry: int = Field(7 * 86400, ge=0, alias="MQTT_SESSION_EXPIRY")
     receive_maximum: int = Field(1000, ge=1, le=65535, alias="MQTT_RECEIVE_MAXIMUM")
+    inflight_bytes: int = Field(16 * 1024 * 1024, ge=65536, alias="MQTT_INFLIGHT_BYTES")
+    max_packet_size: int = Field(1024 * 1024, ge=2048, le=268435460, alias="MQTT_MAX_PACKET_SIZE")
     connect_timeout: float = Field(10.0, gt=0, alias="MQTT_CONNECT_TIMEOUT")
     reconnect_min: float = Field(0.5, gt=0, alias="MQTT_RECONNECT_MIN")
     reconnect_max: float = Field(30.0, gt=0, alias="MQTT_RECONNECT_MAX")
@@ -134,6 +176,25 @@ class MqttSettings(_Component):
         if not v or "\x00" in v:
             raise ValueError("must be a non-empty MQTT topic")
         return v
+
+    @field_validator("device_from_topic")
+    @classmethod
+    def _check_device_from_topic(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        topic = info.data.get("subscribe_topic")
+        if v and topic is not None and topic.split("/").count("+") != 1:
+            raise ValueError(f"needs exactly one + in MQTT_SUBSCRIBE_TOPIC (it is {topic!r})")
+        return v
+
+    @property
+    def device_level(self) -> int | None:
+        """Topic level (from 0) that must equal a packet's ``device_id``, or None when not checked.
+
+        ``MQTT_DEVICE_FROM_TOPIC`` unset means on exactly when the filter has one ``+``.
+        """
+        levels = self.subscribe_topic.split("/")
+        if self.device_from_topic is False or levels.count("+") != 1:
+            return None
+        return levels.index("+")
 
     @property
     def tls(self) -> bool:
@@ -402,6 +463,8 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
     parts: dict[str, Any] = {}
     for comp, model in Settings.COMPONENTS.items():
         subset = {k: v for k, v in values.items() if known.get(k) == comp}
+        if comp == "mqtt" and "MQTT_CLIENT_ID" not in subset and "database" in parts:
+            subset["MQTT_CLIENT_ID"] = default_client_id(parts["database"].url.get_secret_value())
         try:
             parts[comp] = model(**subset)
         except ValidationError as exc:
@@ -455,6 +518,7 @@ __all__ = [
     "ProcessorSettings",
     "Settings",
     "SupervisorSettings",
+    "default_client_id",
     "known_variables",
     "load_settings",
 ]

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from gateway import metrics
-from gateway.errors import MqttUnavailable
+from gateway.errors import ConfigError, MqttUnavailable
 from gateway.health import ComponentHealth
-from gateway.mqtt import Inbound, MqttBridge
-from gateway.settings import MqttSettings
-from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, publish
+from gateway.ingest import to_records
+from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge
+from gateway.settings import MqttSettings, load_settings
+from gateway.store.base import MessageQuery, Store
+from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, pipeline, publish
 
 
 def settings_for(server: MosquittoServer | None, **kw: Any) -> MqttSettings:
@@ -272,3 +279,341 @@ async def test_password_never_logged(mosquitto: MosquittoServer, caplog: pytest.
         async with running(settings) as (bridge, _):
             assert bridge.connected
     assert "s3cret-pw" not in caplog.text
+
+
+# ------------------------------------------------------------------- device_id from the topic
+
+
+@pytest.mark.parametrize(
+    ("topic", "setting", "level"),
+    [
+        ("sensors/+/data", None, 1),  # unset: on, exactly one "+"
+        ("+/data", None, 0),
+        ("site/+/#", None, 1),
+        ("sensors/#", None, None),  # no "+": nothing to compare
+        ("a/+/b/+", None, None),  # two: which one would it be?
+        ("sensors/dev/data", None, None),
+        ("sensors/+/data", "false", None),
+        ("sensors/+/data", "true", 1),
+    ],
+)
+def test_device_from_topic_default_follows_the_filter(topic: str, setting: str | None, level: int | None) -> None:
+    env = {"MQTT_SUBSCRIBE_TOPIC": topic}
+    if setting is not None:
+        env["MQTT_DEVICE_FROM_TOPIC"] = setting
+    assert load_settings(None, env).mqtt.device_level == level
+
+
+@pytest.mark.parametrize("topic", ["sensors/#", "a/+/b/+"])
+def test_device_from_topic_on_needs_exactly_one_plus(topic: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"MQTT_SUBSCRIBE_TOPIC": topic, "MQTT_DEVICE_FROM_TOPIC": "true"})
+    assert info.value.variable == "MQTT_DEVICE_FROM_TOPIC" and "exactly one +" in str(info.value)
+
+
+_DEVICE = st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True)
+
+
+@given(device=_DEVICE, claimed=_DEVICE)
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_topic_device_decides_reading_or_reject(device: str, claimed: str) -> None:
+    m = Inbound(f"sensors/{device}/data", packet(claimed, 1), datetime.now(UTC), 1, 1, False, 1, device)
+    messages, rejects = to_records([m], 65536)
+    if device == claimed:
+        assert [r.device_id for r in messages] == [claimed] and rejects == []
+    else:
+        assert messages == [] and [r.reason for r in rejects] == ["topic_mismatch"]
+        assert rejects[0].errors[0]["loc"] == ["device_id"] and rejects[0].topic == m.topic
+        assert rejects[0].payload == m.payload  # kept as received
+
+
+async def test_forged_device_id_stored_as_topic_mismatch(mosquitto: MosquittoServer, store: Store) -> None:
+    """Through a real broker, shared subscription included: only the topic's own device is stored."""
+    cases = [
+        ("sensors/A/data", packet("B", 1), "topic_mismatch"),  # A writes as B
+        ("sensors/A/data", packet("A", 2), None),
+        ("sensors/B/data", packet("B", 3), None),
+        ("sensors/B/data", packet("A", 3), "topic_mismatch"),  # also cannot shadow A's seq 3
+    ]
+    for share in (None, "grp"):
+        before = len((await store.query_rejects(100)).items)
+        settings = settings_for(mosquitto, client_id=f"gw-topic-{share}", share_group=share)
+        async with pipeline(settings, store) as p:
+            res = await trio.to_thread.run_sync(lambda: publish(
+                mosquitto.host, mosquitto.port, [c[1] for c in cases], topics=[c[0] for c in cases]))
+            assert res.count == len(cases)
+            await eventually(lambda: p.ingest.committed >= len(cases), 15)
+        rejects = (await store.query_rejects(100)).items
+        new = sorted((r.topic, r.payload) for r in rejects[: len(rejects) - before])
+        assert new == sorted((t, b) for t, b, why in cases if why)
+        assert {r.reason for r in rejects} == {"topic_mismatch"}
+        stored = (await store.query_messages(MessageQuery(limit=100))).items
+        assert sorted((m.device_id, m.seq) for m in stored) == [("A", 2), ("B", 3)]  # redelivery-safe
+
+
+# --------------------------------------------------------------------------- default client id
+
+
+def test_default_client_id_is_per_database_and_never_shows_the_url(tmp_path: Any) -> None:
+    def cid(url: str | None, **extra: str) -> str:
+        env = {"DATABASE_URL": url, **extra} if url else dict(extra)
+        return load_settings(None, env).mqtt.client_id
+
+    host = socket.gethostname()
+    pg_a = cid("postgresql://gw:s3cret@db.example:5432/plant_a")
+    assert pg_a.startswith(f"gateway-{host}-") and len(pg_a) == len(f"gateway-{host}-") + 8
+    assert "s3cret" not in pg_a and "plant_a" not in pg_a and "db.example" not in pg_a
+    assert pg_a == cid("postgresql://gw:s3cret@db.example:5432/plant_a")  # stable
+    assert pg_a == cid("postgres://gw:rotated@db.example/plant_a")  # a new password keeps the session
+    assert pg_a != cid("postgresql://gw:s3cret@db.example:5432/plant_b")
+    assert pg_a != cid("postgresql://gw:s3cret@db2.example:5432/plant_a")
+    assert cid(f"sqlite:///{tmp_path}/a.db") != cid(f"sqlite:///{tmp_path}/b.db")
+    assert cid(None) == cid("sqlite:///data/gateway.db") == MqttSettings().client_id
+    assert cid("postgresql://gw@db/x", MQTT_CLIENT_ID="mine") == "mine"  # explicit wins
+
+
+# ------------------------------------------------------------------------------ session takeover
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_two_bridges_with_one_client_id_report_the_takeover(
+    mosquitto: MosquittoServer, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(mosquitto, client_id="twin", protocol=protocol, reconnect_min=0.05, reconnect_max=0.4)
+    health_a, health_b = ComponentHealth("mqtt"), ComponentHealth("mqtt")
+    taken = metrics.MQTT_TAKEOVERS._value.get()
+    with caplog.at_level(logging.INFO, "gateway.mqtt"):
+        async with running(settings, health_a) as (a, _):
+            async with running(settings, health_b) as (b, _):
+                await eventually(lambda: a.takeovers + b.takeovers >= 2, 20)
+                cause = next(h.last_error for h in (health_a, health_b) if h.last_error and "took" in h.last_error)
+                # mosquitto 2.0.11 closes the old connection without a DISCONNECT even on MQTT 5.
+                assert "another client with id 'twin'" in cause and "took the session over" in cause
+                assert "degraded" in (health_a.state, health_b.state)
+                assert health_a.detail["takeovers"] + health_b.detail["takeovers"] >= 2
+            # The twin is gone: after a quiet while the survivor says ok again.
+            await eventually(lambda: a.connected and health_a.state == "ok", 15)
+    assert metrics.MQTT_TAKEOVERS._value.get() - taken >= 2
+    said = [r for r in caplog.records if "another client with id 'twin'" in r.getMessage()]
+    assert said and said[0].levelno == logging.ERROR
+    # The fight slows down: the backoff is not reset by connections that end within seconds.
+    attempts = [int(r.getMessage().rsplit("attempt=", 1)[1]) for r in caplog.records
+                if r.getMessage().startswith("reconnecting in=")]
+    assert max(attempts) >= 3
+
+
+async def test_broker_restarts_are_no_takeover(mosquitto: MosquittoServer) -> None:
+    health = ComponentHealth("mqtt")
+    async with running(settings_for(mosquitto, protocol="3.1.1"), health) as (bridge, _):
+        for _ in range(TAKEOVER_REPEATS + 1):
+            mosquitto.stop()
+            await eventually(lambda: "refused" in (health.last_error or ""), 10)  # a failed connect
+            mosquitto.start()
+            await eventually(lambda: bridge.connected, 10)
+        assert bridge.takeovers == 0 and health.state == "ok"
+
+
+async def _scripted_v5_broker(listener: trio.SocketListener, disconnect: bytes) -> None:
+    """Accept MQTT 5 clients: CONNACK, SUBACK for their SUBSCRIBE, then ``disconnect`` and close."""
+    while True:
+        stream = await listener.accept()
+        async with stream:
+            got = b""
+            while len(got) < 2 or len(got) < 2 + got[1]:  # CONNECT (short: one length byte)
+                got += await stream.receive_some()
+            await stream.send_all(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success, no properties
+            rest = got[2 + got[1] :]
+            while len(rest) < 4:
+                rest += await stream.receive_some()
+            assert rest[0] >> 4 == 8, rest  # SUBSCRIBE
+            await stream.send_all(bytes([0x90, 4, rest[2], rest[3], 0, 1]))  # SUBACK: granted QoS 1
+            await stream.send_all(disconnect)
+
+
+async def test_mqtt5_disconnect_session_taken_over_is_reported_at_once() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    health = ComponentHealth("mqtt")
+    settings = settings_for(None, url=f"mqtt://127.0.0.1:{port}", client_id="twin5", reconnect_max=5.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_scripted_v5_broker, listeners[0], bytes([0xE0, 2, 0x8E, 0]))
+        bridge = MqttBridge(settings, health)
+        nursery.start_soon(bridge.run, trio.open_memory_channel[list[Inbound]](1)[0])
+        await eventually(lambda: bridge.takeovers >= 1, 10)
+        assert health.state == "degraded" and health.last_error is not None
+        assert "another client with id 'twin5' took the session over" in health.last_error
+        assert "0x8E" in health.last_error
+        nursery.cancel_scope.cancel()
+
+
+# -------------------------------------------------------------- bounded memory, own window
+
+
+def _mqtt_packet(cmd: int, body: bytes) -> bytes:
+    length = bytearray()
+    n = len(body)
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (128 if n else 0))
+        if not n:
+            return bytes([cmd]) + bytes(length) + body
+
+
+def _publish_packet(topic: bytes, mid: int, payload: bytes, v5: bool, props: bytes = b"") -> bytes:
+    var = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
+    if v5:
+        var += _mqtt_packet(0, props)[1:]  # properties length (a varint) and the properties
+    return _mqtt_packet(0x32, var + payload)
+
+
+class _ChunkedRaw:
+    """A socket that returns the stream in the given chunk sizes, "would block" between some."""
+
+    def __init__(self, data: bytes, chunks: list[int], stalls: list[bool]) -> None:
+        self.data, self.chunks, self.stalls, self.pos, self.i = data, chunks, stalls, 0, 0
+
+    def recv(self, n: int) -> bytes:
+        self.i += 1
+        if self.stalls[self.i % len(self.stalls)]:
+            raise BlockingIOError
+        size = min(n, self.chunks[self.i % len(self.chunks)])
+        out = self.data[self.pos : self.pos + size]
+        self.pos += len(out)
+        if not out:
+            raise BlockingIOError
+        return out
+
+
+def _read_like_paho(sock: Any) -> list[bytes]:
+    """Read whole packets the way paho 2.2 does (1 byte, length bytes, then the body)."""
+    packets: list[bytes] = []
+    header, body, remaining = b"", b"", -1
+    while True:
+        try:
+            if not header:
+                header = sock.recv(1)
+            while remaining < 0:
+                header += sock.recv(1)
+                if not header[-1] & 128:
+                    remaining = sum((b & 127) << (7 * i) for i, b in enumerate(header[1:]))
+            while len(body) < remaining:
+                body += sock.recv(remaining - len(body))
+            packets.append(header + body)
+            header, body, remaining = b"", b"", -1
+        except BlockingIOError:
+            if sock._raw.pos >= len(sock._raw.data) and not header and not sock.buffered:
+                return packets
+
+
+@given(
+    sizes=st.lists(st.sampled_from([0, 10, 300, 3000, 70_000, 200_000]), min_size=1, max_size=8),
+    chunks=st.lists(st.integers(1, 70_000), min_size=1, max_size=6),
+    stalls=st.lists(st.booleans(), min_size=1, max_size=4).map(lambda s: [*s, False]),
+    v5=st.booleans(),
+)
+@hypothesis_settings(max_examples=60, deadline=None)
+def test_read_buffer_cuts_oversized_publishes_wherever_the_stream_splits(
+    sizes: list[int], chunks: list[int], stalls: list[bool], v5: bool
+) -> None:
+    from gateway.mqtt import _BufferedSocket
+
+    limit = 65_536
+    stream, want = b"", []
+    for i, size in enumerate(sizes):
+        payload = bytes([65 + i % 26]) * size
+        pkt = _publish_packet(b"sensors/d/data", i + 1, payload, v5, props=b"\x23\x00\x05" if v5 else b"")
+        ping = _mqtt_packet(0xD0, b"")  # a PINGRESP between publishes passes untouched
+        stream += pkt + ping
+        want.append(pkt if len(pkt) <= limit else _publish_packet(b"sensors/d/data", i + 1, payload[:65536], v5))
+        want.append(ping)
+    sock = _BufferedSocket(_ChunkedRaw(stream, chunks, stalls), max_packet=limit, v5=v5)
+    assert _read_like_paho(sock) == want
+    assert sock.publishes == len(sizes)
+    assert sock.truncated == {i + 1: size for i, size in enumerate(sizes) if size > 60_000}
+
+
+async def test_oversized_publish_is_kept_as_truncated_reject_without_holding_it(
+    mosquitto: MosquittoServer, tmp_path: Any
+) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size: a 20 MB publish arrives; only its head is ever held."""
+    import tracemalloc
+
+    settings = settings_for(mosquitto, protocol="3.1.1", max_packet_size=256 * 1024)
+    big = b'{"device_id": "d7", "pad": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+    big_file = tmp_path / "big.json"
+    big_file.write_bytes(big)
+    topic = "sensors/d7/data"
+    async with running(settings) as (bridge, recv):
+        tracemalloc.start()  # (the big one is published from another process: only ours counts)
+        try:
+            assert await pub(mosquitto, [packet("d7", 1)], topic=topic) == 1
+            await trio.run_process(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", topic,
+                                    "-f", str(big_file)])
+            assert await pub(mosquitto, [b"y" * 200_000, packet("d7", 2)], topic=topic) == 2
+            got = await collect(recv, 4)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [m.truncated_from for m in got] == [None, len(big), None, None]  # 200 KB is under the cap
+        assert len(got[1].payload) == 65536 and got[1].payload == big[:65536]
+        assert peak < 4 * 1024 * 1024, peak  # not 20 MB (paho alone used to copy it three times)
+        messages, rejects = to_records(got, 65536)
+        assert [m.seq for m in messages] == [1, 2]
+        assert [r.reason for r in rejects] == ["too_large", "too_large"]
+        assert str(len(big)) in rejects[0].errors[0]["msg"] and len(rejects[0].payload) == 65536
+        bridge.ack(got)
+
+
+async def test_mqtt5_maximum_packet_size_makes_the_broker_drop_oversized(mosquitto: MosquittoServer) -> None:
+    settings = settings_for(mosquitto, protocol="5", max_packet_size=64 * 1024)
+    async with running(settings) as (bridge, recv):
+        assert await pub(mosquitto, [b"z" * 100_000, packet("d8", 1)], topic="sensors/d8/data") == 2
+        got = await collect(recv, 1)
+        assert [m.payload for m in got] == [packet("d8", 1)]  # the big one never reached us
+        bridge.ack(got)
+        assert await quiet(recv, 0.3) == []
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_inflight_stays_within_our_own_window(mosquitto: MosquittoServer, protocol: str) -> None:
+    """The test broker allows 1000 in flight (and mosquitto overshoots Receive Maximum when acks
+    come in batches): the bridge itself stops reading at MQTT_RECEIVE_MAXIMUM."""
+    cap = 50
+    settings = settings_for(mosquitto, protocol=protocol, receive_maximum=cap, client_id=f"win-{protocol}")
+    async with running(settings):
+        pass  # the session exists, so a backlog queues while we are away
+    await pub(mosquitto, [packet("d9", i) for i in range(3000)], topic="sensors/d9/data")
+    seen = 0
+    most = 0
+    async with running(settings) as (bridge, recv):
+        held: list[Inbound] = []
+        with trio.fail_after(60):
+            while seen < 3000:
+                batch = await recv.receive()
+                seen += len(batch)
+                held.extend(batch)
+                most = max(most, int(metrics.MQTT_INFLIGHT._value.get()))
+                if len(held) >= 40 or seen == 3000:  # acks in batches, as ingest sends them
+                    await trio.sleep(0.01)
+                    bridge.ack(held)
+                    held = []
+    assert seen == 3000 and 40 <= most <= cap
+
+
+async def test_inflight_bytes_budget_stops_reading(mosquitto: MosquittoServer) -> None:
+    budget = 256 * 1024
+    settings = settings_for(mosquitto, inflight_bytes=budget)
+    async with running(settings) as (bridge, recv):
+        body = b"b" * 30_000
+        assert await pub(mosquitto, [body] * 40, topic="sensors/d10/data") == 40
+        first = await collect(recv, 40, 1.0)  # nothing acked: only about the budget comes in
+        assert budget <= sum(len(m.payload) for m in first) < budget + len(body)
+        assert metrics.MQTT_INFLIGHT_BYTES._value.get() == sum(len(m.payload) for m in first)
+        bridge.ack(first)
+        total = len(first)
+        with trio.fail_after(10):
+            while total < 40:  # acking as it comes: the rest flows
+                batch = await recv.receive()
+                assert metrics.MQTT_INFLIGHT_BYTES._value.get() < budget + len(body)
+                total += len(batch)
+                bridge.ack(batch)

@@ -144,3 +144,47 @@ def test_queue_limit_is_raised() -> None:
     conf = (OPS / "gateway-tls.conf").read_text()
     limit = int(next(line.split()[1] for line in conf.splitlines() if line.startswith("max_queued_messages")))
     assert limit >= 100_000
+
+
+async def test_acl_and_gateway_bind_device_id_to_the_certificate(broker: Broker) -> None:
+    """The sensor can only publish on its own topic (ACL), and the gateway refuses a packet on that
+    topic that claims another device (MQTT_DEVICE_FROM_TOPIC, on by default)."""
+    import trio
+
+    from gateway.health import ComponentHealth
+    from gateway.ingest import to_records
+    from gateway.mqtt import Inbound, MqttBridge
+    from gateway.settings import MqttSettings
+    from tests.support.mqtt import packet
+
+    cert, key = broker.certs["gateway"]
+    settings = MqttSettings(url=f"mqtts://localhost:{broker.port}", client_id="gateway-acl", ca_file=broker.ca,
+                            cert_file=cert, key_file=key, reconnect_min=0.05, reconnect_max=0.3)
+    assert settings.device_level == 1
+    bridge = MqttBridge(settings, ComponentHealth("mqtt"))
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    sensor = _client(broker, "esp32-kitchen-01")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        assert bridge.connected
+        await trio.to_thread.run_sync(_connect, sensor, broker.port)
+        try:
+            for topic, body in (
+                ("sensors/esp32-bedroom-02/data", packet("esp32-bedroom-02", 1)),  # ACL: dropped
+                ("sensors/esp32-kitchen-01/data", packet("esp32-bedroom-02", 2)),  # gateway: reject
+                ("sensors/esp32-kitchen-01/data", packet("esp32-kitchen-01", 3)),  # its own: stored
+            ):
+                sensor.publish(topic, body, qos=1).wait_for_publish(5)
+        finally:
+            sensor.disconnect()
+            sensor.loop_stop()
+        got: list[Inbound] = []
+        with trio.move_on_after(3):
+            while len(got) < 3:
+                got.extend(await recv.receive())
+        assert [m.topic for m in got] == ["sensors/esp32-kitchen-01/data"] * 2
+        messages, rejects = to_records(got, 65536)
+        assert [(m.device_id, m.seq) for m in messages] == [("esp32-kitchen-01", 3)]
+        assert [r.reason for r in rejects] == ["topic_mismatch"]
+        bridge.ack(got)
+        nursery.cancel_scope.cancel()

@@ -84,7 +84,8 @@ def test_mqtt_to_sse_and_mqtt_with_replay_and_reload(tmp_path: Path) -> None:
         reader.start()
         time.sleep(0.5)
         payloads = [packet(f"dev-{i % 3}", i) for i in range(100)]
-        result = publish("127.0.0.1", 1883, payloads, topic=f"e2e-{run}/dev/data")
+        topics = [f"e2e-{run}/dev-{i % 3}/data" for i in range(100)]  # the topic names the device
+        result = publish("127.0.0.1", 1883, payloads, topics=topics)
         assert len(result.acked) == 100
         reader.join(30)
         # The first client saw 60 events then disconnected; ids only grow.
@@ -124,7 +125,7 @@ def test_mqtt_to_sse_and_mqtt_with_replay_and_reload(tmp_path: Path) -> None:
         deadline = time.monotonic() + 15
         total = 0
         while time.monotonic() < deadline:
-            publish("127.0.0.1", 1883, more, topic=f"e2e-{run}/dev/data")
+            publish("127.0.0.1", 1883, more, topic=f"e2e-{run}/dev-late/data")
             time.sleep(0.5)
             total = httpx.get(gw.url + "/api/v1/messages", headers=headers, timeout=10).json()["total"]
             if total == 110:

@@ -107,7 +107,7 @@ async def test_broker_killed_and_restarted_mid_stream(
             async def stream() -> None:
                 results.append(await trio.to_thread.run_sync(
                     lambda: publish(mosquitto.host, mosquitto.port, payloads, rate=2000, client_id="bk-pub",
-                                    timeout=30)
+                                    timeout=30, topic="sensors/bk/data")
                 ))
 
             nursery.start_soon(stream)
@@ -162,7 +162,8 @@ async def test_database_stopped_10s_mid_stream(
 
             async def stream() -> None:
                 results.append(await trio.to_thread.run_sync(
-                    lambda: publish(mosquitto.host, mosquitto.port, payloads, rate=400, timeout=60)
+                    lambda: publish(mosquitto.host, mosquitto.port, payloads, rate=400, timeout=60,
+                                    topic="sensors/db/data")
                 ))
 
             nursery.start_soon(stream)
