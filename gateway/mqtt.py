@@ -109,6 +109,17 @@ _READS_PER_CALL = 16
 """Socket reads one ``recv`` may spend skipping or collecting before it lets the reader yield."""
 
 
+def mqtt_packet(cmd: int, body: bytes) -> bytes:
+    """An MQTT packet: the command byte, the remaining length (a varint), then ``body``."""
+    length = bytearray()
+    n = len(body)
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (128 if n else 0))
+        if not n:
+            return bytes([cmd]) + bytes(length) + body
+
+
 class _BufferedSocket:
     """The connected socket as paho sees it: a read buffer that knows where packets begin.
 
@@ -304,14 +315,7 @@ class _BufferedSocket:
             var += b"\x00"
         body = var + bytes(head[pos : pos + _KEEP])
         self.truncated[self.publishes] = max(0, remaining - pos)
-        length = bytearray()
-        n = len(body)
-        while True:
-            n, digit = divmod(n, 128)
-            length.append(digit | (128 if n else 0))
-            if not n:
-                break
-        self._big_packet = bytes([cmd]) + bytes(length) + body
+        self._big_packet = mqtt_packet(cmd, body)
         self._discard = remaining - len(head)
 
     def pending(self) -> int:

@@ -19,7 +19,7 @@ from gateway import metrics
 from gateway.errors import ConfigError, MqttUnavailable
 from gateway.health import ComponentHealth
 from gateway.ingest import to_records
-from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge
+from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge, mqtt_packet
 from gateway.settings import MqttSettings, load_settings
 from gateway.store.base import MessageQuery, Store
 from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, pipeline, publish
@@ -449,21 +449,11 @@ async def test_mqtt5_disconnect_session_taken_over_is_reported_at_once() -> None
 # -------------------------------------------------------------- bounded memory, own window
 
 
-def _mqtt_packet(cmd: int, body: bytes) -> bytes:
-    length = bytearray()
-    n = len(body)
-    while True:
-        n, digit = divmod(n, 128)
-        length.append(digit | (128 if n else 0))
-        if not n:
-            return bytes([cmd]) + bytes(length) + body
-
-
 def _publish_packet(topic: bytes, mid: int, payload: bytes, v5: bool, props: bytes = b"") -> bytes:
     var = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
     if v5:
-        var += _mqtt_packet(0, props)[1:]  # properties length (a varint) and the properties
-    return _mqtt_packet(0x32, var + payload)
+        var += mqtt_packet(0, props)[1:]  # properties length (a varint) and the properties
+    return mqtt_packet(0x32, var + payload)
 
 
 class _ChunkedRaw:
@@ -522,7 +512,7 @@ def test_read_buffer_cuts_oversized_publishes_wherever_the_stream_splits(
     for i, size in enumerate(sizes):
         payload = bytes([65 + i % 26]) * size
         pkt = _publish_packet(b"sensors/d/data", i + 1, payload, v5, props=b"\x23\x00\x05" if v5 else b"")
-        ping = _mqtt_packet(0xD0, b"")  # a PINGRESP between publishes passes untouched
+        ping = mqtt_packet(0xD0, b"")  # a PINGRESP between publishes passes untouched
         stream += pkt + ping
         want.append(pkt if len(pkt) <= limit else _publish_packet(b"sensors/d/data", i + 1, payload[:65536], v5))
         want.append(ping)

@@ -61,6 +61,7 @@ from gateway.store.base import (
 )
 
 T = TypeVar("T")
+_Leased = TypeVar("_Leased", StoredMessage, OutboxItem)
 
 _MSG_COLS = (
     "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
@@ -422,16 +423,7 @@ class SqliteStore:
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
         """Lease up to ``limit`` due, unprocessed, not dead messages (oldest first) to ``owner``."""
 
-        def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
-            now = now_utc()
-            now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
-            with _transaction(conn):
-                rows = conn.execute(_CLAIM, (owner, until, now_text, now_text, limit)).fetchall()
-            return sorted((_message(r) for r in rows), key=lambda m: m.id)
-
-        if limit < 1:
-            return []
-        return await self._call(claim)
+        return await self._lease(_CLAIM, _message, owner, limit, lease_seconds)
 
     async def complete(
         self,
@@ -587,12 +579,19 @@ class SqliteStore:
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Lease up to ``limit`` due, not dead outbox rows (oldest first) to ``owner``."""
 
-        def claim(conn: sqlite3.Connection) -> list[OutboxItem]:
+        return await self._lease(_CLAIM_OUTBOX, _outbox_item, owner, limit, lease_seconds)
+
+    async def _lease(
+        self, sql: str, row: Callable[[Any], _Leased], owner: str, limit: int, lease_seconds: float
+    ) -> list[_Leased]:
+        """Run a claim statement (owner, lease end, now, now, limit) and return its rows by id."""
+
+        def claim(conn: sqlite3.Connection) -> list[_Leased]:
             now = now_utc()
             now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
             with _transaction(conn):
-                rows = conn.execute(_CLAIM_OUTBOX, (owner, until, now_text, now_text, limit)).fetchall()
-            return sorted((_outbox_item(r) for r in rows), key=lambda o: o.id)
+                rows = conn.execute(sql, (owner, until, now_text, now_text, limit)).fetchall()
+            return sorted((row(r) for r in rows), key=lambda item: item.id)
 
         if limit < 1:
             return []
