@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 from pydantic import SecretStr
@@ -43,7 +42,7 @@ from gateway.processor import Processor
 from gateway.publish import OutboxPublisher
 from gateway.retention import RetentionPolicy
 from gateway.rules import load_rules
-from gateway.settings import Settings, known_variables, load_settings
+from gateway.settings import Settings, known_variables, load_settings, url_secrets
 from gateway.store import open_store
 from gateway.store.base import InsertOutcome, NewMessage, Store
 from gateway.supervisor import Component, Supervisor
@@ -54,13 +53,12 @@ log = logging.getLogger("gateway.app")
 
 
 def secret_values(settings: Settings) -> list[str]:
-    """Literal secret values the log filter must mask wherever they appear."""
+    """Literal secret values for the log filter (it masks long ones wherever they appear)."""
     out: list[str] = []
     if settings.mqtt.password is not None:
         out.append(settings.mqtt.password.get_secret_value())
-    dsn_password = urlsplit(settings.database.url.get_secret_value()).password
-    if dsn_password:
-        out.append(dsn_password)
+    out += url_secrets(settings.database.url.get_secret_value())
+    out += url_secrets(settings.mqtt.url)
     return out
 
 

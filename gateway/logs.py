@@ -1,9 +1,10 @@
 """Logging: a rotating file plus stderr (journald), text or JSON, with secret redaction.
 
 Every line carries a timestamp, the level, the logger (the log type: ``gateway.mqtt``,
-``gateway.http``, ...) and the message with key=value context. A :class:`RedactingFilter`
-on every handler removes passwords, API keys, DSN passwords and bearer tokens before anything is
-written, whatever the call site passed in.
+``gateway.http``, ...) and the message with key=value context. The handlers sit on the root
+logger, so every library's records (asyncpg, hypercorn, quart, ...) pass the same
+:class:`RedactingFilter` on each handler, which removes passwords, API keys, DSN passwords and
+bearer tokens before anything is written, whatever the call site passed in.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gateway.settings import LogSettings
+from gateway.settings import MASK as _MASK
+from gateway.settings import URL_PASSWORD_IN_TEXT, LogSettings
 
-_MASK = "**********"
+# A configured secret this long is masked wherever it appears; a shorter one (``postgres``) only
+# where it stands as a secret (URL password, ``password=``), or every such word would be masked.
+_LITERAL_MIN = 12
 
 # Patterns for secrets that may appear in free text: DSN passwords, bearer tokens, key=value pairs.
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)([^@\s]+)@"), r"\1" + _MASK + "@"),
+    (URL_PASSWORD_IN_TEXT, r"\1" + _MASK + "@"),
     (re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]+)"), r"\1" + _MASK),
     (
         re.compile(
@@ -49,8 +53,9 @@ class RedactingFilter(logging.Filter):
         self.set_secrets(secrets)
 
     def set_secrets(self, secrets: Iterable[str]) -> None:
-        """Replace the list of literal secret values to mask (longest first, short ones ignored)."""
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        """Replace the literal secret values masked wherever they appear (longest first; values
+        shorter than ``_LITERAL_MIN`` are left to the context patterns)."""
+        self._secrets = sorted({s for s in secrets if len(s) >= _LITERAL_MIN}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every known secret and secret-looking value masked."""
@@ -140,14 +145,21 @@ _installed: list[logging.Handler] = []
 _filter = RedactingFilter()
 
 
+_LIBRARIES = ("hypercorn", "hypercorn.error", "quart", "asyncio", "trio_asyncio", "asyncpg", "paho")
+
+
 def setup_logging(settings: LogSettings, secrets: Iterable[str] = (), *, stderr: bool = True) -> None:
-    """Install the gateway's handlers on the ``gateway`` logger (replacing earlier ones).
+    """Install the gateway's handlers on the root logger (replacing earlier ones): every logger,
+    a library's too, goes through the redacting handlers. ``gateway.*`` logs at the configured level,
+    libraries from WARNING.
 
     Creates the log directory when needed. Safe to call again on reload (level, format, secrets).
     """
-    root = logging.getLogger("gateway")
+    root = logging.getLogger()
+    gateway = logging.getLogger("gateway")
     for handler in _installed:
-        root.removeHandler(handler)
+        for logger in (root, gateway, *(logging.getLogger(name) for name in _LIBRARIES)):
+            logger.removeHandler(handler)
         handler.close()
     _installed.clear()
     _filter.set_secrets(secrets)
@@ -167,16 +179,14 @@ def setup_logging(settings: LogSettings, secrets: Iterable[str] = (), *, stderr:
         handler.setFormatter(formatter)
         root.addHandler(handler)
         _installed.append(handler)
-    root.setLevel(settings.level)
-    root.propagate = False
-    # Libraries log through their own loggers; keep their noise out unless it is a warning.
-    for name in ("hypercorn", "hypercorn.error", "quart", "asyncio", "trio_asyncio"):
+    root.setLevel(logging.WARNING)  # any other library: warnings and worse
+    gateway.setLevel(settings.level)
+    gateway.propagate = True
+    # Libraries we know log through their own loggers; keep their noise out unless it is a warning.
+    for name in _LIBRARIES:
         lib = logging.getLogger(name)
         lib.setLevel(logging.WARNING)
-        for handler in handlers:
-            if handler not in lib.handlers:
-                lib.addHandler(handler)
-        lib.propagate = False
+        lib.propagate = True
 
 
 def set_level(level: str) -> None:

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -407,18 +407,43 @@ def _show(value: Any, field_name: str) -> str:
     if isinstance(value, SecretStr):
         raw = value.get_secret_value()
         if field_name == "url":
-            return _mask_dsn(raw)
-        return "**********" if raw else ""
+            return mask_url(raw)
+        return MASK if raw else ""
     if value is None:
         return ""
     if isinstance(value, tuple):
         return ",".join(f"{k.name}:{k.role}:…" if isinstance(k, ApiKey) else str(k) for k in value)
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)  # MQTT_URL may carry credentials too
     return str(value)
 
 
-def _mask_dsn(dsn: str) -> str:
-    """Hide the password part of a ``scheme://user:pass@host`` URL."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1**********@", dsn)
+MASK = "**********"
+
+# The password of ``scheme://user:password@host``: everything from the first ``:`` after the user to
+# the LAST ``@`` that a host spec follows. Raw ``@ : / ? #`` in a password make the URL ambiguous
+# (urllib splits at the last ``@``, asyncpg at the first): masking up to the last one covers both.
+_HOST_AFTER = r"(?=[A-Za-z0-9._~%!$&'()*+,;=\[\]:-]*(?:[/?#\s]|$))"
+URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(.*)@" + _HOST_AFTER)
+URL_PASSWORD_IN_TEXT = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(\S*)@" + _HOST_AFTER)
+# ``?password=...`` / ``&sslpassword=...`` query parameters (libpq and asyncpg read them).
+_QUERY_PASSWORD = re.compile(r"(?i)([?&][^=&#\s]*pass(?:word)?[^=&#\s]*=)([^&#\s]*)")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (userinfo and ``password``-like query parameters) masked."""
+    url = URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", url, count=1)
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + (MASK if m.group(2) else ""), url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The literal secret values in ``url`` (as written and percent-decoded), for the log filter."""
+    found: list[str] = []
+    m = URL_PASSWORD.search(url)
+    if m and m.group(2):
+        found.append(m.group(2))
+    found += [q.group(2) for q in _QUERY_PASSWORD.finditer(url) if q.group(2)]
+    return [*found, *(unquote(v) for v in found if unquote(v) != v)]
 
 
 def known_variables() -> dict[str, str]:

@@ -64,3 +64,18 @@ def test_secrets_keygen_and_encrypt_roundtrip(tmp_path: Path) -> None:
     res = _run(["check-config"], tmp_path)
     assert res.returncode == 2
     assert "MQTT_PASSWORD" in res.stderr and token[4:] not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_check_config_masks_ambiguous_and_query_passwords(tmp_path: Path) -> None:
+    """A raw ``@`` in the password and ``?password=`` parameters: nothing of either is printed."""
+    (tmp_path / ".env").write_text(
+        "DATABASE_URL=postgresql://gw:tail@Leak9@db.example:5432/gw?sslmode=require&password=QueryLeak7\n"
+        "MQTT_URL=mqtt://dev:MqttLeak5@broker.example:1883\n"
+    )
+    res = _run(["check-config"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    for leak in ("tail", "Leak9", "QueryLeak7", "MqttLeak5"):
+        assert leak not in out
+    assert "postgresql://gw:**********@db.example:5432/gw?sslmode=require&password=**********" in out
+    assert "mqtt://dev:**********@broker.example:1883" in out

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.logs import redact, set_level, setup_logging
 from gateway.settings import LogSettings
@@ -95,3 +97,43 @@ def test_redact_helper_masks_dsn() -> None:
 @pytest.fixture(autouse=True)
 def _reset_logging() -> None:
     logging.getLogger("gateway").setLevel(logging.INFO)
+
+
+def test_library_loggers_are_redacted_too(tmp_path: Path) -> None:
+    """asyncpg, hypercorn, quart and any other library log through the same redacting handlers."""
+    setup_logging(_settings(tmp_path), stderr=False)
+    secret = "Lib-Pa55"
+    for name in ("asyncpg", "asyncpg.pool", "hypercorn.error", "quart.app", "some.other.library"):
+        logging.getLogger(name).warning("%s lost postgresql://gw:%s@db:5432/gw", name, secret)
+    logging.getLogger("asyncpg").info("noise below warning")
+    text = (tmp_path / "logs" / "server.log").read_text()
+    for name in ("asyncpg", "asyncpg.pool", "hypercorn.error", "quart.app", "some.other.library"):
+        assert f"{name} lost postgresql://gw:**********@db:5432/gw" in text
+    assert secret not in text and "noise below warning" not in text
+
+
+def test_a_short_password_is_masked_as_a_password_not_as_a_word(tmp_path: Path) -> None:
+    from gateway.app import secret_values
+    from gateway.settings import load_settings
+
+    s = load_settings(None, environ={"DATABASE_URL": "postgresql://postgres:postgres@localhost/postgres"})
+    setup_logging(_settings(tmp_path), secrets=secret_values(s), stderr=False)
+    log = logging.getLogger("gateway.app")
+    log.info("gateway ready database=postgres user=postgres")
+    log.warning("lost postgresql://postgres:postgres@localhost/postgres password=postgres")
+    text = (tmp_path / "logs" / "server.log").read_text()
+    assert "gateway ready database=postgres user=postgres" in text
+    assert "lost postgresql://postgres:**********@localhost/postgres password=**********" in text
+
+
+_PASSWORD = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Z")), min_size=1, max_size=24
+) | st.text("@:/%?#&=+!", min_size=1, max_size=12)
+
+
+@given(password=_PASSWORD)
+@settings(max_examples=300, deadline=None)
+def test_dsn_passwords_in_log_text_are_masked(password: str) -> None:
+    """Any password (``@`` and ``:`` included) in a DSN inside a log line: only the password goes."""
+    text = f"connect to postgresql://gw:{password}@db.example:5432/gw failed after 3 tries"
+    assert redact(text) == "connect to postgresql://gw:**********@db.example:5432/gw failed after 3 tries"

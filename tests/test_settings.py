@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import ConfigError
-from gateway.settings import load_settings
+from gateway.settings import load_settings, mask_url, url_secrets
 
 
 def test_defaults_match_the_contract() -> None:
@@ -110,3 +113,29 @@ def test_env_example_documents_every_variable_and_loads() -> None:
     missing = [v for v in known_variables() if f"{v}=" not in text]
     assert not missing, f".env.example lacks {missing}"
     load_settings(example, {})
+
+
+_PASSWORD_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp"))
+
+
+@given(password=st.text(_PASSWORD_CHARS, min_size=1, max_size=30) | st.text("@:/%?#&=+ ", min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_mask_url_hides_any_password(password: str) -> None:
+    """Generated passwords, raw (``@ : / % ? #`` make the URL ambiguous) and percent-encoded, in the
+    userinfo and as query parameters: the masked URL keeps everything else and nothing of them."""
+    tail = "@db.example:5432/gw"
+    if not any(c.isspace() for c in password):
+        assert mask_url(f"postgresql://gw:{password}{tail}") == f"postgresql://gw:**********{tail}"
+    quoted = quote(password, safe="")
+    assert mask_url(f"postgresql://gw:{quoted}{tail}") == f"postgresql://gw:**********{tail}"
+    assert (
+        mask_url(f"postgresql://gw{tail}?sslmode=require&password={quoted}&sslpassword={quoted}")
+        == f"postgresql://gw{tail}?sslmode=require&password=**********&sslpassword=**********"
+    )
+    assert password in url_secrets(f"postgresql://gw:{quoted}{tail}") or password == quoted
+
+
+def test_check_config_view_masks_the_password_only() -> None:
+    """The password ``postgres`` is masked where it is a password, not where the word is a name."""
+    s = load_settings(None, environ={"DATABASE_URL": "postgresql://postgres:postgres@localhost/postgres"})
+    assert s.masked()["DATABASE_URL"] == "postgresql://postgres:**********@localhost/postgres"

@@ -65,7 +65,8 @@ def test_unit_runs_the_gateway_as_a_notify_service_with_a_watchdog() -> None:
     assert d["Restart"] == ["on-failure"]
     assert "StartLimitBurst" in d and "StartLimitIntervalSec" in d
     assert "TimeoutStopSec" in d
-    assert d["RestartPreventExitStatus"] == ["2 3"]  # invalid configuration, refused at start-up: a restart cannot help
+    # Invalid configuration (2) and a refusal at start-up (3): a restart cannot help.
+    assert d["RestartPreventExitStatus"] == ["2 3"]
 
 
 def test_unit_keeps_state_and_logs_in_their_directories() -> None:

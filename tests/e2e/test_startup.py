@@ -61,11 +61,12 @@ def test_stop_during_a_start_that_cannot_finish(tmp_path: Path, signum: int) -> 
     """The database never answers (nothing listens on its port): the start cannot finish, yet
     /ping already says so (503 starting, with the cause) and a signal stops the process at once."""
     key, entry = api_key("ops", "admin")
+    reader, reader_entry = api_key("dash", "read")
     gw = GatewayProcess(
         tmp_path,
         {
             "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nodb",
-            "API_KEYS": entry,
+            "API_KEYS": f"{entry},{reader_entry}",
             "MQTT_CLIENT_ID": f"e2e-stuck-{tmp_path.name}",
         },
     )
@@ -75,6 +76,12 @@ def test_stop_during_a_start_that_cannot_finish(tmp_path: Path, signum: int) -> 
     assert body["status"] == "starting"
     assert body["components"]["database"]["state"] == "degraded"
     assert body["components"]["database"]["cause"] == "db_unavailable"
+    assert "127.0.0.1" in body["components"]["database"]["last_error"]  # admins see the detail
+    seen = _ping(gw, reader)
+    assert seen is not None and seen.status_code == 503
+    database = seen.json()["components"]["database"]
+    assert database["cause"] == "db_unavailable" and "last_error" not in database
+    assert "127.0.0.1" not in seen.text and "postgres" not in seen.text  # no host, no user for read keys
     time.sleep(1.0)  # a few retries under backoff
     t0 = time.monotonic()
     gw.signal(signum)
