@@ -193,41 +193,32 @@ class SqliteStore:
         if self._conn is None:
             if str(self._path) != ":memory:":
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._settings.query_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
-                conn.set_progress_handler(self._over_deadline, 10_000)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
+            pragmas = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")
+            self._conn = self._open(pragmas, self._over_deadline)
         return self._conn
 
     def _open_reader(self) -> _Reader:
+        reader = _Reader(self._open(("PRAGMA query_only=1",), None))
+        reader.conn.set_progress_handler(reader.over_deadline, 10_000)
+        return reader
+
+    def _open(self, pragmas: tuple[str, ...], progress: Callable[[], int] | None) -> sqlite3.Connection:
+        """A connection to the database with ``pragmas``, the busy timeout and a deadline check."""
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         conn = sqlite3.connect(
-            self._path,
-            timeout=self._settings.query_timeout,
-            isolation_level=None,
-            check_same_thread=False,
+            self._path, timeout=self._settings.query_timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA query_only=1")
+            for pragma in pragmas:
+                conn.execute(pragma)
             conn.execute(f"PRAGMA busy_timeout={int(self._settings.query_timeout * 1000)}")
-            reader = _Reader(conn)
-            conn.set_progress_handler(reader.over_deadline, 10_000)
+            if progress is not None:
+                conn.set_progress_handler(progress, 10_000)
         except BaseException:
             conn.close()
             raise
-        return reader
+        return conn
 
     def _read_work(self, fn: Callable[[sqlite3.Connection], T], timeout: float) -> Callable[[], T]:
         """``fn`` on an idle reader connection (opened when none is idle), in one read
