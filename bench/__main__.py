@@ -16,7 +16,7 @@ import trio
 
 from bench.harness import Options
 
-SCENARIOS = ("ingest", "latency", "api", "processor", "sse_fanout", "footprint")
+SCENARIOS = ("pipeline", "ingest", "latency", "api", "processor", "sse_fanout", "footprint")
 
 
 def main() -> int:
@@ -26,6 +26,16 @@ def main() -> int:
         "--profile", action="store_true", help="also profile the gateway with py-spy (ingest)"
     )
     parser.add_argument(
+        "--instances",
+        type=int,
+        metavar="N",
+        help="pipeline: also run N gateways on one PostgreSQL with a shared subscription"
+        " (default 2 in the full run; 1 turns it off; quick runs skip it unless asked)",
+    )
+    parser.add_argument(
+        "--burst", type=int, metavar="N", help="pipeline: messages per burst (default 20,000; quick 5,000)"
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         choices=[*SCENARIOS, []],
@@ -33,7 +43,7 @@ def main() -> int:
         help=f"any of {', '.join(SCENARIOS)} (default: all)",
     )
     args = parser.parse_args()
-    opts = Options(quick=args.quick, profile=args.profile)
+    opts = Options(quick=args.quick, profile=args.profile, instances=args.instances, burst=args.burst)
     failed = []
     t_all = time.monotonic()
     for name in args.scenarios or SCENARIOS:

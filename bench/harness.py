@@ -46,6 +46,8 @@ class Options:
 
     quick: bool = False
     profile: bool = False
+    instances: int | None = None  # pipeline: also run this many gateways on one PostgreSQL (None: 2 full, 1 quick)
+    burst: int | None = None  # pipeline: messages per burst (None: 20,000 full, 5,000 quick)
 
 
 def free_port() -> int:
@@ -452,16 +454,16 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table."""
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: Sequence[int] = (0,)) -> str:
+    """A plain text table; the columns numbered in ``left`` are left-aligned, the rest right-aligned."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [title, "-" * len(title)]
     for n, row in enumerate(cells):
         lines.append(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+                c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
         )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
