@@ -59,6 +59,22 @@ def tree_seconds(pid: int, proc: Path = PROC) -> float:
     return sum(cpu_seconds(p, proc) or 0.0 for p in descendants(pid, proc))
 
 
+def parse_host_stat(text: str) -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine from the text of ``/proc/stat``.
+
+    Busy is everything but idle and iowait, summed over all cores (so 2 cores give 2 s per second).
+    """
+    fields = [int(x) for x in text.split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (total - idle) * TICK, total * TICK
+
+
+def host_seconds(proc: Path = PROC) -> tuple[float, float]:
+    """(busy, total) CPU seconds of the machine so far."""
+    return parse_host_stat((proc / "stat").read_text())
+
+
 @dataclass
 class Snapshot:
     """CPU seconds of named process groups at one moment."""

@@ -163,3 +163,11 @@ def test_publish_frames_decode_in_paho() -> None:
     assert [m.payload for m in got] == bodies
     assert [m.mid for m in got] == list(range(1, 21))
     assert stages.puback_frames([1, 258]) == b"\x40\x02\x00\x01\x40\x02\x01\x02"
+
+
+def test_host_stat_busy_and_total() -> None:
+    text = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n"
+    busy, total = cpu.parse_host_stat(text)
+    assert busy == pytest.approx(150 * cpu.TICK)
+    assert total == pytest.approx(1000 * cpu.TICK)
+    assert cpu.host_seconds()[1] > 0

@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import stages
 from bench.common import PROCESSED, REJECTED, STORED
-from bench.cpu import LineCounter, Snapshot, per_item_us, ratio
+from bench.cpu import LineCounter, Snapshot, host_seconds, per_item_us, ratio
 from bench.harness import (
     PY,
     ROOT,
@@ -63,6 +63,8 @@ QUICK_BURST = 5_000
 TOPIC = "sensors/bench/data"
 PUBLISH_TOPIC = "gateway/events"  # the harness's MQTT_PUBLISH_TOPIC; default rules publish on it
 DUPLICATES = "gateway_messages_duplicate_total"
+INGEST_BATCHES = "gateway_ingest_batch_size_count"
+PROCESSOR_RUNS = "gateway_processor_run_seconds_count"
 
 
 def write_burst(path: Path, n: int, prefix: str) -> None:
@@ -254,12 +256,14 @@ async def run_gateways(
                 groups["database"] = [_postmaster_pid(pg)]
             out["loadavg_start"] = os.getloadavg()
             before = Snapshot.take(groups, trees=["database"])
+            host0 = host_seconds()
             self0 = time.process_time()
             t0 = time.monotonic()
             pub_s, pub_cpu = await _publish(broker, burst)
             await _wait_all([sse, sub], limit=60 + n / 200, stall=30)
             t1 = time.monotonic()
             spent = Snapshot.take(groups, trees=["database"]).since(before)
+            host1 = host_seconds()
             spent["publisher"] = pub_cpu
             spent["bench_counting"] = time.process_time() - self0
             out["loadavg_end"] = os.getloadavg()
@@ -293,10 +297,17 @@ async def run_gateways(
             "database_cpu_us": per_item_us(spent["database"], received) if "database" in spent else None,
             "load_cpu_us": per_item_us(load, received),
             "gateway_cores": spent["gateway"] / wall if wall else None,
+            # The whole machine's busy share meanwhile (other work on the host shows here).
+            "host_busy": (host1[0] - host0[0]) / (host1[1] - host0[1]) if host1[1] > host0[1] else None,
+            "other_cores": _others(spent, host1[0] - host0[0], wall),
             "stored": sum(m.get(STORED, 0.0) for m in metrics),
             "duplicates": sum(m.get(DUPLICATES, 0.0) for m in metrics),
             "rejected": sum(m.get(REJECTED, 0.0) for m in metrics),
             "processed": sum(m.get(PROCESSED, 0.0) for m in metrics),
+            # Batch sizes explain most of the spread in CPU per reading: a gateway that falls behind
+            # works on bigger batches and pays less per reading.
+            "ingest_batches": sum(m.get(INGEST_BATCHES, 0.0) for m in metrics),
+            "processor_runs": sum(m.get(PROCESSOR_RUNS, 0.0) for m in metrics),
         }
     )
     return out
@@ -356,6 +367,16 @@ async def run_bare(d: Path, broker: Mosquitto, n: int, tag: str, protocol: str =
     }
 
 
+def _others(spent: dict[str, float], busy: float, wall: float) -> float | None:
+    """Cores busy with anything this run did not start (other work on the host) during the burst."""
+    ours = sum(v for k, v in spent.items() if not k[-1].isdigit())  # gateway0.. are inside "gateway"
+    return max(0.0, busy - ours) / wall if wall else None
+
+
+def _mean_batch(items: float, batches: float | None) -> float | None:
+    return items / batches if batches else None
+
+
 def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: int) -> str:
     """The end-to-end table: one row per gateway run and per baseline, with the ratio to the baseline."""
     base = [b["cpu_us"] for b in bare if b["cpu_us"] is not None]
@@ -374,9 +395,12 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
                 f"{r['gateway_cpu_us']:.0f}{per}",
                 ratio(r["gateway_cpu_us"], base_us),
                 r["gateway_cores"],
+                r.get("other_cores"),
                 r["broker_cpu_us"],
                 r["database_cpu_us"],
                 r["load_cpu_us"],
+                _mean_batch(r.get("stored", 0.0), r.get("ingest_batches")),
+                _mean_batch(r.get("processed", 0.0), r.get("processor_runs")),
             ]
         )
     for b in bare:
@@ -389,15 +413,32 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
                 f"{b['cpu_us']:.0f}",
                 ratio(b["cpu_us"], base_us),
                 None,
+                None,
                 b["broker_cpu_us"],
                 None,
                 per_item_us(b["publisher_cpu_s"], b["received"]),
+                None,
+                None,
             ]
         )
     return table(
         f"pipeline: {n:,}-message QoS 1 burst, default rules, 1 SSE client + 1 MQTT subscriber"
         " (CPU in µs per reading; ratio = gateway CPU / bare paho CPU)",
-        ["run", "arrived", "wall s", "msg/s", "gateway CPU µs", "ratio", "cores", "broker µs", "db µs", "load µs"],
+        [
+            "run",
+            "arrived",
+            "wall s",
+            "msg/s",
+            "gateway CPU µs",
+            "ratio",
+            "cores",
+            "others' cores",
+            "broker µs",
+            "db µs",
+            "load µs",
+            "ingest batch",
+            "proc batch",
+        ],
         rows,
     )
 
