@@ -232,6 +232,9 @@ class Gateway:
             k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))
         }
         env["NOTIFY_SOCKET"] = str(notify_path)
+        # The gateway of this checkout, not whatever the venv's editable install points at (a
+        # worktree's bench would otherwise measure another tree's gateway).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.stderr = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
