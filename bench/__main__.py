@@ -22,9 +22,7 @@ SCENARIOS = ("pipeline", "ingest", "latency", "api", "processor", "sse_fanout", 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small volumes (the whole run under 2 minutes)")
-    parser.add_argument(
-        "--profile", action="store_true", help="also profile the gateway with py-spy (ingest)"
-    )
+    parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy (ingest)")
     parser.add_argument(
         "--instances",
         type=int,
@@ -36,6 +34,12 @@ def main() -> int:
         "--burst", type=int, metavar="N", help="pipeline: messages per burst (default 20,000; quick 5,000)"
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="pipeline: also a run on PostgreSQL paced at R msg/s for 10 s (default 1,000 in the full run; 0: none)",
+    )
+    parser.add_argument(
         "scenarios",
         nargs="*",
         choices=[*SCENARIOS, []],
@@ -43,7 +47,7 @@ def main() -> int:
         help=f"any of {', '.join(SCENARIOS)} (default: all)",
     )
     args = parser.parse_args()
-    opts = Options(quick=args.quick, profile=args.profile, instances=args.instances, burst=args.burst)
+    opts = Options(quick=args.quick, profile=args.profile, instances=args.instances, burst=args.burst, rate=args.rate)
     failed = []
     t_all = time.monotonic()
     for name in args.scenarios or SCENARIOS:

@@ -48,6 +48,7 @@ class Options:
     profile: bool = False
     instances: int | None = None  # pipeline: also run this many gateways on one PostgreSQL (None: 2 full, 1 quick)
     burst: int | None = None  # pipeline: messages per burst (None: 20,000 full, 5,000 quick)
+    rate: float | None = None  # pipeline: the paced run's msg/s (None: 1,000 full, none quick; 0: none)
 
 
 def free_port() -> int:

@@ -62,6 +62,8 @@ BURST = 20_000
 QUICK_BURST = 5_000
 TOPIC = "sensors/bench/data"
 PUBLISH_TOPIC = "gateway/events"  # the harness's MQTT_PUBLISH_TOPIC; default rules publish on it
+PACED_RATE = 1000.0
+PACED_SECONDS = 10.0
 DUPLICATES = "gateway_messages_duplicate_total"
 INGEST_BATCHES = "gateway_ingest_batch_size_count"
 PROCESSOR_RUNS = "gateway_processor_run_seconds_count"
@@ -145,12 +147,25 @@ def _forget_session(broker: Mosquitto, client_id: str) -> None:
         c.loop(0.2)
 
 
-def _run_publisher(cmd: list[str], stdin_path: Path) -> tuple[float, float, int, bytes]:
+def _run_publisher(cmd: list[str], stdin_path: Path, rate: float | None = None) -> tuple[float, float, int, bytes]:
     """Run ``cmd`` with its stdin from a file (in a worker thread): (seconds, its CPU seconds from
-    its rusage, exit code, stderr)."""
-    with stdin_path.open("rb") as stdin:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    its rusage, exit code, stderr). With ``rate`` the lines are fed at that many per second."""
+    t0 = time.monotonic()
+    if rate is None:
+        with stdin_path.open("rb") as stdin:
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    else:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stdin is not None
+        lines = stdin_path.read_bytes().splitlines(keepends=True)
+        step = max(1, int(rate // 100))  # about 100 writes per second
+        for i in range(0, len(lines), step):
+            ahead = t0 + i / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            proc.stdin.write(b"".join(lines[i : i + step]))
+            proc.stdin.flush()
+        proc.stdin.close()
     # wait4 gives the child's rusage; Popen never reaps it after this.
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - t0
@@ -159,10 +174,11 @@ def _run_publisher(cmd: list[str], stdin_path: Path) -> tuple[float, float, int,
     return elapsed, usage.ru_utime + usage.ru_stime, proc.returncode, err
 
 
-async def _publish(broker: Mosquitto, burst: Path) -> tuple[float, float]:
-    """``mosquitto_pub -l`` (QoS 1) the burst; returns (seconds, its CPU seconds)."""
+async def _publish(broker: Mosquitto, burst: Path, rate: float | None = None) -> tuple[float, float]:
+    """``mosquitto_pub -l`` (QoS 1) the burst, as fast as it goes or at ``rate`` msg/s; returns
+    (seconds, its CPU seconds)."""
     cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", TOPIC, "-l"]
-    elapsed, cpu_s, rc, err = await trio.to_thread.run_sync(_run_publisher, cmd, burst)
+    elapsed, cpu_s, rc, err = await trio.to_thread.run_sync(_run_publisher, cmd, burst, rate)
     if rc != 0:
         raise BenchFailed(f"mosquitto_pub failed ({rc}): {err.decode(errors='replace')[-500:]}")
     return elapsed, cpu_s
@@ -200,8 +216,9 @@ async def run_gateways(
     n: int,
     instances: int = 1,
     pg: Postgres | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """One end-to-end burst through ``instances`` gateways on one database."""
+    """One end-to-end burst through ``instances`` gateways on one database (``rate``: paced)."""
     burst = d / f"burst-{label}.txt"
     write_burst(burst, n, f"pl{secrets.token_hex(2)}-")
     extra = {"MQTT_DEVICE_FROM_TOPIC": "false"}
@@ -215,6 +232,7 @@ async def run_gateways(
         "backend": "postgres" if pg else "sqlite",
         "instances": instances,
         "burst": n,
+        "offered_rate": rate,
     }
     try:
         for gw in gws:  # one after the other: the first applies the migrations
@@ -259,8 +277,8 @@ async def run_gateways(
             host0 = host_seconds()
             self0 = time.process_time()
             t0 = time.monotonic()
-            pub_s, pub_cpu = await _publish(broker, burst)
-            await _wait_all([sse, sub], limit=60 + n / 200, stall=30)
+            pub_s, pub_cpu = await _publish(broker, burst, rate)
+            await _wait_all([sse, sub], limit=60 + n / 200 + (n / rate if rate else 0), stall=30)
             t1 = time.monotonic()
             spent = Snapshot.take(groups, trees=["database"]).since(before)
             host1 = host_seconds()
@@ -384,6 +402,8 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
     rows: list[list[Any]] = []
     for r in runs:
         name = f"{r['backend']}, {r['instances']} instance{'s' if r['instances'] > 1 else ''}"
+        if r.get("offered_rate"):
+            name += f", paced {r['offered_rate']:,.0f}/s"
         got = f"{min(r['sse_received'], r['mqtt_received']):,}/{r['burst']:,}"
         per = "" if r["instances"] == 1 else " (" + " + ".join(f"{u:.0f}" for u in r["instance_cpu_us"] if u) + ")"
         rows.append(
@@ -447,6 +467,9 @@ async def run(opts: Options) -> Result:
     res = Result("pipeline")
     n = opts.burst or (QUICK_BURST if opts.quick else BURST)
     instances = opts.instances if opts.instances is not None else (1 if opts.quick else 2)
+    # A paced run shows the per-batch costs a burst hides (a gateway that keeps up works on small batches).
+    pace = opts.rate if opts.rate is not None else (None if opts.quick else PACED_RATE)
+    paced_n = min(n, round(pace * PACED_SECONDS)) if pace else 0
     runs: list[dict[str, Any]] = []
     bare: list[dict[str, Any]] = []
     stage_data: dict[str, Any] = {}
@@ -455,6 +478,13 @@ async def run(opts: Options) -> Result:
         with Postgres(d) as pg:
             runs.append(await run_gateways(d, broker, label="postgres", database_url=pg.dsn, n=n, pg=pg))
         runs.append(await run_gateways(d, broker, label="sqlite", database_url=f"sqlite:///{d}/pipeline.db", n=n))
+        if pace:
+            with Postgres(d / "paced") as pg:
+                runs.append(
+                    await run_gateways(
+                        d, broker, label="postgres-paced", database_url=pg.dsn, n=paced_n, pg=pg, rate=pace
+                    )
+                )
         if instances > 1:
             with Postgres(d / "shared") as pg:
                 runs.append(
