@@ -562,6 +562,18 @@ async def measure(*, pg_url: str | None, sqlite_dir: Path, quick: bool = False) 
     batches = 4 if quick else 10
     max_payload = IngestSettings.model_validate({}).max_payload
     out: list[Stage] = []
+
+    async def reference(w: Watch, i: int) -> None:
+        bodies = payloads(f"re{i}-")
+        with w:
+            for b in bodies:
+                json.loads(b)
+
+    # Not a stage: how fast this machine runs Python right now. Host contention inflates every CPU
+    # figure (up to 2x seen here); compare tables whose reference rows agree, or scale by it.
+    ref = Stage("reference", "reference: json.loads of the packet", "machine speed now, not a stage")
+    ref.counted = False
+    out += await repeat(ref, reference, batches)
     out += await repeat(Stage("frame_decode", "frame decode (500 MQTT 5 PUBLISH)"), frame_decode, batches)
 
     async def validation(w: Watch, i: int) -> None:
