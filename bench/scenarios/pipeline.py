@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -464,6 +465,9 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
 
 
 async def run(opts: Options) -> Result:
+    missing = [tool for tool in ("mosquitto_pub", "mosquitto_sub", "curl") if shutil.which(tool) is None]
+    if missing:
+        raise BenchFailed(f"pipeline needs {', '.join(missing)} on PATH (Debian: mosquitto-clients, curl)")
     res = Result("pipeline")
     n = opts.burst or (QUICK_BURST if opts.quick else BURST)
     instances = opts.instances if opts.instances is not None else (1 if opts.quick else 2)
