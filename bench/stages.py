@@ -15,8 +15,8 @@ Where a faster function lands under a known name it is measured instead of today
   through the bridge's ``on_message``); else bare paho.
 - event encode: ``gateway.sse.encode_events`` (a batch) if it exists, else ``encode_event`` per event;
   the path names the JSON library the module uses.
-- rules: ``Processor._plan_batch`` if it exists, else ``Processor._plan`` per message (rules
-  evaluation + event build as the processor does it).
+- rules: ``Processor._plan_all`` (async) or ``Processor._plan_batch`` if one exists, else
+  ``Processor._plan`` per message (rules evaluation + event build as the processor does it).
 
 A stage whose functions changed shape beyond these is reported as not measured, with the reason,
 rather than failing the run.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import socket
 import statistics
@@ -240,19 +241,35 @@ def bare_paho(data: bytes) -> tuple[Any, list[Any]]:
     return client, got
 
 
-def _find_codec() -> tuple[str, Callable[[bytes], Any]] | None:
-    """A pure frame decoder in ``gateway.mqtt_codec``, if one has landed."""
+def _codec() -> Any:
+    """``gateway.mqtt_codec`` (a pure MQTT frame codec) if it has landed, else None."""
     try:
-        codec = importlib.import_module("gateway.mqtt_codec")
+        return importlib.import_module("gateway.mqtt_codec")
     except ImportError:
         return None
+
+
+def _find_codec() -> tuple[str, Callable[[bytes], Any]] | None:
+    """A pure frame decoder in ``gateway.mqtt_codec``, if one has landed: (its name, bytes → messages)."""
+    codec = _codec()
+    if codec is None:
+        return None
+    cls = getattr(codec, "FrameDecoder", None)
+    if cls is not None:
+
+        def drain(data: bytes) -> list[Any]:
+            dec = cls(v5=True)
+            dec.feed(data)
+            out = []
+            while (item := dec.next()) is not None:
+                out.append(item)
+            return out
+
+        return "gateway.mqtt_codec.FrameDecoder: feed + next (codec only)", drain
     for name in ("decode_publishes", "decode_frames", "decode"):
         fn = getattr(codec, name, None)
         if callable(fn):
-            return f"gateway.mqtt_codec.{name}", fn
-    cls = getattr(codec, "FrameDecoder", None)
-    if cls is not None:
-        return "gateway.mqtt_codec.FrameDecoder().feed", lambda data: cls().feed(data)
+            return f"gateway.mqtt_codec.{name} (codec only)", fn
     return None
 
 
@@ -301,6 +318,9 @@ async def outbound(ws: list[Watch], _i: int) -> str:
     the PUBACK handling of those 500 publishes, each timed on its own watch."""
     pub, ack = ws
     bodies = payloads("ob-")
+    codec = _codec()
+    if codec is not None and hasattr(codec, "encode_publish") and hasattr(codec, "decode_puback"):
+        return _outbound_codec(codec, pub, ack, bodies)
     try:
         bridge, conn = bridge_with(b"")
     except (ImportError, AttributeError, TypeError):
@@ -329,6 +349,26 @@ async def outbound(ws: list[Watch], _i: int) -> str:
                 raise RuntimeError("loop_read failed")
     bridge._conn = None  # paho's __del__ closing the fake socket must not reach the bridge
     return "bridge.send → _publisher → paho publish → flush / paho loop_read → _cb_publish"
+
+
+def _outbound_codec(codec: Any, pub: Watch, ack: Watch, bodies: list[bytes]) -> str:
+    """The pure codec's side of outbound: 500 PUBLISH encoded and joined, 500 PUBACKs decoded."""
+    topic = b"gateway/events"
+    with pub:
+        data = b"".join([codec.encode_publish(topic, b, i + 1, v5=True) for i, b in enumerate(bodies)])
+    assert data
+    acks = puback_frames(list(range(1, BATCH + 1)))
+    with ack:
+        dec = codec.FrameDecoder(v5=True)
+        dec.feed(acks)
+        mids = []
+        while (frame := dec.next()) is not None:
+            mids.append(codec.decode_puback(frame, v5=True)[0])
+    assert len(mids) == BATCH
+    return (
+        "gateway.mqtt_codec.encode_publish + join (codec only)"
+        " / gateway.mqtt_codec.FrameDecoder + decode_puback (codec only)"
+    )
 
 
 async def _outbound_bare(pub: Watch, ack: Watch, bodies: list[bytes]) -> str:
@@ -360,13 +400,23 @@ def _processor(store: Any) -> Any:
     return Processor(settings, store, Nudge(), ComponentHealth("processor"), instance_id="bench-stages")
 
 
-def plan(proc: Any, messages: list[Any]) -> tuple[str, list[Any], list[Any], Any]:
-    """Rules + event build as the processor does them: (path, work items, new events, publish builder)."""
+async def plan(proc: Any, messages: list[Any]) -> tuple[str, list[Any], list[Any], Any]:
+    """Rules + event build as the processor does them: (path, work items, new events, publish builder).
+
+    Takes the processor's batch planner when it has one (``_plan_all``, async, or ``_plan_batch``),
+    else ``_plan`` per message (with the rule set's ``fixed`` plan when it takes one).
+    """
     rules = proc.rules
-    batch_fn = getattr(proc, "_plan_batch", None)
-    if batch_fn is not None:
-        work = batch_fn(rules, messages)
+    if (plan_all := getattr(proc, "_plan_all", None)) is not None:
+        work = await plan_all(rules, messages)
+        path = "Processor._plan_all (batch)"
+    elif (plan_batch := getattr(proc, "_plan_batch", None)) is not None:
+        work = plan_batch(rules, messages)
         path = "Processor._plan_batch"
+    elif len(inspect.signature(proc._plan).parameters) == 3:
+        fixed = getattr(rules, "fixed", None)
+        work = [proc._plan(rules, fixed, m) for m in messages]
+        path = "Processor._plan per message (fixed plan)"
     else:
         work = [proc._plan(rules, m) for m in messages]
         path = "Processor._plan per message (RuleSet.evaluate + SseAction.build)"
@@ -381,7 +431,7 @@ def plan(proc: Any, messages: list[Any]) -> tuple[str, list[Any], list[Any], Any
 def _sse_encoder() -> tuple[str, Callable[[list[Any]], list[bytes] | bytes]]:
     from gateway import sse
 
-    lib = "orjson" if "orjson" in vars(sse) else "json"
+    lib = "orjson loaded" if "orjson" in sys.modules else "json"
     batch = getattr(sse, "encode_events", None)
     if callable(batch):
         return f"gateway.sse.encode_events ({lib})", batch
@@ -525,7 +575,7 @@ async def store_stages(
             await store.write_batch(fresh_rows(), [])
             with cw:
                 got = await store.claim(proc.owner, BATCH, proc._settings.lease_seconds)
-            _, work, new_events, publishes = plan(proc, got)
+            _, work, new_events, publishes = await plan(proc, got)
             ids = [x.message.id for x in work if x.error is None]
             with cw:
                 stored = await store.complete(proc.owner, ids, [], new_events, publishes)
@@ -611,7 +661,7 @@ async def measure(*, pg_url: str | None, sqlite_dir: Path, quick: bool = False) 
 
     async def rules(w: Watch, i: int) -> str:
         with w:
-            path, _, new_events, _ = plan(proc, rows_for_rules)
+            path, _, new_events, _ = await plan(proc, rows_for_rules)
         assert len(new_events) == BATCH
         return path
 

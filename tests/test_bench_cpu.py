@@ -6,6 +6,9 @@ Cheap on purpose: no broker, no gateway (the scenarios themselves are run by ``j
 from __future__ import annotations
 
 import os
+import sys
+import types
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from bench import cpu, stages
 from bench.scenarios.pipeline import pipeline_table, write_burst
 from gateway.packets import parse_packet
+from gateway.store.base import StoredMessage
 
 # A real /proc/<pid>/stat line with a command name holding a space and a ")".
 STAT = (
@@ -171,3 +175,32 @@ def test_host_stat_busy_and_total() -> None:
     assert busy == pytest.approx(150 * cpu.TICK)
     assert total == pytest.approx(1000 * cpu.TICK)
     assert cpu.host_seconds()[1] > 0
+
+
+def test_stage_frame_decoder_lookup_prefers_a_landed_codec(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FrameDecoder:
+        def __init__(self, *, v5: bool) -> None:
+            self.items: list[int] = []
+
+        def feed(self, data: bytes) -> None:
+            self.items = list(range(data.count(b"\x32")))
+
+        def next(self) -> int | None:
+            return self.items.pop() if self.items else None
+
+    fake = types.ModuleType("gateway.mqtt_codec")
+    fake.FrameDecoder = FrameDecoder  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gateway.mqtt_codec", fake)
+    found = stages._find_codec()
+    assert found is not None
+    name, decode = found
+    assert "FrameDecoder" in name
+    assert len(decode(b"\x32\x00\x32\x00")) == 2
+
+
+async def test_stage_plan_gives_one_event_per_message_with_the_default_rules() -> None:
+    now = datetime.now(UTC)
+    messages = [StoredMessage(i, "dev", now, now, i, {"temperature": 21.5}, "ok", 80.0, "mqtt") for i in range(1, 4)]
+    path, work, events, publishes = await stages.plan(stages._processor(None), messages)
+    assert path.startswith("Processor.")
+    assert len(work) == len(events) == 3 and publishes is not None
