@@ -148,8 +148,12 @@ class Postgres:
     def start(self) -> Postgres:
         self.dir.mkdir(parents=True)
         shutil.chown(self.dir, "postgres", "postgres")
-        # The temp dir's parents must be traversable by postgres.
-        os.chmod(self.dir.parent, 0o755)
+        # Its parents inside the temp dir (mkdtemp makes them 0700) must be traversable by postgres.
+        tmp = Path(tempfile.gettempdir()).resolve()
+        parent = self.dir.parent.resolve()
+        while parent != tmp and tmp in parent.parents:
+            os.chmod(parent, os.stat(parent).st_mode | 0o055)
+            parent = parent.parent
         self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres")
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=100"
         self._as_postgres(
