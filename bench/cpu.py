@@ -35,6 +35,14 @@ def cpu_seconds(pid: int, proc: Path = PROC) -> float | None:
     return (utime + stime) * TICK
 
 
+def sys_seconds(pid: int, proc: Path = PROC) -> float:
+    """stime of ``pid`` in seconds (kernel time: syscalls, wake-ups), 0 once it is gone."""
+    try:
+        return parse_stat((proc / str(pid) / "stat").read_text())[2] * TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def descendants(pid: int, proc: Path = PROC) -> list[int]:
     """``pid`` and every live process below it (e.g. a postmaster and its backends)."""
     parents: dict[int, list[int]] = {}
@@ -82,13 +90,19 @@ class Snapshot:
     seconds: dict[str, float]
 
     @classmethod
-    def take(cls, groups: Mapping[str, Iterable[int]], *, trees: Iterable[str] = ()) -> Snapshot:
-        """Read every pid of every group now; groups named in ``trees`` include descendants."""
-        tree = set(trees)
+    def take(
+        cls, groups: Mapping[str, Iterable[int]], *, trees: Iterable[str] = (), kernel: Iterable[str] = ()
+    ) -> Snapshot:
+        """Read every pid of every group now; groups named in ``trees`` include descendants, those
+        in ``kernel`` also get ``<name>_sys`` (their kernel time alone)."""
+        tree, ker = set(trees), set(kernel)
         out: dict[str, float] = {}
         for name, pids in groups.items():
+            pids = list(pids)
             read = tree_seconds if name in tree else (lambda p: cpu_seconds(p) or 0.0)
             out[name] = sum(read(p) for p in pids)
+            if name in ker:
+                out[name + "_sys"] = sum(sys_seconds(p) for p in pids)
         return cls(out)
 
     def since(self, before: Snapshot) -> dict[str, float]:

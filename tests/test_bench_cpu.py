@@ -50,6 +50,8 @@ def test_cpu_seconds_and_tree(tmp_path: Path) -> None:
     assert cpu.cpu_seconds(99, proc) is None  # gone
     assert sorted(cpu.descendants(10, proc)) == [10, 11, 12]
     assert cpu.tree_seconds(10, proc) == pytest.approx(177 * cpu.TICK)
+    assert cpu.sys_seconds(10, proc) == pytest.approx(50 * cpu.TICK)
+    assert cpu.sys_seconds(99, proc) == 0.0
 
 
 def test_cpu_seconds_of_this_process_grows_with_work() -> None:

@@ -274,14 +274,14 @@ async def run_gateways(
             if pg is not None:
                 groups["database"] = [_postmaster_pid(pg)]
             out["loadavg_start"] = os.getloadavg()
-            before = Snapshot.take(groups, trees=["database"])
+            before = Snapshot.take(groups, trees=["database"], kernel=["gateway"])
             host0 = host_seconds()
             self0 = time.process_time()
             t0 = time.monotonic()
             pub_s, pub_cpu = await _publish(broker, burst, rate)
             await _wait_all([sse, sub], limit=60 + n / 200 + (n / rate if rate else 0), stall=30)
             t1 = time.monotonic()
-            spent = Snapshot.take(groups, trees=["database"]).since(before)
+            spent = Snapshot.take(groups, trees=["database"], kernel=["gateway"]).since(before)
             host1 = host_seconds()
             spent["publisher"] = pub_cpu
             spent["bench_counting"] = time.process_time() - self0
@@ -316,6 +316,8 @@ async def run_gateways(
             "database_cpu_us": per_item_us(spent["database"], received) if "database" in spent else None,
             "load_cpu_us": per_item_us(load, received),
             "gateway_cores": spent["gateway"] / wall if wall else None,
+            # Kernel time (syscalls, socket wake-ups): a large share means round trips, not Python.
+            "gateway_sys_share": spent["gateway_sys"] / spent["gateway"] if spent["gateway"] else None,
             # The whole machine's busy share meanwhile (other work on the host shows here).
             "host_busy": (host1[0] - host0[0]) / (host1[1] - host0[1]) if host1[1] > host0[1] else None,
             "other_cores": _others(spent, host1[0] - host0[0], wall),
@@ -388,7 +390,8 @@ async def run_bare(d: Path, broker: Mosquitto, n: int, tag: str, protocol: str =
 
 def _others(spent: dict[str, float], busy: float, wall: float) -> float | None:
     """Cores busy with anything this run did not start (other work on the host) during the burst."""
-    ours = sum(v for k, v in spent.items() if not k[-1].isdigit())  # gateway0.. are inside "gateway"
+    # gateway0.. and gateway_sys are inside "gateway"
+    ours = sum(v for k, v in spent.items() if not k[-1].isdigit() and not k.endswith("_sys"))
     return max(0.0, busy - ours) / wall if wall else None
 
 
@@ -416,6 +419,7 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
                 f"{r['gateway_cpu_us']:.0f}{per}",
                 ratio(r["gateway_cpu_us"], base_us),
                 r["gateway_cores"],
+                None if r.get("gateway_sys_share") is None else f"{r['gateway_sys_share']:.0%}",
                 r.get("other_cores"),
                 r["broker_cpu_us"],
                 r["database_cpu_us"],
@@ -433,6 +437,7 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
                 b["rate"],
                 f"{b['cpu_us']:.0f}",
                 ratio(b["cpu_us"], base_us),
+                None,
                 None,
                 None,
                 b["broker_cpu_us"],
@@ -453,6 +458,7 @@ def pipeline_table(runs: list[dict[str, Any]], bare: list[dict[str, Any]], n: in
             "gateway CPU µs",
             "ratio",
             "cores",
+            "sys",
             "others' cores",
             "broker µs",
             "db µs",
