@@ -69,6 +69,14 @@ bench *ARGS: bootstrap
 bench-quick: bootstrap
     "{{bin}}/python" -m bench --quick
 
+# the end-to-end pipeline (burst → SSE + MQTT, gateway CPU µs per reading vs a bare paho client) and its stage table (e.g. just bench-pipeline --instances 2)
+bench-pipeline *ARGS: bootstrap
+    "{{bin}}/python" -m bench pipeline {{ARGS}}
+
+# the stage budget alone: µs per reading of each hot-path stage over batches of 500 (e.g. just bench-stages --quick)
+bench-stages *ARGS: bootstrap
+    "{{bin}}/python" -m bench.stages {{ARGS}}
+
 # fuzz the running API's OpenAPI description and the ingest (generated payloads) longer than the test suite does
 fuzz: bootstrap
     FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-500} "{{bin}}/python" -m pytest -q tests/test_schemathesis.py -p no:cacheprovider

@@ -16,14 +16,28 @@ import trio
 
 from bench.harness import Options
 
-SCENARIOS = ("ingest", "latency", "api", "processor", "sse_fanout", "footprint")
+SCENARIOS = ("pipeline", "ingest", "latency", "api", "processor", "sse_fanout", "footprint")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small volumes (the whole run under 2 minutes)")
+    parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy (ingest)")
     parser.add_argument(
-        "--profile", action="store_true", help="also profile the gateway with py-spy (ingest)"
+        "--instances",
+        type=int,
+        metavar="N",
+        help="pipeline: also run N gateways on one PostgreSQL with a shared subscription"
+        " (default 2 in the full run; 1 turns it off; quick runs skip it unless asked)",
+    )
+    parser.add_argument(
+        "--burst", type=int, metavar="N", help="pipeline: messages per burst (default 20,000; quick 5,000)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="pipeline: also a run on PostgreSQL paced at R msg/s for 10 s (default 1,000 in the full run; 0: none)",
     )
     parser.add_argument(
         "scenarios",
@@ -33,7 +47,7 @@ def main() -> int:
         help=f"any of {', '.join(SCENARIOS)} (default: all)",
     )
     args = parser.parse_args()
-    opts = Options(quick=args.quick, profile=args.profile)
+    opts = Options(quick=args.quick, profile=args.profile, instances=args.instances, burst=args.burst, rate=args.rate)
     failed = []
     t_all = time.monotonic()
     for name in args.scenarios or SCENARIOS:

@@ -46,6 +46,9 @@ class Options:
 
     quick: bool = False
     profile: bool = False
+    instances: int | None = None  # pipeline: also run this many gateways on one PostgreSQL (None: 2 full, 1 quick)
+    burst: int | None = None  # pipeline: messages per burst (None: 20,000 full, 5,000 quick)
+    rate: float | None = None  # pipeline: the paced run's msg/s (None: 1,000 full, none quick; 0: none)
 
 
 def free_port() -> int:
@@ -145,8 +148,12 @@ class Postgres:
     def start(self) -> Postgres:
         self.dir.mkdir(parents=True)
         shutil.chown(self.dir, "postgres", "postgres")
-        # The temp dir's parents must be traversable by postgres.
-        os.chmod(self.dir.parent, 0o755)
+        # Its parents inside the temp dir (mkdtemp makes them 0700) must be traversable by postgres.
+        tmp = Path(tempfile.gettempdir()).resolve()
+        parent = self.dir.parent.resolve()
+        while parent != tmp and tmp in parent.parents:
+            os.chmod(parent, os.stat(parent).st_mode | 0o055)
+            parent = parent.parent
         self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres")
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=100"
         self._as_postgres(
@@ -230,6 +237,9 @@ class Gateway:
             k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))
         }
         env["NOTIFY_SOCKET"] = str(notify_path)
+        # The gateway of this checkout, not whatever the venv's editable install points at (a
+        # worktree's bench would otherwise measure another tree's gateway).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.stderr = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
@@ -452,16 +462,16 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table."""
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: Sequence[int] = (0,)) -> str:
+    """A plain text table; the columns numbered in ``left`` are left-aligned, the rest right-aligned."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [title, "-" * len(title)]
     for n, row in enumerate(cells):
         lines.append(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+                c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
         )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
