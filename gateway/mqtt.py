@@ -2,10 +2,13 @@
 
 One connection = one paho ``Client`` and one *generation* number. Inside a connection's nursery:
 
-* reader: ``wait_readable`` → ``loop_read()`` while the socket (FIONREAD) or the SSL buffer
-  (``pending()``) holds data, at most :data:`READ_CAP` packets per wakeup, then ONE
-  ``inbound.send(batch)``. A full channel stops the reader, so the broker stops sending once
-  Receive Maximum messages are unacknowledged (backpressure, never a drop).
+* reader: ``wait_readable`` → ``recv`` while the socket (or the SSL buffer) holds data, up to
+  1 MiB per wakeup; the QoS 0/1 PUBLISH frames are decoded by :mod:`gateway.mqtt_codec` into
+  :class:`Inbound` (one timestamp per burst), every other frame goes to paho's ``loop_read()``
+  in stream order (paho still does CONNACK, SUBACK, keepalive, outbound PUBACKs, DISCONNECT),
+  then ONE ``inbound.send(batch)``. A full channel stops the reader, so the broker stops
+  sending once Receive Maximum messages are unacknowledged (backpressure, never a drop). A
+  malformed frame loses the connection.
 * writer: woken by ``on_socket_register_write``; writes while ``want_write()``.
 * housekeeping: ``loop_misc()`` every second (keepalive).
 * publisher: drains the outbound queue with QoS 1, re-sends what the broker did not confirm.
@@ -18,17 +21,15 @@ They may fire from the ``connect()`` worker thread or from ``Client.__del__``: e
 runs on the Trio thread and belongs to the live generation before touching anything.
 
 Delivery: QoS 1, persistent session, ``manual_ack=True``; :meth:`MqttBridge.ack` sends PUBACKs
-only after ingest committed, in arrival order. Acks for an older generation are dropped: the
-broker redelivers those messages on the new connection and the store recognises the duplicates.
+only after ingest committed, in arrival order, encoded together and written in one send. Acks
+for an older generation are dropped: the broker redelivers those messages on the new connection
+and the store recognises the duplicates.
 """
 
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
 import ssl
-import termios
 import threading
 import time
 from collections import deque
@@ -48,13 +49,11 @@ from gateway import metrics
 from gateway.backoff import Backoff
 from gateway.errors import MqttUnavailable
 from gateway.health import ComponentHealth
+from gateway.mqtt_codec import Frame, FrameDecoder, MqttCodecError, Publish, encode_pubacks, encode_publish
 from gateway.settings import MqttSettings
 
 log = logging.getLogger("gateway.mqtt")
 _paho_log = logging.getLogger("gateway.mqtt.paho")
-
-READ_CAP = 2000
-"""Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
 
 TAKEOVER_REPEATS = 3
 """MQTT 3.1.1: this many drops in a row soon after CONNACK are reported as a session takeover."""
@@ -100,241 +99,94 @@ class _Outgoing:
     on_done: OnPublished | None = None
 
 
-_PUBLISH = 0x30
-_KEEP = 65536
-"""Payload bytes kept of a PUBLISH over ``MQTT_MAX_PACKET_SIZE`` (the rest is read past, not held)."""
-_HEAD = 2 + 65535 + 2 + 4
-"""Room for a PUBLISH's variable header: topic length and topic, packet id, properties length."""
-_READS_PER_CALL = 16
-"""Socket reads one ``recv`` may spend skipping or collecting before it lets the reader yield."""
+_READ_BURST = 1 << 20
+"""Bytes read from the socket per wakeup at most before decoding (bounds latency and memory)."""
+_RECV = 65536
 
 
-def mqtt_packet(cmd: int, body: bytes) -> bytes:
-    """An MQTT packet: the command byte, the remaining length (a varint), then ``body``."""
-    length = bytearray()
-    n = len(body)
-    while True:
-        n, digit = divmod(n, 128)
-        length.append(digit | (128 if n else 0))
-        if not n:
-            return bytes([cmd]) + bytes(length) + body
+class _Link:
+    """The connected socket as paho sees it after CONNACK's read path is ours.
 
+    The reader reads the raw socket itself and decodes the PUBLISH frames of the hot path
+    (:mod:`gateway.mqtt_codec`); every other frame (CONNACK, SUBACK, PUBACK, PINGRESP,
+    DISCONNECT, QoS 2 flow) is put in :attr:`feed` and paho reads it from there with
+    ``loop_read()``. A closed peer or a read error reaches paho the same way, once the frames
+    before it were handled (:meth:`end_of_stream`).
 
-class _BufferedSocket:
-    """The connected socket as paho sees it: a read buffer that knows where packets begin.
-
-    paho 2.2 reads each packet in several small ``recv()`` calls and sends each packet with its
-    own ``send()``; here one ``recv(65536)`` serves many packets, and the writer sends everything
-    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`.
-
-    At each packet boundary it reads the fixed header first, which gives two controls paho lacks:
-
-    * a gate: a PUBLISH is handed to paho only while ``room`` (messages) and ``room_bytes`` are
-      left; otherwise ``blocked`` is set and paho sees "would block", so nothing more is read from
-      the socket and TCP pushes back on the broker;
-    * a size cap: a PUBLISH over ``max_packet`` bytes is never held whole. Its topic, packet id and
-      first :data:`_KEEP` payload bytes are kept (MQTT 5 properties dropped), the rest is read and
-      thrown away as it streams in, and paho gets the shortened packet; ``truncated`` maps its
-      number (``publishes`` counts every PUBLISH handed over, in order) to the original payload size.
-
-    Read errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come from the
-    underlying socket unchanged, exactly as paho expects.
+    Writes: paho's ``send()`` lands in :attr:`out` whole, and so do our batches of PUBACKs, in
+    the order they were produced; the writer sends it all with one :meth:`flush`.
     """
 
-    __slots__ = (
-        "_big",
-        "_big_cmd",
-        "_big_need",
-        "_big_packet",
-        "_big_remaining",
-        "_buf",
-        "_discard",
-        "_left",
-        "_max_packet",
-        "_out",
-        "_pos",
-        "_raw",
-        "_starved",
-        "_v5",
-        "blocked",
-        "eof",
-        "publishes",
-        "room",
-        "room_bytes",
-        "truncated",
-    )
+    __slots__ = ("_closing", "_feed", "_feed_pos", "_raw", "eof", "error", "out")
 
-    def __init__(self, raw: Any, *, max_packet: int = 268435460, v5: bool = False) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self._buf = b""
-        self._pos = 0
-        self._left = 0  # bytes of the current packet paho has not read yet
-        self._out = bytearray()
-        self._max_packet = max_packet
-        self._v5 = v5
-        self._big: bytearray | None = None  # head of an oversized PUBLISH, being collected
-        self._big_cmd = 0
-        self._big_remaining = 0
-        self._big_need = 0
-        self._big_packet: bytes | None = None  # its shortened form, handed over after the skip
-        self._discard = 0
-        self._starved = False
+        self._feed = b""
+        self._feed_pos = 0
+        self._closing = False
+        self.out = bytearray()
         self.eof = False
         """The peer closed the connection (the broker dropped us, e.g. for another client)."""
-        self.room = 1 << 30
-        self.room_bytes = 1 << 62
-        self.blocked = False
-        self.publishes = 0
-        self.truncated: dict[int, int] = {}
+        self.error: OSError | None = None
+
+    def give(self, data: bytes) -> None:
+        """Queue a whole frame for paho's next ``loop_read()``."""
+        if self._feed_pos >= len(self._feed):
+            self._feed, self._feed_pos = data, 0
+        else:
+            self._feed = self._feed[self._feed_pos :] + data
+            self._feed_pos = 0
 
     @property
-    def buffered(self) -> int:
-        """Bytes received that paho can make progress with now (0 while waiting for more)."""
-        if self._starved or self.blocked:
-            return 0
-        return len(self._buf) - self._pos
+    def fed(self) -> bool:
+        """Whether paho has frames left to read."""
+        return self._feed_pos < len(self._feed)
 
-    def recv(self, bufsize: int) -> bytes:
-        if self._left == 0 and not self._next_packet():
-            return b""
-        if self._pos >= len(self._buf) and not self._fill():
-            return b""
-        end = self._pos + min(bufsize, self._left)
-        chunk = self._buf[self._pos : end]
-        self._pos += len(chunk)
-        self._left -= len(chunk)
-        return chunk
+    def end_of_stream(self) -> None:
+        """From now on paho's reads see the peer's close (or the read error)."""
+        self._closing = True
 
-    def _fill(self) -> bool:
-        """Read once from the socket into the buffer; False when the peer closed."""
+    def read(self) -> bytes | None:
+        """One ``recv`` from the socket: data, b"" at end of stream, None when it would block."""
         try:
-            data: bytes = self._raw.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            self._starved = True
-            raise
-        except ConnectionResetError:
-            self.eof = True
-            raise
+            data: bytes = self._raw.recv(_RECV)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except OSError as exc:  # reset by the peer, TLS failure: paho reports it
+            self.error = exc
+            return b""
         if not data:
             self.eof = True
-            return False
-        self._starved = False
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = data, 0
-        else:
-            self._buf, self._pos = self._buf[self._pos :] + data, 0
-        return True
+        return data
 
-    def _next_packet(self) -> bool:
-        """Move to the next packet paho may read (sets ``_left``); False when the peer closed.
-
-        Raises ``BlockingIOError`` when the gate is shut or more bytes are needed first.
-        """
-        reads = 0
-        while True:
-            if self._big_packet is not None and not self._discard:
-                packet, self._big_packet = self._big_packet, None
-                self._buf, self._pos = packet + self._buf[self._pos :], 0
-                self._left = len(packet)
-                return True
-            avail = len(self._buf) - self._pos
-            if avail and self._discard:
-                n = min(avail, self._discard)
-                self._pos += n
-                self._discard -= n
-                continue
-            if avail and self._big is not None:
-                n = min(avail, self._big_need - len(self._big))
-                self._big += self._buf[self._pos : self._pos + n]
-                self._pos += n
-                if len(self._big) == self._big_need:
-                    self._shorten()
-                continue
-            busy = self._discard or self._big is not None
-            header = self._header() if avail >= 2 and not busy else None
-            if header is None:
-                reads += 1
-                if reads > _READS_PER_CALL:
-                    raise BlockingIOError  # the reader yields to Trio, then calls again
-                if not self._fill():
-                    return False
-                continue
-            cmd, remaining, hlen = header
-            if cmd & 0xF0 == _PUBLISH:
-                if self.room <= 0 or self.room_bytes <= 0:
-                    self.blocked = True
-                    raise BlockingIOError
-                self.room -= 1
-                self.publishes += 1
-                if hlen + remaining > self._max_packet:
-                    self.room_bytes -= _KEEP
-                    self._pos += hlen
-                    self._big, self._big_cmd, self._big_remaining = bytearray(), cmd, remaining
-                    self._big_need = min(remaining, _HEAD + _KEEP)
-                    continue
-                self.room_bytes -= remaining
-            self._left = hlen + remaining
-            return True
-
-    def _header(self) -> tuple[int, int, int] | None:
-        """(first byte, remaining length, header length) of the packet at ``_pos``; None if incomplete."""
-        buf, pos = self._buf, self._pos
-        remaining, mult, i = 0, 1, pos + 1
-        while i < len(buf):
-            byte = buf[i]
-            remaining += (byte & 127) * mult
-            i += 1
-            if not byte & 128:
-                return buf[pos], remaining, i - pos
-            if i - pos > 4:  # a 5th length byte follows: hand it over, paho reports the protocol error
-                return buf[pos], 0, 6
-            mult *= 128
-        return None
-
-    def _shorten(self) -> None:
-        """The collected head of an oversized PUBLISH becomes a short packet; skip the rest."""
-        head, cmd, remaining = self._big, self._big_cmd, self._big_remaining
-        assert head is not None
-        self._big = None
-        pos = 2 + int.from_bytes(head[0:2], "big") + (2 if cmd & 0x06 else 0)
-        if pos > len(head):
-            raise ConnectionError("malformed PUBLISH (topic longer than the packet)")
-        var = bytes(head[:pos])
-        if self._v5:  # drop the properties (we use none of an inbound publish's)
-            plen, mult, i = 0, 1, pos
-            while True:
-                if i >= len(head) or i - pos >= 4:
-                    raise ConnectionError("malformed PUBLISH (properties length)")
-                byte = head[i]
-                plen += (byte & 127) * mult
-                i += 1
-                if not byte & 128:
-                    break
-                mult *= 128
-            pos = i + plen
-            var += b"\x00"
-        body = var + bytes(head[pos : pos + _KEEP])
-        self.truncated[self.publishes] = max(0, remaining - pos)
-        self._big_packet = mqtt_packet(cmd, body)
-        self._discard = remaining - len(head)
+    def recv(self, bufsize: int) -> bytes:
+        if self._feed_pos < len(self._feed):
+            end = self._feed_pos + bufsize
+            chunk = self._feed[self._feed_pos : end]
+            self._feed_pos += len(chunk)
+            return chunk
+        if self._closing:
+            if self.error is not None:
+                raise self.error
+            return b""
+        raise BlockingIOError
 
     def pending(self) -> int:
-        extra = self._raw.pending() if hasattr(self._raw, "pending") else 0
-        return self.buffered + int(extra)
+        return len(self._feed) - self._feed_pos
 
     def send(self, data: bytes | bytearray) -> int:
         # Taken whole: the writer flushes after paho has queued everything it had.
-        self._out += data
+        self.out += data
         return len(data)
 
     def flush(self) -> bool:
         """Send what is buffered; True when all of it went, False when the socket is full."""
-        while self._out:
+        while self.out:
             try:
-                sent = int(self._raw.send(self._out))
+                sent = int(self._raw.send(self.out))
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return False
-            del self._out[:sent]
+            del self.out[:sent]
         return True
 
     def fileno(self) -> int:
@@ -358,7 +210,7 @@ class _Connection:
     client: paho.Client
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     sock: Any = None
-    rbuf: _BufferedSocket | None = None
+    link: _Link | None = None
     batch: list[Inbound] = field(default_factory=list)
     write_wanted: trio.Event = field(default_factory=trio.Event)
     connack: trio.Event = field(default_factory=trio.Event)
@@ -378,7 +230,8 @@ class _Connection:
     inflight: int = 0  # messages handed to ingest and not acked yet (QoS 0 until committed)
     inflight_bytes: int = 0  # their payload bytes
     room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
-    delivered: int = 0  # PUBLISH packets paho handed to on_message (matches rbuf.publishes)
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
+    paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -485,14 +338,20 @@ class MqttBridge:
         if conn is None or conn.lost is not None:
             return
         gen = conn.generation
-        client = conn.client
+        mids: list[int] = []
         n = size = 0
         for m in messages:
             if m.generation == gen:
-                if m.qos > 0:
-                    client.ack(m.mid, m.qos)
+                if m.qos == 1:
+                    mids.append(m.mid)
+                elif m.qos == 2:
+                    conn.client.ack(m.mid, 2)
                 n += 1
                 size += len(m.payload)
+        if mids and conn.link is not None:
+            # All of them in one write, behind whatever paho queued before (packet order kept).
+            conn.link.out += encode_pubacks(mids)
+            conn.write_wanted.set()
         if n:
             conn.inflight -= n
             conn.inflight_bytes -= size
@@ -547,11 +406,11 @@ class MqttBridge:
             if raw is None:
                 conn.lose("no socket after connect")
                 return False
-            # paho reads a packet in three or more recv() calls (type, length, body): give it a
-            # buffer filled by one large recv per burst instead of a syscall per field.
+            # The reader reads the socket and decodes the hot path's PUBLISH frames; paho reads
+            # every other frame from the link, and writes into it.
             conn.sock = raw
-            conn.rbuf = _BufferedSocket(raw, max_packet=s.max_packet_size, v5=s.protocol == "5")
-            client._sock = conn.rbuf
+            conn.link = _Link(raw)
+            client._sock = conn.link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, conn, inbound)
                 nursery.start_soon(self._writer, conn)
@@ -699,8 +558,8 @@ class MqttBridge:
                 try:
                     conn.client.disconnect()
                     conn.client.loop_write()
-                    if conn.rbuf is not None:
-                        conn.rbuf.flush()
+                    if conn.link is not None:
+                        conn.link.flush()
                 except OSError:
                     pass
             if conn.client.socket() is not None:
@@ -714,53 +573,85 @@ class MqttBridge:
     # ------------------------------------------------------------------------------ tasks
 
     async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
-        """Read bursts of packets and hand each burst over as one batch.
+        """Read bursts of bytes, decode the PUBLISH frames ourselves, hand each burst over as one batch.
+
+        One ``recv`` of up to 64 KiB serves many packets, one timestamp serves the burst, and
+        every frame that is not a QoS 0/1 PUBLISH goes to paho in order (:meth:`_to_paho`). A
+        malformed frame loses the connection (the next one starts clean, with backoff).
 
         Our own window, whatever the broker does with Receive Maximum: at most
         ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
-        between the socket and the ack. At either limit the reader stops reading the socket until
-        ingest acks, so TCP pushes back on the broker.
+        between the socket and the ack. At either limit the reader stops decoding and reading
+        the socket until ingest acks, so TCP pushes back on the broker.
         """
-        client, sock, rbuf = conn.client, conn.sock, conn.rbuf
-        assert rbuf is not None
-        cap, budget = self.settings.receive_maximum, self.settings.inflight_bytes
+        client, sock, link = conn.client, conn.sock, conn.link
+        assert link is not None
+        s = self.settings
+        cap, budget = s.receive_maximum, s.inflight_bytes
+        decoder = FrameDecoder(v5=s.protocol == "5", max_packet=s.max_packet_size)
+        level, gen = self._device_level, conn.generation
         ssl_sock = isinstance(sock, ssl.SSLSocket)
-        fionread = array.array("i", [0])
-        fd = sock.fileno()
-
-        def pending() -> bool:
-            if rbuf.buffered:
-                return True
-            if ssl_sock:
-                return bool(sock.pending())
-            fcntl.ioctl(fd, termios.FIONREAD, fionread)
-            return fionread[0] > 0
-
+        starved = True  # the decoder needs more bytes before it can give another frame
         while True:
-            if conn.inflight >= cap or conn.inflight_bytes >= budget or rbuf.blocked:
+            if conn.inflight >= cap or conn.inflight_bytes >= budget:
                 # Set by any ack since the last wait (also one that came while we handed over).
                 await conn.room.wait()
                 conn.room = trio.Event()
-                rbuf.blocked = False
                 continue
-            rbuf.room, rbuf.room_bytes = cap - conn.inflight, budget - conn.inflight_bytes
-            if pending():
-                await trio.lowlevel.checkpoint()
+            if starved and not (link.eof or link.error):
+                if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
+                    await trio.lowlevel.checkpoint()
+                else:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except trio.ClosedResourceError:
+                        conn.lose("socket closed")
+                        return
+                got = 0
+                while got < _READ_BURST:
+                    data = link.read()
+                    if not data:
+                        break
+                    decoder.feed(data)
+                    got += len(data)
+                    if len(data) < _RECV and not ssl_sock:
+                        break  # the kernel buffer is drained: spare the recv that says so
+                if got:
+                    conn.received_at = datetime.now(UTC)
+                    # paho's keepalive counts received bytes; it does not see the publishes.
+                    client._last_bytes_received = time.monotonic()
             else:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    conn.lose("socket closed")
-                    return
-            for _ in range(READ_CAP):
-                rc = client.loop_read()
-                if rc != _SUCCESS:
-                    conn.lose(f"read: {paho.error_string(rc)}")
-                    break
-                if conn.lost is not None or rbuf.blocked or not pending():
-                    break
-            if conn.batch:
-                batch, conn.batch = conn.batch, []
+                await trio.lowlevel.checkpoint()
+            now, batch = conn.received_at, conn.batch
+            room, room_bytes, size = cap - conn.inflight, budget - conn.inflight_bytes, 0
+            starved = False
+            try:
+                while len(batch) < room and size < room_bytes and conn.lost is None:
+                    frame = decoder.next()
+                    if frame is None:
+                        starved = True
+                        break
+                    if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
+                        topic = frame.topic
+                        device = None
+                        if level is not None:
+                            levels = topic.split("/")
+                            device = levels[level] if len(levels) > level else ""
+                        batch.append(
+                            Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
+                                    frame.truncated_from)
+                        )  # fmt: skip
+                        size += len(frame.payload)
+                    else:
+                        self._to_paho(conn, frame)
+            except MqttCodecError as exc:
+                conn.lose(f"malformed packet from the broker: {exc}")
+            if starved and (link.eof or link.error) and conn.lost is None:
+                link.end_of_stream()  # after the frames before it: paho reports the close
+                self._paho_read(conn)
+                conn.lose("socket closed")
+            if batch:
+                conn.batch = []
                 conn.inflight += len(batch)
                 conn.inflight_bytes += sum(len(m.payload) for m in batch)
                 metrics.MQTT_RECEIVED.inc(len(batch))
@@ -770,6 +661,30 @@ class MqttBridge:
                 await inbound.send(batch)
             if conn.lost is not None:
                 return
+
+    def _to_paho(self, conn: _Connection, frame: Frame | Publish) -> None:
+        """Let paho handle one frame: the handshake, SUBACK, PUBACK, PINGRESP, DISCONNECT, QoS 2.
+
+        A PUBLISH (QoS 2, or one before CONNACK) is re-encoded for paho, which hands it to
+        :meth:`_cb_message`.
+        """
+        assert conn.link is not None
+        if type(frame) is Publish:
+            v5 = self.settings.protocol == "5"
+            conn.paho_cut = frame.truncated_from
+            data = encode_publish(frame.topic.encode(), frame.payload, frame.mid, v5=v5, qos=frame.qos, dup=frame.dup)
+        else:
+            assert isinstance(frame, Frame)
+            data = frame.data
+        conn.link.give(data)
+        while conn.link.fed and conn.lost is None:
+            self._paho_read(conn)
+        conn.paho_cut = None
+
+    def _paho_read(self, conn: _Connection) -> None:
+        rc = conn.client.loop_read()
+        if rc != _SUCCESS:
+            conn.lose(f"read: {paho.error_string(rc)}")
 
     async def _writer(self, conn: _Connection) -> None:
         client = conn.client
@@ -789,7 +704,7 @@ class MqttBridge:
                             return
                 # ...and one send() takes them all to the socket.
                 try:
-                    done = conn.rbuf.flush() if conn.rbuf is not None else True
+                    done = conn.link.flush() if conn.link is not None else True
                 except OSError as exc:
                     conn.lose(f"write: {_describe(exc)}")
                     return
@@ -830,7 +745,7 @@ class MqttBridge:
         if conn.taken_over:
             self._early_drops = 0
             return f"another client with id {cid!r} took the session over (broker DISCONNECT 0x8E)"
-        if lived is None or lived >= self._stable_after or conn.rbuf is None or not conn.rbuf.eof:
+        if lived is None or lived >= self._stable_after or conn.link is None or not conn.link.eof:
             self._early_drops = 0
             return None
         self._early_drops += 1
@@ -890,11 +805,10 @@ class MqttBridge:
             if self._device_level is not None:
                 levels = topic.split("/")
                 device = levels[self._device_level] if len(levels) > self._device_level else ""
-            conn.delivered += 1
-            cut = conn.rbuf.truncated.pop(conn.delivered, None) if conn.rbuf and conn.rbuf.truncated else None
             conn.batch.append(
-                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device, cut)
-            )
+                Inbound(topic, payload, conn.received_at, msg.mid, msg.qos, bool(msg.dup), generation, device,
+                        conn.paho_cut)
+            )  # fmt: skip
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
 
@@ -1008,4 +922,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, ssl.SSLError) else f"TLS: {text}"
 
 
-__all__ = ["READ_CAP", "Inbound", "MqttBridge", "OnPublished"]
+__all__ = ["Inbound", "MqttBridge", "OnPublished"]
