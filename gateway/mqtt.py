@@ -5,16 +5,18 @@ One connection = one paho ``Client`` and one *generation* number. Inside a conne
 * reader: ``wait_readable`` → ``recv`` while the socket (or the SSL buffer) holds data, up to
   1 MiB per wakeup; the QoS 0/1 PUBLISH frames are decoded by :mod:`gateway.mqtt_codec` into
   :class:`Inbound` (one timestamp per burst), every other frame goes to paho's ``loop_read()``
-  in stream order (paho still does CONNACK, SUBACK, keepalive, outbound PUBACKs, DISCONNECT),
-  then ONE ``inbound.send(batch)``. A full channel stops the reader, so the broker stops
-  sending once Receive Maximum messages are unacknowledged (backpressure, never a drop). A
-  malformed frame loses the connection.
-* writer: woken by ``on_socket_register_write``; writes while ``want_write()``.
+  in stream order (paho still does CONNACK, SUBACK, PINGRESP, DISCONNECT), except the PUBACKs
+  for our publishes, settled per burst; then ONE ``inbound.send(batch)``. A full channel stops
+  the reader, so the broker stops sending once Receive Maximum messages are unacknowledged
+  (backpressure, never a drop). A malformed frame loses the connection.
+* writer: woken by ``on_socket_register_write`` or by our own batches; one ``send`` takes what
+  paho queued and our PUBACKs / PUBLISHes (one write buffer, so packet order is kept).
 * housekeeping: ``loop_misc()`` every second (keepalive).
-* publisher: drains the outbound queue with QoS 1, re-sends what the broker did not confirm.
-  The queue is memory: what must survive a crash goes through the outbox (:mod:`gateway.publish`),
-  which hands rows over with :meth:`MqttBridge.send` and hears back on the PUBACK (a reason code
-  >= 0x80 is a refusal, reported as such, never counted as delivered).
+* publisher: drains the outbound queue with QoS 1, everything waiting encoded together by us
+  (not paho), re-sends what the broker did not confirm. The queue is memory: what must survive
+  a crash goes through the outbox (:mod:`gateway.publish`), which hands rows over with
+  :meth:`MqttBridge.send_many` and hears back on the PUBACK (a reason code >= 0x80 is a
+  refusal, reported as such, never counted as delivered).
 
 paho callbacks only hand data over (append to a list, set an event, cancel the connection's scope).
 They may fire from the ``connect()`` worker thread or from ``Client.__del__``: each checks that it
@@ -43,13 +45,23 @@ import trio
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway import metrics
 from gateway.backoff import Backoff
 from gateway.errors import MqttUnavailable
 from gateway.health import ComponentHealth
-from gateway.mqtt_codec import Frame, FrameDecoder, MqttCodecError, Publish, encode_pubacks, encode_publish
+from gateway.mqtt_codec import (
+    PUBACK,
+    Frame,
+    FrameDecoder,
+    MqttCodecError,
+    Publish,
+    decode_puback,
+    encode_pubacks,
+    encode_publish,
+)
 from gateway.settings import MqttSettings
 
 log = logging.getLogger("gateway.mqtt")
@@ -371,6 +383,19 @@ class MqttBridge:
         await self._out_send.send(_Outgoing(self._topic(subtopic), payload, time.monotonic(), on_done=on_done))
         self._queue_gauge()
 
+    async def send_many(self, items: Sequence[tuple[bytes, str | None, OnPublished]]) -> None:
+        """:meth:`send` for many (payload, subtopic, on_done) at once: queued without a checkpoint
+        each while there is room (the publisher then encodes and writes them together)."""
+        now = time.monotonic()
+        for payload, subtopic, on_done in items:
+            item = _Outgoing(self._topic(subtopic), payload, now, on_done=on_done)
+            try:
+                self._out_send.send_nowait(item)
+            except trio.WouldBlock:
+                await self._out_send.send(item)
+        await trio.lowlevel.checkpoint()
+        self._queue_gauge()
+
     def publish_nowait(self, payload: bytes, subtopic: str | None = None) -> None:
         """Queue a QoS 1 publish; raises :class:`MqttUnavailable` when the queue is full."""
         try:
@@ -526,7 +551,6 @@ class MqttBridge:
         client.on_connect = lambda c, u, flags, rc, props: self._cb_connect(generation, flags, rc, props)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
-        client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid, rc)
         client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, flags, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
@@ -588,9 +612,11 @@ class MqttBridge:
         assert link is not None
         s = self.settings
         cap, budget = s.receive_maximum, s.inflight_bytes
-        decoder = FrameDecoder(v5=s.protocol == "5", max_packet=s.max_packet_size)
+        v5 = s.protocol == "5"
+        decoder = FrameDecoder(v5=v5, max_packet=s.max_packet_size)
         level, gen = self._device_level, conn.generation
         ssl_sock = isinstance(sock, ssl.SSLSocket)
+        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
         starved = True  # the decoder needs more bytes before it can give another frame
         while True:
             if conn.inflight >= cap or conn.inflight_bytes >= budget:
@@ -642,10 +668,15 @@ class MqttBridge:
                                     frame.truncated_from)
                         )  # fmt: skip
                         size += len(frame.payload)
+                    elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
+                        acks.append(decode_puback(frame, v5=v5))
                     else:
                         self._to_paho(conn, frame)
             except MqttCodecError as exc:
                 conn.lose(f"malformed packet from the broker: {exc}")
+            if acks:
+                self._confirmed(conn, acks)
+                acks = []
             if starved and (link.eof or link.error) and conn.lost is None:
                 link.end_of_stream()  # after the frames before it: paho reports the close
                 self._paho_read(conn)
@@ -759,31 +790,78 @@ class MqttBridge:
     async def _publisher(self, conn: _Connection) -> None:
         """Send queued publishes, re-sends first, keeping at most the broker's window unconfirmed.
 
-        An item stays in ``_resend`` until paho took it, so a connection lost (or the gateway
-        stopped) while waiting never loses it.
+        Whatever is queued when it looks (up to the window) is encoded together (QoS 1, our own
+        packet ids from paho's counter) and goes out in one write, behind what paho queued. An
+        item stays in ``_resend`` until it is in the write buffer, and from then on in
+        ``unconfirmed`` until its PUBACK (:meth:`_confirmed`), so a connection lost (or the
+        gateway stopped) at any point never loses it: ``_drop_connection`` queues it again.
         """
+        assert conn.link is not None
+        link, client = conn.link, conn.client
+        v5 = self.settings.protocol == "5"
         window = self.settings.receive_maximum
         if conn.broker_receive_max is not None:
             window = min(window, conn.broker_receive_max)
         if self._resend:
             log.info("re-sending unconfirmed publishes count=%d", len(self._resend))
+        unconfirmed = conn.unconfirmed
         while True:
             while self._resend:
-                while len(conn.unconfirmed) >= window:
+                while len(unconfirmed) >= window:
                     await conn.confirmed.wait()
                     conn.confirmed = trio.Event()
-                item = self._resend[0]
-                item.sent_at = time.monotonic()
-                info = conn.client.publish(item.topic, item.payload, qos=1)
-                if info.rc != _SUCCESS:
-                    conn.lose(f"publish: {paho.error_string(info.rc)}")
-                    await trio.lowlevel.checkpoint()
-                    return
-                self._resend.popleft()
-                conn.unconfirmed[info.mid] = item
+                now = time.monotonic()
+                chunks: list[bytes] = []
+                while self._resend and len(unconfirmed) < window:
+                    item = self._resend.popleft()
+                    mid = client._mid_generate()  # shared with paho's SUBSCRIBE ids
+                    while mid in unconfirmed:
+                        mid = client._mid_generate()
+                    item.sent_at = now
+                    chunks.append(encode_publish(item.topic.encode(), item.payload, mid, v5=v5))
+                    unconfirmed[mid] = item
+                link.out += b"".join(chunks)
+                conn.write_wanted.set()
                 self._queue_gauge()
             # No checkpoint between receive() returning and the append: the item cannot get lost.
             self._resend.append(await self._out_recv.receive())
+            for _ in range(window - len(unconfirmed) - 1):  # and whatever else is waiting
+                try:
+                    self._resend.append(self._out_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+
+    def _confirmed(self, conn: _Connection, acks: list[tuple[int, int]]) -> None:
+        """PUBACKs of one read burst for our publishes: outcomes told, metrics once per burst.
+
+        A reason code >= 0x80 (MQTT 5) is a refusal: reported to ``on_done``, never counted as
+        published.
+        """
+        now = time.monotonic()
+        latencies: list[float] = []
+        for mid, reason in acks:
+            item = conn.unconfirmed.pop(mid, None)
+            if item is None:
+                continue
+            refusal: str | None = None
+            if reason >= 0x80:
+                code = f"0x{reason:02x}"
+                name = str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+                refusal = f"broker refused the publish: {name} ({code})"
+                metrics.MQTT_PUBLISH_REFUSED.labels(code).inc()
+                log.warning("publish refused topic=%s reason=%r code=%s", item.topic, name, code)
+            else:
+                latencies.append(now - item.sent_at)
+            if item.on_done is not None:
+                try:
+                    item.on_done(refusal)
+                except Exception:  # one broken callback must not cost the connection
+                    log.exception("publish outcome callback failed topic=%s", item.topic)
+        if latencies:
+            metrics.MQTT_PUBLISHED.inc(len(latencies))
+            metrics.observe_many(metrics.MQTT_PUBLISH_LATENCY, latencies)
+        conn.confirmed.set()
+        self._queue_gauge()
 
     # -------------------------------------------------------------------------- callbacks
 
@@ -837,31 +915,6 @@ class MqttBridge:
             if conn.ready:
                 conn.lose(f"subscription {self.settings.subscription!r} refused: {conn.suback_failure}")
         conn.suback.set()
-
-    def _cb_publish(self, generation: int, mid: int, rc: Any) -> None:
-        # Runs under paho's own mutex: only bookkeeping here, and on_done must not publish.
-        conn = self._live(generation)
-        if conn is None:
-            return
-        item = conn.unconfirmed.pop(mid, None)
-        if item is None:
-            return
-        conn.confirmed.set()
-        self._queue_gauge()
-        refusal: str | None = None
-        if getattr(rc, "is_failure", False):  # MQTT 5 PUBACK reason code >= 0x80
-            code = f"0x{int(getattr(rc, 'value', 0)):02x}"
-            refusal = f"broker refused the publish: {rc} ({code})"
-            metrics.MQTT_PUBLISH_REFUSED.labels(code).inc()
-            log.warning("publish refused topic=%s reason=%r code=%s", item.topic, str(rc), code)
-        else:
-            metrics.MQTT_PUBLISHED.inc()
-            metrics.MQTT_PUBLISH_LATENCY.observe(time.monotonic() - item.sent_at)
-        if item.on_done is not None:
-            try:
-                item.on_done(refusal)
-            except Exception:  # never let paho see an exception
-                log.exception("publish outcome callback failed topic=%s", item.topic)
 
     def _cb_disconnect(self, generation: int, flags: Any, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
