@@ -32,7 +32,7 @@ from gateway.mqtt_codec import (
     packet,
     varint,
 )
-from tests.support.mqtt import MosquittoServer, TlsFiles, eventually
+from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, publish
 
 
 @dataclass(frozen=True)
@@ -373,3 +373,29 @@ async def test_malformed_frame_closes_the_connection_and_reconnects(
             assert all(m.payload == b"ok" for m in recv.receive_nowait())
         except trio.WouldBlock:
             break
+
+
+async def test_keepalive_holds_while_only_our_decoder_sees_publishes(mosquitto: MosquittoServer) -> None:
+    """paho never sees the publishes: its keepalive must still ping (PINGRESP reaches it) and not
+    time out, through a stream of publishes and then silence, each longer than the keepalive."""
+    settings = _settings(mosquitto.url, "5")  # keepalive 5 s
+    bridge = MqttBridge(settings, ComponentHealth("mqtt"))
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    got = 0
+
+    async def drain() -> None:
+        nonlocal got
+        async for batch in recv:
+            got += len(batch)
+            bridge.ack(batch)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run, send)
+        nursery.start_soon(drain)
+        payloads = [b"k%d" % i for i in range(1200)]
+        await trio.to_thread.run_sync(lambda: publish(mosquitto.host, mosquitto.port, payloads,
+                                                      topic="sensors/k/data", rate=200.0))  # fmt: skip
+        await trio.sleep(7.0)  # silence longer than the keepalive
+        assert got == 1200
+        assert bridge.connected and bridge.reconnects == 0
+        nursery.cancel_scope.cancel()
