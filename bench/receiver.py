@@ -1,4 +1,4 @@
-"""A bare MQTT receiver (paho bridged into Trio, nothing else): the baseline and the latency probe.
+"""A bare MQTT receiver (the gateway's bridge, nothing else): the baseline and the latency probe.
 
 ``python -m bench.receiver --url U --topic T [--client-id ID --prime] [--expect N] [--duration S]
 [--record FILE]`` prints one JSON line: ``received``, ``first_ns``, ``last_ns``, ``rate``.
@@ -16,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import trio
 
 from bench.harness import find_key
+from gateway.mqtt import Inbound
 from gateway.simulate import LinkOptions, open_link
 
 
@@ -28,7 +28,7 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     records: list[str] = []
     done = trio.Event()
 
-    def on_message(msg: mqtt.MQTTMessage) -> None:
+    def on_message(msg: Inbound) -> None:
         now = time.time_ns()
         if state["n"] == 0:
             state["first"] = now
@@ -51,10 +51,9 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
         clean_start=not persistent,
         session_expiry=3600 if persistent else 0,
         protocol=args.protocol,
+        subscribe=args.topic,
     )
-    async with open_link(link_opts, on_message=on_message) as link:
-        with trio.fail_after(10):
-            await link.subscribe(args.topic, qos=1)
+    async with open_link(link_opts, on_message=on_message):
         if args.ready_file:
             await trio.Path(args.ready_file).write_text("ready\n")
         if not args.prime:

@@ -109,6 +109,7 @@ class _Outgoing:
     queued_at: float
     sent_at: float = 0.0
     on_done: OnPublished | None = None
+    qos: int = 1
 
 
 _READ_BURST = 1 << 20
@@ -260,9 +261,15 @@ class MqttBridge:
     process: durable publishes come from the outbox.
     """
 
-    def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
+    def __init__(
+        self, settings: MqttSettings, health: ComponentHealth, *, subscribe: bool = True, persistent: bool = True
+    ) -> None:
+        """``subscribe=False``: publish only (no SUBSCRIBE). ``persistent=False``: a clean
+        session each connection, kept by the broker for no time (the simulator's publisher)."""
         self.settings = settings
         self._health = health
+        self._subscribe = subscribe
+        self._persistent = persistent
         self._device_level = settings.device_level
         self._out_send, self._out_recv = trio.open_memory_channel[_Outgoing](settings.outbound_queue)
         # Publishes taken off the queue but not confirmed by a PUBACK yet, oldest first; they
@@ -386,9 +393,16 @@ class MqttBridge:
     async def send_many(self, items: Sequence[tuple[bytes, str | None, OnPublished]]) -> None:
         """:meth:`send` for many (payload, subtopic, on_done) at once: queued without a checkpoint
         each while there is room (the publisher then encodes and writes them together)."""
+        await self.send_to_many([(self._topic(subtopic), payload, on_done) for payload, subtopic, on_done in items])
+
+    async def send_to_many(self, items: Sequence[tuple[str, bytes, OnPublished | None]], *, qos: int = 1) -> None:
+        """Queue publishes to any topics, (topic, payload, on_done) each, as :meth:`send_many`.
+
+        QoS 0: written once, never re-sent, ``on_done`` not called.
+        """
         now = time.monotonic()
-        for payload, subtopic, on_done in items:
-            item = _Outgoing(self._topic(subtopic), payload, now, on_done=on_done)
+        for topic, payload, on_done in items:
+            item = _Outgoing(topic, payload, now, on_done=on_done, qos=qos)
             try:
                 self._out_send.send_nowait(item)
             except trio.WouldBlock:
@@ -467,6 +481,8 @@ class MqttBridge:
         if conn.connack_failure is not None:
             conn.lose(f"broker refused the connection: {conn.connack_failure}")
             return False
+        if not self._subscribe:
+            return True
         if s.protocol == "5":
             rc, mid = conn.client.subscribe(s.subscription, options=SubscribeOptions(qos=1))
         else:
@@ -509,7 +525,7 @@ class MqttBridge:
             s.subscription,
             conn.generation,
         )
-        if not conn.session_present:
+        if not conn.session_present and self._persistent and self._subscribe:
             log.warning(
                 "no session on the broker client_id=%s: messages published while the gateway was away "
                 "were not kept (normal on the very first start, or after the session expired)",
@@ -521,10 +537,11 @@ class MqttBridge:
         s = self.settings
         if s.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = s.session_expiry
+            props.SessionExpiryInterval = s.session_expiry if self._persistent else 0
             props.ReceiveMaximum = s.receive_maximum
             props.MaximumPacketSize = s.max_packet_size  # the broker drops bigger ones for us
-            client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
+            clean = not self._persistent
+            client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=clean, properties=props)
         else:
             client.connect(s.host, s.port, keepalive=s.keepalive)
 
@@ -534,7 +551,7 @@ class MqttBridge:
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else not self._persistent,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             manual_ack=True,
         )
@@ -814,6 +831,9 @@ class MqttBridge:
                 chunks: list[bytes] = []
                 while self._resend and len(unconfirmed) < window:
                     item = self._resend.popleft()
+                    if not item.qos:
+                        chunks.append(encode_publish(item.topic.encode(), item.payload, 0, v5=v5, qos=0))
+                        continue
                     mid = client._mid_generate()  # shared with paho's SUBSCRIBE ids
                     while mid in unconfirmed:
                         mid = client._mid_generate()
@@ -958,10 +978,15 @@ class MqttBridge:
             broker=f"{self.settings.host}:{self.settings.port}",
         )
 
-    def _queue_gauge(self) -> None:
+    @property
+    def outstanding(self) -> int:
+        """Publishes queued, or sent (QoS 1) and not answered yet."""
         conn = self._conn
         waiting = self._out_recv.statistics().current_buffer_used + len(self._resend)
-        metrics.MQTT_PUBLISH_QUEUE.set(waiting + (len(conn.unconfirmed) if conn else 0))
+        return waiting + (len(conn.unconfirmed) if conn else 0)
+
+    def _queue_gauge(self) -> None:
+        metrics.MQTT_PUBLISH_QUEUE.set(self.outstanding)
 
 
 # CONNACK reason codes no retry fixes (MQTT 5 values; paho maps 3.1.1 return codes 1, 2, 4, 5 onto
