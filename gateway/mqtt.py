@@ -167,6 +167,7 @@ class _Link:
             return None
         except OSError as exc:  # reset by the peer, TLS failure: paho reports it
             self.error = exc
+            self.eof = isinstance(exc, ConnectionResetError)  # the peer closed, as before
             return b""
         if not data:
             self.eof = True

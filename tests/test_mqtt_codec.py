@@ -399,3 +399,51 @@ async def test_keepalive_holds_while_only_our_decoder_sees_publishes(mosquitto: 
         assert got == 1200
         assert bridge.connected and bridge.reconnects == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_qos2_publish_goes_through_paho() -> None:
+    """Our decoder takes QoS 0/1 only: a QoS 2 PUBLISH (and its PUBREC/PUBREL/PUBCOMP flow) is paho's,
+    in stream order with the QoS 1 ones around it; the ack of the batch completes both flows."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    seen: list[int] = []
+
+    async def broker() -> None:
+        stream = await listeners[0].accept()
+        decoder = FrameDecoder(v5=False)
+
+        async def frame() -> Frame | Publish:
+            while (f := decoder.next()) is None:
+                decoder.feed(await stream.receive_some())
+            return f
+
+        async with stream:
+            assert isinstance(await frame(), Frame)  # CONNECT
+            await stream.send_all(bytes([0x20, 2, 0, 0]))
+            sub = await frame()
+            assert isinstance(sub, Frame) and sub.kind == 8
+            await stream.send_all(bytes([0x90, 3, sub.data[2], sub.data[3], 1]))
+            await stream.send_all(packet(0x32, b"\x00\x05a/1/b\x00\x01one") + packet(0x34, b"\x00\x05a/2/b\x00\x02two"))
+            while True:
+                f = await frame()
+                assert isinstance(f, Frame)
+                seen.append(f.first)
+                if f.first == 0x50:  # PUBREC: release it
+                    await stream.send_all(packet(0x62, b"\x00\x02") + packet(0x32, b"\x00\x05a/3/b\x00\x03three"))
+
+    settings = _settings(f"mqtt://127.0.0.1:{port}", "3.1.1", subscribe_topic="a/+/b")
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker)
+        bridge = MqttBridge(settings, ComponentHealth("mqtt"))
+        await nursery.start(bridge.run, send)
+        got: list[Inbound] = []
+        with trio.fail_after(10):
+            while len(got) < 3:
+                got.extend(await recv.receive())
+        assert [(m.payload, m.qos, m.mid, m.topic_device) for m in got] == [
+            (b"one", 1, 1, "1"), (b"two", 2, 2, "2"), (b"three", 1, 3, "3")
+        ]
+        bridge.ack(got)
+        await eventually(lambda: seen.count(0x40) == 2 and 0x70 in seen, 5)  # two PUBACKs, one PUBCOMP
+        nursery.cancel_scope.cancel()
