@@ -70,13 +70,14 @@ class FrameDecoder:
     """
 
     __slots__ = ("_aliases", "_big", "_big_first", "_big_need", "_big_remaining", "_buf", "_discard", "_held",
-                 "_max", "_pos", "_v5")  # fmt: skip
+                 "_max", "_more", "_pos", "_v5")  # fmt: skip
 
     def __init__(self, *, v5: bool, max_packet: int = MAX_PACKET) -> None:
         self._v5 = v5
         self._max = max_packet
         self._buf = b""
         self._pos = 0
+        self._more: list[bytes] = []  # fed since the last next(): joined once, not per feed
         self._aliases: dict[int, str] = {}
         self._big: bytearray | None = None  # head of an oversized PUBLISH being collected
         self._big_first = 0
@@ -88,17 +89,19 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes fed and not consumed yet (possibly an incomplete frame)."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + sum(map(len, self._more))
 
     def feed(self, data: bytes) -> None:
         """Append bytes read from the connection."""
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = data, 0
-        else:
-            self._buf, self._pos = self._buf[self._pos :] + data, 0
+        self._more.append(data)
 
     def next(self) -> Publish | Frame | None:
         """The next whole frame, or None until more bytes are fed. Raises :class:`MqttCodecError`."""
+        if self._more:
+            more = self._more[0] if len(self._more) == 1 else b"".join(self._more)
+            self._more = []
+            self._buf = more if self._pos >= len(self._buf) else self._buf[self._pos :] + more
+            self._pos = 0
         while True:
             if self._big is not None or self._discard:
                 if not self._skip_big():
