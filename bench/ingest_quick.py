@@ -55,14 +55,19 @@ class Rate:
         return f"{self.per_s:8.0f} msg/s {self.cpu_us:6.1f} us CPU/msg"
 
 
-def paho_rate(server: MosquittoServer, count: int) -> Rate:
-    """A bare paho client (its own loop, auto-ack) draining ``count`` queued messages."""
+def paho_rate(server: MosquittoServer, count: int, v5: bool = True) -> Rate:
+    """A bare paho client (its own loop, auto-ack) draining ``count`` queued messages (MQTT 5 or 3.1.1)."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     def make() -> Any:
+        if not v5:
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho311", protocol=paho.MQTTv311,
+                            clean_session=False)  # fmt: skip
+            c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("sensors/+/data", qos=1)
+            return c, None
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho", protocol=paho.MQTTv5)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
@@ -70,8 +75,14 @@ def paho_rate(server: MosquittoServer, count: int) -> Rate:
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("sensors/+/data", qos=1)
         return c, props
 
+    def connect(c: Any, props: Any) -> None:
+        if v5:
+            c.connect(server.host, server.port, clean_start=False, properties=props)
+        else:
+            c.connect(server.host, server.port)
+
     c, props = make()
-    c.connect(server.host, server.port, clean_start=False, properties=props)
+    connect(c, props)
     c.loop(1.0)
     c.loop(1.0)
     c.disconnect()
@@ -92,7 +103,7 @@ def paho_rate(server: MosquittoServer, count: int) -> Rate:
     c, props = make()
     c.on_message = on_message
     t0, cpu0 = time.monotonic(), time.process_time()
-    c.connect(server.host, server.port, clean_start=False, properties=props)
+    connect(c, props)
     c.loop_forever()
     elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     assert got >= count
@@ -168,6 +179,7 @@ def main() -> int:
             pub = preload(server, n, "warmup")  # also warms the broker
             # Drain the warm-up backlog nowhere: nobody subscribed before it, so nothing is queued.
             paho = paho_rate(server, n)
+            paho311 = paho_rate(server, n, v5=False)
             bridge = trio.run(bridge_rate, server, n)
             sqlite = trio.run(gateway_rate, server, f"sqlite:///{tmp}/bench.db", n, "bench-sqlite")
             pg = trio.run(gateway_rate, server, pg_url, n, "bench-pg")
@@ -182,6 +194,7 @@ def main() -> int:
     print(f"publisher, QoS 1 paho:     {pub:8.0f} msg/s")
     print(f"bare paho receive, QoS 1:  {paho}   (first)")
     print(f"bare paho receive, QoS 1:  {paho2}   (last)")
+    print(f"bare paho 3.1.1, QoS 1:    {paho311}")
     rows = (("bridge only, ack, no DB", bridge), ("gateway -> SQLite", sqlite), ("gateway -> PostgreSQL", pg))
     for name, r in rows:
         ratio = f"rate {r.per_s / base:.2f}, CPU {r.cpu_us / base_cpu:.2f}x"

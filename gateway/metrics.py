@@ -6,6 +6,9 @@ deltas, never absolute values.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -83,3 +86,20 @@ API_PUBLISH_OVERFLOW = Counter(
 def method_label(method: str) -> str:
     """The ``method`` label for an HTTP method: itself when it is a standard one, else ``other``."""
     return method if method in HTTP_METHODS else "other"
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one update per bucket (per batch, not per value).
+
+    prometheus_client (0.2x) keeps per-bucket counts and a sum; it has no batch observe.
+    """
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect_left(bounds, v)
+        counts[i] = counts.get(i, 0) + 1
+    for i, n in counts.items():
+        histogram._buckets[i].inc(n)
+    histogram._sum.inc(sum(values))

@@ -2,33 +2,36 @@
 
 One connection = one paho ``Client`` and one *generation* number. Inside a connection's nursery:
 
-* reader: ``wait_readable`` → ``loop_read()`` while the socket (FIONREAD) or the SSL buffer
-  (``pending()``) holds data, at most :data:`READ_CAP` packets per wakeup, then ONE
-  ``inbound.send(batch)``. A full channel stops the reader, so the broker stops sending once
-  Receive Maximum messages are unacknowledged (backpressure, never a drop).
-* writer: woken by ``on_socket_register_write``; writes while ``want_write()``.
+* reader: ``wait_readable`` → ``recv`` while the socket (or the SSL buffer) holds data, up to
+  1 MiB per wakeup; the QoS 0/1 PUBLISH frames are decoded by :mod:`gateway.mqtt_codec` into
+  :class:`Inbound` (one timestamp per burst), every other frame goes to paho's ``loop_read()``
+  in stream order (paho still does CONNACK, SUBACK, PINGRESP, DISCONNECT), except the PUBACKs
+  for our publishes, settled per burst; then ONE ``inbound.send(batch)``. A full channel stops
+  the reader, so the broker stops sending once Receive Maximum messages are unacknowledged
+  (backpressure, never a drop). A malformed frame loses the connection.
+* writer: woken by ``on_socket_register_write`` or by our own batches; one ``send`` takes what
+  paho queued and our PUBACKs / PUBLISHes (one write buffer, so packet order is kept).
 * housekeeping: ``loop_misc()`` every second (keepalive).
-* publisher: drains the outbound queue with QoS 1, re-sends what the broker did not confirm.
-  The queue is memory: what must survive a crash goes through the outbox (:mod:`gateway.publish`),
-  which hands rows over with :meth:`MqttBridge.send` and hears back on the PUBACK (a reason code
-  >= 0x80 is a refusal, reported as such, never counted as delivered).
+* publisher: drains the outbound queue with QoS 1, everything waiting encoded together by us
+  (not paho), re-sends what the broker did not confirm. The queue is memory: what must survive
+  a crash goes through the outbox (:mod:`gateway.publish`), which hands rows over with
+  :meth:`MqttBridge.send_many` and hears back on the PUBACK (a reason code >= 0x80 is a
+  refusal, reported as such, never counted as delivered).
 
 paho callbacks only hand data over (append to a list, set an event, cancel the connection's scope).
 They may fire from the ``connect()`` worker thread or from ``Client.__del__``: each checks that it
 runs on the Trio thread and belongs to the live generation before touching anything.
 
 Delivery: QoS 1, persistent session, ``manual_ack=True``; :meth:`MqttBridge.ack` sends PUBACKs
-only after ingest committed, in arrival order. Acks for an older generation are dropped: the
-broker redelivers those messages on the new connection and the store recognises the duplicates.
+only after ingest committed, in arrival order, encoded together and written in one send. Acks
+for an older generation are dropped: the broker redelivers those messages on the new connection
+and the store recognises the duplicates.
 """
 
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
 import ssl
-import termios
 import threading
 import time
 from collections import deque
@@ -42,19 +45,27 @@ import trio
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway import metrics
 from gateway.backoff import Backoff
 from gateway.errors import MqttUnavailable
 from gateway.health import ComponentHealth
+from gateway.mqtt_codec import (
+    PUBACK,
+    Frame,
+    FrameDecoder,
+    MqttCodecError,
+    Publish,
+    decode_puback,
+    encode_pubacks,
+    encode_publish,
+)
 from gateway.settings import MqttSettings
 
 log = logging.getLogger("gateway.mqtt")
 _paho_log = logging.getLogger("gateway.mqtt.paho")
-
-READ_CAP = 2000
-"""Packets read per socket wakeup before handing the batch over (bounds latency and memory)."""
 
 TAKEOVER_REPEATS = 3
 """MQTT 3.1.1: this many drops in a row soon after CONNACK are reported as a session takeover."""
@@ -98,243 +109,98 @@ class _Outgoing:
     queued_at: float
     sent_at: float = 0.0
     on_done: OnPublished | None = None
+    qos: int = 1
 
 
-_PUBLISH = 0x30
-_KEEP = 65536
-"""Payload bytes kept of a PUBLISH over ``MQTT_MAX_PACKET_SIZE`` (the rest is read past, not held)."""
-_HEAD = 2 + 65535 + 2 + 4
-"""Room for a PUBLISH's variable header: topic length and topic, packet id, properties length."""
-_READS_PER_CALL = 16
-"""Socket reads one ``recv`` may spend skipping or collecting before it lets the reader yield."""
+_READ_BURST = 1 << 20
+"""Bytes read from the socket per wakeup at most before decoding (bounds latency and memory)."""
+_RECV = 65536
 
 
-def mqtt_packet(cmd: int, body: bytes) -> bytes:
-    """An MQTT packet: the command byte, the remaining length (a varint), then ``body``."""
-    length = bytearray()
-    n = len(body)
-    while True:
-        n, digit = divmod(n, 128)
-        length.append(digit | (128 if n else 0))
-        if not n:
-            return bytes([cmd]) + bytes(length) + body
+class _Link:
+    """The connected socket as paho sees it after CONNACK's read path is ours.
 
+    The reader reads the raw socket itself and decodes the PUBLISH frames of the hot path
+    (:mod:`gateway.mqtt_codec`); every other frame (CONNACK, SUBACK, PUBACK, PINGRESP,
+    DISCONNECT, QoS 2 flow) is put in :attr:`feed` and paho reads it from there with
+    ``loop_read()``. A closed peer or a read error reaches paho the same way, once the frames
+    before it were handled (:meth:`end_of_stream`).
 
-class _BufferedSocket:
-    """The connected socket as paho sees it: a read buffer that knows where packets begin.
-
-    paho 2.2 reads each packet in several small ``recv()`` calls and sends each packet with its
-    own ``send()``; here one ``recv(65536)`` serves many packets, and the writer sends everything
-    paho queued (a batch of PUBACKs, a run of publishes) with one :meth:`flush`.
-
-    At each packet boundary it reads the fixed header first, which gives two controls paho lacks:
-
-    * a gate: a PUBLISH is handed to paho only while ``room`` (messages) and ``room_bytes`` are
-      left; otherwise ``blocked`` is set and paho sees "would block", so nothing more is read from
-      the socket and TCP pushes back on the broker;
-    * a size cap: a PUBLISH over ``max_packet`` bytes is never held whole. Its topic, packet id and
-      first :data:`_KEEP` payload bytes are kept (MQTT 5 properties dropped), the rest is read and
-      thrown away as it streams in, and paho gets the shortened packet; ``truncated`` maps its
-      number (``publishes`` counts every PUBLISH handed over, in order) to the original payload size.
-
-    Read errors (``BlockingIOError``, ``ssl.SSLWantReadError``, a closed peer) come from the
-    underlying socket unchanged, exactly as paho expects.
+    Writes: paho's ``send()`` lands in :attr:`out` whole, and so do our batches of PUBACKs, in
+    the order they were produced; the writer sends it all with one :meth:`flush`.
     """
 
-    __slots__ = (
-        "_big",
-        "_big_cmd",
-        "_big_need",
-        "_big_packet",
-        "_big_remaining",
-        "_buf",
-        "_discard",
-        "_left",
-        "_max_packet",
-        "_out",
-        "_pos",
-        "_raw",
-        "_starved",
-        "_v5",
-        "blocked",
-        "eof",
-        "publishes",
-        "room",
-        "room_bytes",
-        "truncated",
-    )
+    __slots__ = ("_closing", "_feed", "_feed_pos", "_raw", "eof", "error", "out")
 
-    def __init__(self, raw: Any, *, max_packet: int = 268435460, v5: bool = False) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self._buf = b""
-        self._pos = 0
-        self._left = 0  # bytes of the current packet paho has not read yet
-        self._out = bytearray()
-        self._max_packet = max_packet
-        self._v5 = v5
-        self._big: bytearray | None = None  # head of an oversized PUBLISH, being collected
-        self._big_cmd = 0
-        self._big_remaining = 0
-        self._big_need = 0
-        self._big_packet: bytes | None = None  # its shortened form, handed over after the skip
-        self._discard = 0
-        self._starved = False
+        self._feed = b""
+        self._feed_pos = 0
+        self._closing = False
+        self.out = bytearray()
         self.eof = False
         """The peer closed the connection (the broker dropped us, e.g. for another client)."""
-        self.room = 1 << 30
-        self.room_bytes = 1 << 62
-        self.blocked = False
-        self.publishes = 0
-        self.truncated: dict[int, int] = {}
+        self.error: OSError | None = None
+
+    def give(self, data: bytes) -> None:
+        """Queue a whole frame for paho's next ``loop_read()``."""
+        if self._feed_pos >= len(self._feed):
+            self._feed, self._feed_pos = data, 0
+        else:
+            self._feed = self._feed[self._feed_pos :] + data
+            self._feed_pos = 0
 
     @property
-    def buffered(self) -> int:
-        """Bytes received that paho can make progress with now (0 while waiting for more)."""
-        if self._starved or self.blocked:
-            return 0
-        return len(self._buf) - self._pos
+    def fed(self) -> bool:
+        """Whether paho has frames left to read."""
+        return self._feed_pos < len(self._feed)
 
-    def recv(self, bufsize: int) -> bytes:
-        if self._left == 0 and not self._next_packet():
-            return b""
-        if self._pos >= len(self._buf) and not self._fill():
-            return b""
-        end = self._pos + min(bufsize, self._left)
-        chunk = self._buf[self._pos : end]
-        self._pos += len(chunk)
-        self._left -= len(chunk)
-        return chunk
+    def end_of_stream(self) -> None:
+        """From now on paho's reads see the peer's close (or the read error)."""
+        self._closing = True
 
-    def _fill(self) -> bool:
-        """Read once from the socket into the buffer; False when the peer closed."""
+    def read(self) -> bytes | None:
+        """One ``recv`` from the socket: data, b"" at end of stream, None when it would block."""
         try:
-            data: bytes = self._raw.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError):
-            self._starved = True
-            raise
-        except ConnectionResetError:
-            self.eof = True
-            raise
+            data: bytes = self._raw.recv(_RECV)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except OSError as exc:  # reset by the peer, TLS failure: paho reports it
+            self.error = exc
+            self.eof = isinstance(exc, ConnectionResetError)  # the peer closed, as before
+            return b""
         if not data:
             self.eof = True
-            return False
-        self._starved = False
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = data, 0
-        else:
-            self._buf, self._pos = self._buf[self._pos :] + data, 0
-        return True
+        return data
 
-    def _next_packet(self) -> bool:
-        """Move to the next packet paho may read (sets ``_left``); False when the peer closed.
-
-        Raises ``BlockingIOError`` when the gate is shut or more bytes are needed first.
-        """
-        reads = 0
-        while True:
-            if self._big_packet is not None and not self._discard:
-                packet, self._big_packet = self._big_packet, None
-                self._buf, self._pos = packet + self._buf[self._pos :], 0
-                self._left = len(packet)
-                return True
-            avail = len(self._buf) - self._pos
-            if avail and self._discard:
-                n = min(avail, self._discard)
-                self._pos += n
-                self._discard -= n
-                continue
-            if avail and self._big is not None:
-                n = min(avail, self._big_need - len(self._big))
-                self._big += self._buf[self._pos : self._pos + n]
-                self._pos += n
-                if len(self._big) == self._big_need:
-                    self._shorten()
-                continue
-            busy = self._discard or self._big is not None
-            header = self._header() if avail >= 2 and not busy else None
-            if header is None:
-                reads += 1
-                if reads > _READS_PER_CALL:
-                    raise BlockingIOError  # the reader yields to Trio, then calls again
-                if not self._fill():
-                    return False
-                continue
-            cmd, remaining, hlen = header
-            if cmd & 0xF0 == _PUBLISH:
-                if self.room <= 0 or self.room_bytes <= 0:
-                    self.blocked = True
-                    raise BlockingIOError
-                self.room -= 1
-                self.publishes += 1
-                if hlen + remaining > self._max_packet:
-                    self.room_bytes -= _KEEP
-                    self._pos += hlen
-                    self._big, self._big_cmd, self._big_remaining = bytearray(), cmd, remaining
-                    self._big_need = min(remaining, _HEAD + _KEEP)
-                    continue
-                self.room_bytes -= remaining
-            self._left = hlen + remaining
-            return True
-
-    def _header(self) -> tuple[int, int, int] | None:
-        """(first byte, remaining length, header length) of the packet at ``_pos``; None if incomplete."""
-        buf, pos = self._buf, self._pos
-        remaining, mult, i = 0, 1, pos + 1
-        while i < len(buf):
-            byte = buf[i]
-            remaining += (byte & 127) * mult
-            i += 1
-            if not byte & 128:
-                return buf[pos], remaining, i - pos
-            if i - pos > 4:  # a 5th length byte follows: hand it over, paho reports the protocol error
-                return buf[pos], 0, 6
-            mult *= 128
-        return None
-
-    def _shorten(self) -> None:
-        """The collected head of an oversized PUBLISH becomes a short packet; skip the rest."""
-        head, cmd, remaining = self._big, self._big_cmd, self._big_remaining
-        assert head is not None
-        self._big = None
-        pos = 2 + int.from_bytes(head[0:2], "big") + (2 if cmd & 0x06 else 0)
-        if pos > len(head):
-            raise ConnectionError("malformed PUBLISH (topic longer than the packet)")
-        var = bytes(head[:pos])
-        if self._v5:  # drop the properties (we use none of an inbound publish's)
-            plen, mult, i = 0, 1, pos
-            while True:
-                if i >= len(head) or i - pos >= 4:
-                    raise ConnectionError("malformed PUBLISH (properties length)")
-                byte = head[i]
-                plen += (byte & 127) * mult
-                i += 1
-                if not byte & 128:
-                    break
-                mult *= 128
-            pos = i + plen
-            var += b"\x00"
-        body = var + bytes(head[pos : pos + _KEEP])
-        self.truncated[self.publishes] = max(0, remaining - pos)
-        self._big_packet = mqtt_packet(cmd, body)
-        self._discard = remaining - len(head)
+    def recv(self, bufsize: int) -> bytes:
+        if self._feed_pos < len(self._feed):
+            end = self._feed_pos + bufsize
+            chunk = self._feed[self._feed_pos : end]
+            self._feed_pos += len(chunk)
+            return chunk
+        if self._closing:
+            if self.error is not None:
+                raise self.error
+            return b""
+        raise BlockingIOError
 
     def pending(self) -> int:
-        extra = self._raw.pending() if hasattr(self._raw, "pending") else 0
-        return self.buffered + int(extra)
+        return len(self._feed) - self._feed_pos
 
     def send(self, data: bytes | bytearray) -> int:
         # Taken whole: the writer flushes after paho has queued everything it had.
-        self._out += data
+        self.out += data
         return len(data)
 
     def flush(self) -> bool:
         """Send what is buffered; True when all of it went, False when the socket is full."""
-        while self._out:
+        while self.out:
             try:
-                sent = int(self._raw.send(self._out))
+                sent = int(self._raw.send(self.out))
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return False
-            del self._out[:sent]
+            del self.out[:sent]
         return True
 
     def fileno(self) -> int:
@@ -358,7 +224,7 @@ class _Connection:
     client: paho.Client
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     sock: Any = None
-    rbuf: _BufferedSocket | None = None
+    link: _Link | None = None
     batch: list[Inbound] = field(default_factory=list)
     write_wanted: trio.Event = field(default_factory=trio.Event)
     connack: trio.Event = field(default_factory=trio.Event)
@@ -378,7 +244,8 @@ class _Connection:
     inflight: int = 0  # messages handed to ingest and not acked yet (QoS 0 until committed)
     inflight_bytes: int = 0  # their payload bytes
     room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
-    delivered: int = 0  # PUBLISH packets paho handed to on_message (matches rbuf.publishes)
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
+    paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -395,9 +262,15 @@ class MqttBridge:
     process: durable publishes come from the outbox.
     """
 
-    def __init__(self, settings: MqttSettings, health: ComponentHealth) -> None:
+    def __init__(
+        self, settings: MqttSettings, health: ComponentHealth, *, subscribe: bool = True, persistent: bool = True
+    ) -> None:
+        """``subscribe=False``: publish only (no SUBSCRIBE). ``persistent=False``: a clean
+        session each connection, kept by the broker for no time (the simulator's publisher)."""
         self.settings = settings
         self._health = health
+        self._subscribe = subscribe
+        self._persistent = persistent
         self._device_level = settings.device_level
         self._out_send, self._out_recv = trio.open_memory_channel[_Outgoing](settings.outbound_queue)
         # Publishes taken off the queue but not confirmed by a PUBACK yet, oldest first; they
@@ -485,14 +358,20 @@ class MqttBridge:
         if conn is None or conn.lost is not None:
             return
         gen = conn.generation
-        client = conn.client
+        mids: list[int] = []
         n = size = 0
         for m in messages:
             if m.generation == gen:
-                if m.qos > 0:
-                    client.ack(m.mid, m.qos)
+                if m.qos == 1:
+                    mids.append(m.mid)
+                elif m.qos == 2:
+                    conn.client.ack(m.mid, 2)
                 n += 1
                 size += len(m.payload)
+        if mids and conn.link is not None:
+            # All of them in one write, behind whatever paho queued before (packet order kept).
+            conn.link.out += encode_pubacks(mids)
+            conn.write_wanted.set()
         if n:
             conn.inflight -= n
             conn.inflight_bytes -= size
@@ -510,6 +389,26 @@ class MqttBridge:
         PUBACK with success, else the refusal (e.g. ``Not authorized``). Waits for room.
         Re-sent after a reconnect until the broker answers; lost only with the process."""
         await self._out_send.send(_Outgoing(self._topic(subtopic), payload, time.monotonic(), on_done=on_done))
+        self._queue_gauge()
+
+    async def send_many(self, items: Sequence[tuple[bytes, str | None, OnPublished]]) -> None:
+        """:meth:`send` for many (payload, subtopic, on_done) at once: queued without a checkpoint
+        each while there is room (the publisher then encodes and writes them together)."""
+        await self.send_to_many([(self._topic(subtopic), payload, on_done) for payload, subtopic, on_done in items])
+
+    async def send_to_many(self, items: Sequence[tuple[str, bytes, OnPublished | None]], *, qos: int = 1) -> None:
+        """Queue publishes to any topics, (topic, payload, on_done) each, as :meth:`send_many`.
+
+        QoS 0: written once, never re-sent, ``on_done`` not called.
+        """
+        now = time.monotonic()
+        for topic, payload, on_done in items:
+            item = _Outgoing(topic, payload, now, on_done=on_done, qos=qos)
+            try:
+                self._out_send.send_nowait(item)
+            except trio.WouldBlock:
+                await self._out_send.send(item)
+        await trio.lowlevel.checkpoint()
         self._queue_gauge()
 
     def publish_nowait(self, payload: bytes, subtopic: str | None = None) -> None:
@@ -547,11 +446,11 @@ class MqttBridge:
             if raw is None:
                 conn.lose("no socket after connect")
                 return False
-            # paho reads a packet in three or more recv() calls (type, length, body): give it a
-            # buffer filled by one large recv per burst instead of a syscall per field.
+            # The reader reads the socket and decodes the hot path's PUBLISH frames; paho reads
+            # every other frame from the link, and writes into it.
             conn.sock = raw
-            conn.rbuf = _BufferedSocket(raw, max_packet=s.max_packet_size, v5=s.protocol == "5")
-            client._sock = conn.rbuf
+            conn.link = _Link(raw)
+            client._sock = conn.link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, conn, inbound)
                 nursery.start_soon(self._writer, conn)
@@ -583,6 +482,8 @@ class MqttBridge:
         if conn.connack_failure is not None:
             conn.lose(f"broker refused the connection: {conn.connack_failure}")
             return False
+        if not self._subscribe:
+            return True
         if s.protocol == "5":
             rc, mid = conn.client.subscribe(s.subscription, options=SubscribeOptions(qos=1))
         else:
@@ -625,7 +526,7 @@ class MqttBridge:
             s.subscription,
             conn.generation,
         )
-        if not conn.session_present:
+        if not conn.session_present and self._persistent and self._subscribe:
             log.warning(
                 "no session on the broker client_id=%s: messages published while the gateway was away "
                 "were not kept (normal on the very first start, or after the session expired)",
@@ -637,10 +538,11 @@ class MqttBridge:
         s = self.settings
         if s.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = s.session_expiry
+            props.SessionExpiryInterval = s.session_expiry if self._persistent else 0
             props.ReceiveMaximum = s.receive_maximum
             props.MaximumPacketSize = s.max_packet_size  # the broker drops bigger ones for us
-            client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
+            clean = not self._persistent
+            client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=clean, properties=props)
         else:
             client.connect(s.host, s.port, keepalive=s.keepalive)
 
@@ -650,7 +552,7 @@ class MqttBridge:
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else not self._persistent,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             manual_ack=True,
         )
@@ -667,7 +569,6 @@ class MqttBridge:
         client.on_connect = lambda c, u, flags, rc, props: self._cb_connect(generation, flags, rc, props)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
-        client.on_publish = lambda c, u, mid, rc, props: self._cb_publish(generation, mid, rc)
         client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, flags, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
@@ -699,8 +600,8 @@ class MqttBridge:
                 try:
                     conn.client.disconnect()
                     conn.client.loop_write()
-                    if conn.rbuf is not None:
-                        conn.rbuf.flush()
+                    if conn.link is not None:
+                        conn.link.flush()
                 except OSError:
                     pass
             if conn.client.socket() is not None:
@@ -714,53 +615,92 @@ class MqttBridge:
     # ------------------------------------------------------------------------------ tasks
 
     async def _reader(self, conn: _Connection, inbound: trio.MemorySendChannel[list[Inbound]]) -> None:
-        """Read bursts of packets and hand each burst over as one batch.
+        """Read bursts of bytes, decode the PUBLISH frames ourselves, hand each burst over as one batch.
+
+        One ``recv`` of up to 64 KiB serves many packets, one timestamp serves the burst, and
+        every frame that is not a QoS 0/1 PUBLISH goes to paho in order (:meth:`_to_paho`). A
+        malformed frame loses the connection (the next one starts clean, with backoff).
 
         Our own window, whatever the broker does with Receive Maximum: at most
         ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
-        between the socket and the ack. At either limit the reader stops reading the socket until
-        ingest acks, so TCP pushes back on the broker.
+        between the socket and the ack. At either limit the reader stops decoding and reading
+        the socket until ingest acks, so TCP pushes back on the broker.
         """
-        client, sock, rbuf = conn.client, conn.sock, conn.rbuf
-        assert rbuf is not None
-        cap, budget = self.settings.receive_maximum, self.settings.inflight_bytes
+        client, sock, link = conn.client, conn.sock, conn.link
+        assert link is not None
+        s = self.settings
+        cap, budget = s.receive_maximum, s.inflight_bytes
+        v5 = s.protocol == "5"
+        decoder = FrameDecoder(v5=v5, max_packet=s.max_packet_size)
+        level, gen = self._device_level, conn.generation
         ssl_sock = isinstance(sock, ssl.SSLSocket)
-        fionread = array.array("i", [0])
-        fd = sock.fileno()
-
-        def pending() -> bool:
-            if rbuf.buffered:
-                return True
-            if ssl_sock:
-                return bool(sock.pending())
-            fcntl.ioctl(fd, termios.FIONREAD, fionread)
-            return fionread[0] > 0
-
+        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
+        starved = True  # the decoder needs more bytes before it can give another frame
         while True:
-            if conn.inflight >= cap or conn.inflight_bytes >= budget or rbuf.blocked:
+            if conn.inflight >= cap or conn.inflight_bytes >= budget:
                 # Set by any ack since the last wait (also one that came while we handed over).
                 await conn.room.wait()
                 conn.room = trio.Event()
-                rbuf.blocked = False
                 continue
-            rbuf.room, rbuf.room_bytes = cap - conn.inflight, budget - conn.inflight_bytes
-            if pending():
-                await trio.lowlevel.checkpoint()
+            if starved and not (link.eof or link.error):
+                if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
+                    await trio.lowlevel.checkpoint()
+                else:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except trio.ClosedResourceError:
+                        conn.lose("socket closed")
+                        return
+                got = 0
+                while got < _READ_BURST:
+                    data = link.read()
+                    if not data:
+                        break
+                    decoder.feed(data)
+                    got += len(data)
+                    if len(data) < _RECV and not ssl_sock:
+                        break  # the kernel buffer is drained: spare the recv that says so
+                if got:
+                    conn.received_at = datetime.now(UTC)
+                    # paho's keepalive counts received bytes; it does not see the publishes.
+                    client._last_bytes_received = time.monotonic()
             else:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    conn.lose("socket closed")
-                    return
-            for _ in range(READ_CAP):
-                rc = client.loop_read()
-                if rc != _SUCCESS:
-                    conn.lose(f"read: {paho.error_string(rc)}")
-                    break
-                if conn.lost is not None or rbuf.blocked or not pending():
-                    break
-            if conn.batch:
-                batch, conn.batch = conn.batch, []
+                await trio.lowlevel.checkpoint()
+            now, batch = conn.received_at, conn.batch
+            room, room_bytes, size = cap - conn.inflight, budget - conn.inflight_bytes, 0
+            starved = False
+            try:
+                while len(batch) < room and size < room_bytes and conn.lost is None:
+                    frame = decoder.next()
+                    if frame is None:
+                        starved = True
+                        break
+                    if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
+                        topic = frame.topic
+                        device = None
+                        if level is not None:
+                            levels = topic.split("/")
+                            device = levels[level] if len(levels) > level else ""
+                        batch.append(
+                            Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
+                                    frame.truncated_from)
+                        )  # fmt: skip
+                        size += len(frame.payload)
+                    elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
+                        acks.append(decode_puback(frame, v5=v5))
+                    else:
+                        self._to_paho(conn, frame)
+            except MqttCodecError as exc:
+                conn.lose(f"malformed packet from the broker: {exc}")
+            if acks:
+                self._confirmed(conn, acks)
+                acks = []
+            if starved and (link.eof or link.error) and conn.lost is None:
+                link.end_of_stream()  # after the frames before it: paho reports the close
+                self._paho_read(conn)
+                conn.lose("socket closed")
+            if batch:
+                conn.batch = []
                 conn.inflight += len(batch)
                 conn.inflight_bytes += sum(len(m.payload) for m in batch)
                 metrics.MQTT_RECEIVED.inc(len(batch))
@@ -770,6 +710,30 @@ class MqttBridge:
                 await inbound.send(batch)
             if conn.lost is not None:
                 return
+
+    def _to_paho(self, conn: _Connection, frame: Frame | Publish) -> None:
+        """Let paho handle one frame: the handshake, SUBACK, PUBACK, PINGRESP, DISCONNECT, QoS 2.
+
+        A PUBLISH (QoS 2, or one before CONNACK) is re-encoded for paho, which hands it to
+        :meth:`_cb_message`.
+        """
+        assert conn.link is not None
+        if type(frame) is Publish:
+            v5 = self.settings.protocol == "5"
+            conn.paho_cut = frame.truncated_from
+            data = encode_publish(frame.topic.encode(), frame.payload, frame.mid, v5=v5, qos=frame.qos, dup=frame.dup)
+        else:
+            assert isinstance(frame, Frame)
+            data = frame.data
+        conn.link.give(data)
+        while conn.link.fed and conn.lost is None:
+            self._paho_read(conn)
+        conn.paho_cut = None
+
+    def _paho_read(self, conn: _Connection) -> None:
+        rc = conn.client.loop_read()
+        if rc != _SUCCESS:
+            conn.lose(f"read: {paho.error_string(rc)}")
 
     async def _writer(self, conn: _Connection) -> None:
         client = conn.client
@@ -789,7 +753,7 @@ class MqttBridge:
                             return
                 # ...and one send() takes them all to the socket.
                 try:
-                    done = conn.rbuf.flush() if conn.rbuf is not None else True
+                    done = conn.link.flush() if conn.link is not None else True
                 except OSError as exc:
                     conn.lose(f"write: {_describe(exc)}")
                     return
@@ -830,7 +794,7 @@ class MqttBridge:
         if conn.taken_over:
             self._early_drops = 0
             return f"another client with id {cid!r} took the session over (broker DISCONNECT 0x8E)"
-        if lived is None or lived >= self._stable_after or conn.rbuf is None or not conn.rbuf.eof:
+        if lived is None or lived >= self._stable_after or conn.link is None or not conn.link.eof:
             self._early_drops = 0
             return None
         self._early_drops += 1
@@ -844,31 +808,81 @@ class MqttBridge:
     async def _publisher(self, conn: _Connection) -> None:
         """Send queued publishes, re-sends first, keeping at most the broker's window unconfirmed.
 
-        An item stays in ``_resend`` until paho took it, so a connection lost (or the gateway
-        stopped) while waiting never loses it.
+        Whatever is queued when it looks (up to the window) is encoded together (QoS 1, our own
+        packet ids from paho's counter) and goes out in one write, behind what paho queued. An
+        item stays in ``_resend`` until it is in the write buffer, and from then on in
+        ``unconfirmed`` until its PUBACK (:meth:`_confirmed`), so a connection lost (or the
+        gateway stopped) at any point never loses it: ``_drop_connection`` queues it again.
         """
+        assert conn.link is not None
+        link, client = conn.link, conn.client
+        v5 = self.settings.protocol == "5"
         window = self.settings.receive_maximum
         if conn.broker_receive_max is not None:
             window = min(window, conn.broker_receive_max)
         if self._resend:
             log.info("re-sending unconfirmed publishes count=%d", len(self._resend))
+        unconfirmed = conn.unconfirmed
         while True:
             while self._resend:
-                while len(conn.unconfirmed) >= window:
+                while len(unconfirmed) >= window:
                     await conn.confirmed.wait()
                     conn.confirmed = trio.Event()
-                item = self._resend[0]
-                item.sent_at = time.monotonic()
-                info = conn.client.publish(item.topic, item.payload, qos=1)
-                if info.rc != _SUCCESS:
-                    conn.lose(f"publish: {paho.error_string(info.rc)}")
-                    await trio.lowlevel.checkpoint()
-                    return
-                self._resend.popleft()
-                conn.unconfirmed[info.mid] = item
+                now = time.monotonic()
+                chunks: list[bytes] = []
+                while self._resend and len(unconfirmed) < window:
+                    item = self._resend.popleft()
+                    if not item.qos:
+                        chunks.append(encode_publish(item.topic.encode(), item.payload, 0, v5=v5, qos=0))
+                        continue
+                    mid = client._mid_generate()  # shared with paho's SUBSCRIBE ids
+                    while mid in unconfirmed:
+                        mid = client._mid_generate()
+                    item.sent_at = now
+                    chunks.append(encode_publish(item.topic.encode(), item.payload, mid, v5=v5))
+                    unconfirmed[mid] = item
+                link.out += b"".join(chunks)
+                conn.write_wanted.set()
                 self._queue_gauge()
             # No checkpoint between receive() returning and the append: the item cannot get lost.
             self._resend.append(await self._out_recv.receive())
+            for _ in range(window - len(unconfirmed) - 1):  # and whatever else is waiting
+                try:
+                    self._resend.append(self._out_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+
+    def _confirmed(self, conn: _Connection, acks: list[tuple[int, int]]) -> None:
+        """PUBACKs of one read burst for our publishes: outcomes told, metrics once per burst.
+
+        A reason code >= 0x80 (MQTT 5) is a refusal: reported to ``on_done``, never counted as
+        published.
+        """
+        now = time.monotonic()
+        latencies: list[float] = []
+        for mid, reason in acks:
+            item = conn.unconfirmed.pop(mid, None)
+            if item is None:
+                continue
+            refusal: str | None = None
+            if reason >= 0x80:
+                code = f"0x{reason:02x}"
+                name = str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+                refusal = f"broker refused the publish: {name} ({code})"
+                metrics.MQTT_PUBLISH_REFUSED.labels(code).inc()
+                log.warning("publish refused topic=%s reason=%r code=%s", item.topic, name, code)
+            else:
+                latencies.append(now - item.sent_at)
+            if item.on_done is not None:
+                try:
+                    item.on_done(refusal)
+                except Exception:  # one broken callback must not cost the connection
+                    log.exception("publish outcome callback failed topic=%s", item.topic)
+        if latencies:
+            metrics.MQTT_PUBLISHED.inc(len(latencies))
+            metrics.observe_many(metrics.MQTT_PUBLISH_LATENCY, latencies)
+        conn.confirmed.set()
+        self._queue_gauge()
 
     # -------------------------------------------------------------------------- callbacks
 
@@ -890,11 +904,10 @@ class MqttBridge:
             if self._device_level is not None:
                 levels = topic.split("/")
                 device = levels[self._device_level] if len(levels) > self._device_level else ""
-            conn.delivered += 1
-            cut = conn.rbuf.truncated.pop(conn.delivered, None) if conn.rbuf and conn.rbuf.truncated else None
             conn.batch.append(
-                Inbound(topic, payload, datetime.now(UTC), msg.mid, msg.qos, bool(msg.dup), generation, device, cut)
-            )
+                Inbound(topic, payload, conn.received_at, msg.mid, msg.qos, bool(msg.dup), generation, device,
+                        conn.paho_cut)
+            )  # fmt: skip
         except Exception:  # never let paho see an exception: it would redeliver
             log.exception("cannot take a message mid=%s", getattr(msg, "mid", None))
 
@@ -923,31 +936,6 @@ class MqttBridge:
             if conn.ready:
                 conn.lose(f"subscription {self.settings.subscription!r} refused: {conn.suback_failure}")
         conn.suback.set()
-
-    def _cb_publish(self, generation: int, mid: int, rc: Any) -> None:
-        # Runs under paho's own mutex: only bookkeeping here, and on_done must not publish.
-        conn = self._live(generation)
-        if conn is None:
-            return
-        item = conn.unconfirmed.pop(mid, None)
-        if item is None:
-            return
-        conn.confirmed.set()
-        self._queue_gauge()
-        refusal: str | None = None
-        if getattr(rc, "is_failure", False):  # MQTT 5 PUBACK reason code >= 0x80
-            code = f"0x{int(getattr(rc, 'value', 0)):02x}"
-            refusal = f"broker refused the publish: {rc} ({code})"
-            metrics.MQTT_PUBLISH_REFUSED.labels(code).inc()
-            log.warning("publish refused topic=%s reason=%r code=%s", item.topic, str(rc), code)
-        else:
-            metrics.MQTT_PUBLISHED.inc()
-            metrics.MQTT_PUBLISH_LATENCY.observe(time.monotonic() - item.sent_at)
-        if item.on_done is not None:
-            try:
-                item.on_done(refusal)
-            except Exception:  # never let paho see an exception
-                log.exception("publish outcome callback failed topic=%s", item.topic)
 
     def _cb_disconnect(self, generation: int, flags: Any, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.
@@ -991,10 +979,15 @@ class MqttBridge:
             broker=f"{self.settings.host}:{self.settings.port}",
         )
 
-    def _queue_gauge(self) -> None:
+    @property
+    def outstanding(self) -> int:
+        """Publishes queued, or sent (QoS 1) and not answered yet."""
         conn = self._conn
         waiting = self._out_recv.statistics().current_buffer_used + len(self._resend)
-        metrics.MQTT_PUBLISH_QUEUE.set(waiting + (len(conn.unconfirmed) if conn else 0))
+        return waiting + (len(conn.unconfirmed) if conn else 0)
+
+    def _queue_gauge(self) -> None:
+        metrics.MQTT_PUBLISH_QUEUE.set(self.outstanding)
 
 
 # CONNACK reason codes no retry fixes (MQTT 5 values; paho maps 3.1.1 return codes 1, 2, 4, 5 onto
@@ -1008,4 +1001,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, ssl.SSLError) else f"TLS: {text}"
 
 
-__all__ = ["READ_CAP", "Inbound", "MqttBridge", "OnPublished"]
+__all__ = ["Inbound", "MqttBridge", "OnPublished"]

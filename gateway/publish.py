@@ -23,6 +23,7 @@ backlog waits in the database (``gateway_outbox_pending``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Protocol
@@ -69,6 +70,10 @@ class Sender(Protocol):
 
     async def send(self, payload: bytes, subtopic: str | None, on_done: OnPublished) -> None:
         """Queue a publish; ``on_done`` hears None on success or the broker's refusal."""
+        ...
+
+    async def send_many(self, items: Sequence[tuple[bytes, str | None, OnPublished]]) -> None:
+        """:meth:`send` for many (payload, subtopic, on_done), in order."""
         ...
 
 
@@ -158,12 +163,12 @@ class OutboxPublisher:
             rows = await self._store.claim_outbox(self.owner, room, s.publish_lease)
             for row in rows:
                 self._inflight[row.id] = row
-                await self._sender.send(row.payload, row.subtopic, partial(self._outcome, row.id))
+            await self._sender.send_many([(row.payload, row.subtopic, partial(self._outcome, row.id)) for row in rows])
             if len(rows) < room:
                 return
 
     def _outcome(self, row_id: int, refusal: str | None) -> None:
-        # Called from the connection's PUBACK callback (paho's mutex held): record and wake only.
+        # Called from the connection's reader, on a burst of PUBACKs: record and wake only.
         if refusal is None:
             self._acked.append(row_id)
         else:

@@ -9,19 +9,14 @@ Publishing is paced to the offered rate by a token schedule (message *k* is due 
 when the process cannot keep up it publishes as fast as it can and reports how far behind it fell.
 ``--processes P`` splits the devices and the rate over *P* worker processes and merges their summaries.
 
-The paho client is driven from Trio by bridging its socket, the same way the gateway does it (no paho
-thread): a reader waits for the socket to become readable and calls ``loop_read`` while data is
-pending, a writer wakes on ``on_socket_register_write`` and calls ``loop_write`` until nothing is left,
-and ``loop_misc`` runs every second for keepalive. :class:`MqttLink` is that bridge; it is kept here,
-apart from ``gateway/mqtt.py``, because the simulator is a standalone tool (and the benchmarks' bare
-receiver baseline) and must not depend on the gateway's ingest plumbing.
+The broker link is the gateway's own (:class:`gateway.mqtt.MqttBridge`, paho bridged into Trio with
+no paho thread, publishes encoded and written in batches): one bridge for the gateway, the simulator
+and the benchmarks' receiver, without the gateway's ingest plumbing.
 """
 
 from __future__ import annotations
 
 import argparse
-import array
-import fcntl
 import functools
 import json
 import math
@@ -29,27 +24,24 @@ import os
 import random
 import re
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
 import trio
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+
+from gateway.health import ComponentHealth
+from gateway.mqtt import Inbound, MqttBridge
+from gateway.settings import MqttSettings
 
 INVALID_KINDS: tuple[str, ...] = (
     "bad_json",
@@ -245,12 +237,12 @@ def _invalid_payload(dev: SimDevice, kind: str, rng: random.Random) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------
-# paho bridged into Trio
+# The broker link: the gateway's own bridge (gateway.mqtt), not a second one
 
 
 @dataclass(frozen=True)
 class LinkOptions:
-    """How to reach the broker."""
+    """How to reach the broker; ``subscribe``: a topic filter to receive (QoS 1), else publish only."""
 
     url: str = "mqtt://127.0.0.1:1883"
     protocol: str = "5"
@@ -264,169 +256,71 @@ class LinkOptions:
     connect_timeout: float = 10.0
     clean_start: bool = True
     session_expiry: int = 0  # MQTT 5: seconds the broker keeps the session (with clean_start=False)
-
-
-class MqttLink:
-    """A paho client driven by Trio tasks. Create with :func:`open_link`."""
-
-    def __init__(self, client: mqtt.Client) -> None:
-        self.client = client
-        self._write_wanted = trio.Event()
-        self._closing = False
-
-    def want_write(self) -> None:
-        """Wake the writer (``on_socket_register_write``; also call after queueing packets)."""
-        self._write_wanted.set()
-
-    async def _reader(self, sock: socket.socket) -> None:
-        client = self.client
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            while True:
-                rc = client.loop_read()
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    if self._closing:
-                        return
-                    raise SimulateError(f"connection to the broker lost: {mqtt.error_string(rc)}")
-                if not _pending(sock):
-                    break
-
-    async def _writer(self, sock: socket.socket) -> None:
-        client = self.client
-        while True:
-            await self._write_wanted.wait()
-            self._write_wanted = trio.Event()
-            while client.want_write():
-                await trio.lowlevel.wait_writable(sock)
-                rc = client.loop_write()
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._closing:
-                    raise SimulateError(f"write to the broker failed: {mqtt.error_string(rc)}")
-
-    async def _misc(self) -> None:
-        while True:
-            await trio.sleep(1.0)
-            self.client.loop_misc()
-
-    async def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Subscribe and wait for the SUBACK (callers bound the wait with a cancel scope)."""
-        done = trio.Event()
-        result: list[Any] = []
-
-        def on_subscribe(_c: Any, _u: Any, _mid: int, reason_codes: Any, _p: Any) -> None:
-            result.extend(reason_codes)
-            done.set()
-
-        self.client.on_subscribe = on_subscribe
-        rc, _ = self.client.subscribe(topic, qos=qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise SimulateError(f"subscribe failed: {mqtt.error_string(rc)}")
-        self.want_write()
-        await done.wait()
-        if any(getattr(code, "is_failure", False) for code in result):
-            raise SimulateError(f"subscription to {topic} refused: {result}")
-
-
-def _pending(sock: socket.socket) -> bool:
-    """Whether more bytes wait to be read (TLS buffer or kernel receive queue)."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    buf = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
-    except OSError:
-        return False
-    return buf[0] > 0
+    subscribe: str | None = None
 
 
 @asynccontextmanager
 async def open_link(
-    opts: LinkOptions,
-    *,
-    on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
-    configure: Callable[[mqtt.Client], None] | None = None,
-) -> AsyncIterator[MqttLink]:
-    """Connect to the broker and yield a :class:`MqttLink` whose I/O runs in Trio tasks.
+    opts: LinkOptions, *, on_message: Callable[[Inbound], None] | None = None
+) -> AsyncIterator[MqttBridge]:
+    """Connect through :class:`gateway.mqtt.MqttBridge` and yield it (publish with
+    :meth:`~gateway.mqtt.MqttBridge.send_to_many`).
 
-    Returns after the CONNACK. Raises :class:`SimulateError` when the broker is unreachable or refuses
-    the connection. On exit, disconnects cleanly.
+    Returns after the CONNACK (and the SUBACK with ``opts.subscribe``; each received message
+    goes to ``on_message``, acknowledged after it). Raises :class:`SimulateError` when the broker
+    is unreachable or refuses the connection. On exit, disconnects cleanly.
     """
     parts = urlsplit(opts.url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise SimulateError(f"--url must be mqtt://host[:port] or mqtts://host[:port], not {opts.url!r}")
     tls = parts.scheme == "mqtts"
     host, port = parts.hostname, parts.port or (8883 if tls else 1883)
-    protocol = mqtt.MQTTv5 if opts.protocol == "5" else mqtt.MQTTv311
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=opts.client_id or f"sim-{uuid.uuid4().hex[:12]}",
-        protocol=protocol,
-        clean_session=None if protocol == mqtt.MQTTv5 else opts.clean_start,
+    settings = MqttSettings.model_validate(
+        {
+            "url": opts.url,
+            "client_id": opts.client_id or f"sim-{uuid.uuid4().hex[:12]}",
+            "protocol": opts.protocol,
+            "username": opts.username,
+            "password": opts.password,
+            "ca_file": opts.ca_file,
+            "cert_file": opts.cert_file,
+            "key_file": opts.key_file,
+            "keepalive": opts.keepalive,
+            "connect_timeout": opts.connect_timeout,
+            "session_expiry": opts.session_expiry,
+            "subscribe_topic": opts.subscribe or "unused",
+            "device_from_topic": False,
+            # Pacing is ours: only the broker's Receive Maximum holds publishes back.
+            "receive_maximum": 65535,
+        }
     )
-    client.suppress_exceptions = True
-    client.max_inflight_messages_set(0)  # pacing is ours; paho must not hold messages back
-    client.max_queued_messages_set(0)
-    if opts.username is not None:
-        client.username_pw_set(opts.username, opts.password)
-    if tls or opts.ca_file:
-        client.tls_set(ca_certs=opts.ca_file, certfile=opts.cert_file, keyfile=opts.key_file)
-    if configure is not None:
-        configure(client)
-    connected = trio.Event()
-    connack: list[Any] = []
-
-    def on_connect(_c: Any, _u: Any, _flags: Any, reason_code: Any, _p: Any) -> None:
-        connack.append(reason_code)
-        connected.set()
-
-    client.on_connect = on_connect
-    kwargs: dict[str, Any] = {}
-    if protocol == mqtt.MQTTv5:
-        kwargs["clean_start"] = opts.clean_start
-        if opts.session_expiry:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = opts.session_expiry
-            kwargs["properties"] = props
-    if on_message is not None:
-        client.on_message = lambda _c, _u, msg: on_message(msg)
-    try:
-        with trio.fail_after(opts.connect_timeout):
-            # connect() blocks on DNS, TCP and TLS; its CONNECT packet is only queued.
-            connect = functools.partial(client.connect, host, port, opts.keepalive, **kwargs)
-            await trio.to_thread.run_sync(connect)
-    except (OSError, ssl.SSLError, trio.TooSlowError) as exc:
-        raise SimulateError(f"cannot connect to {host}:{port}: {exc}") from exc
-    sock = client.socket()
-    if sock is None:
-        raise SimulateError(f"cannot connect to {host}:{port}")
-    assert isinstance(sock, socket.socket)
-    link = MqttLink(client)
-    client.on_socket_register_write = lambda _c, _u, _s: link.want_write()
-    link.want_write()  # the CONNECT packet queued by connect()
+    health = ComponentHealth("mqtt")
+    bridge = MqttBridge(settings, health, subscribe=opts.subscribe is not None, persistent=not opts.clean_start)
+    send, recv = trio.open_memory_channel[list[Inbound]](64)
+    failure: str | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(link._reader, sock)
-        nursery.start_soon(link._writer, sock)
-        nursery.start_soon(link._misc)
-        try:
-            with trio.fail_after(opts.connect_timeout):
-                await connected.wait()
-        except trio.TooSlowError:
-            raise SimulateError(f"no CONNACK from {host}:{port}") from None
-        if getattr(connack[0], "is_failure", False):
-            raise SimulateError(f"broker refused the connection: {connack[0]}")
-        try:
-            yield link
-        finally:
-            link._closing = True
+        await nursery.start(bridge.run, send)  # started: connected, or the first attempt failed
+        if not bridge.connected:
+            failure = health.last_error or "no connection"
             nursery.cancel_scope.cancel()
-    # The I/O tasks are gone: flush the DISCONNECT ourselves, bounded, even when cancelled.
-    with trio.move_on_after(2.0) as scope:
-        scope.shield = True
-        client.disconnect()
-        while client.want_write():
-            await trio.lowlevel.wait_writable(sock)
-            client.loop_write()
-    with suppress(OSError):
-        sock.close()
+        else:
+            if on_message is not None:
+                nursery.start_soon(_deliver, bridge, recv, on_message)
+            try:
+                yield bridge
+            finally:
+                nursery.cancel_scope.cancel()  # the bridge sends DISCONNECT as it stops
+    if failure is not None:
+        raise SimulateError(f"cannot connect to {host}:{port}: {failure}")
+
+
+async def _deliver(
+    bridge: MqttBridge, recv: trio.MemoryReceiveChannel[list[Inbound]], on_message: Callable[[Inbound], None]
+) -> None:
+    async for batch in recv:
+        for msg in batch:
+            on_message(msg)
+        bridge.ack(batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,29 +399,21 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
     topics = {d.device_id: opts.topic_template.format(device_id=d.device_id) for d in fleet.devices}
     summary = Summary(offered_rate=opts.rate)
     total = max(0, round(opts.rate * opts.duration))
-    inflight: dict[int, int] = {}
     latencies = summary.latencies_ms
-    all_acked = trio.Event()
+    all_answered = trio.Event()
     sending_done = False
 
-    def on_publish(_c: Any, _u: Any, mid: int, reason_code: Any, _p: Any) -> None:
-        t = inflight.pop(mid, None)
-        if t is None:
-            return
-        if getattr(reason_code, "is_failure", False):
+    def on_done(sent_ns: int, refusal: str | None) -> None:
+        if refusal is not None:
             summary.nacked += 1
         else:
             summary.acked += 1
-            latencies.append((time.perf_counter_ns() - t) / 1e6)
-        if sending_done and not inflight:
-            all_acked.set()
-
-    def configure(client: mqtt.Client) -> None:
-        client.on_publish = on_publish
+            latencies.append((time.perf_counter_ns() - sent_ns) / 1e6)
+        if sending_done and summary.acked + summary.nacked >= summary.sent:
+            all_answered.set()
 
     records: list[str] = []
-    async with open_link(opts.link, configure=configure) as link:
-        client = link.client
+    async with open_link(opts.link) as link:
         t0 = trio.current_time()
         sent = 0
         batch = max(1, min(500, int(opts.rate / 200) or 1))
@@ -538,14 +424,12 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
                 await trio.sleep_until(t0 + sent / opts.rate)
                 continue
             summary.max_lag = max(summary.max_lag, now - t0 - sent / opts.rate)
+            items: list[tuple[str, bytes, Callable[[str | None], None] | None]] = []
             for _ in range(min(due - sent, batch)):
                 pkt = fleet.next_packet()
                 t_ns = time.time_ns()
-                info = client.publish(topics[pkt.device_id], pkt.payload, qos=opts.qos)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise SimulateError(f"publish failed: {mqtt.error_string(info.rc)}")
-                if opts.qos:
-                    inflight[info.mid] = time.perf_counter_ns()
+                done = functools.partial(on_done, time.perf_counter_ns()) if opts.qos else None
+                items.append((topics[pkt.device_id], pkt.payload, done))
                 sent += 1
                 if pkt.valid:
                     summary.valid += 1
@@ -554,16 +438,20 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
                 else:
                     summary.invalid += 1
                     summary.invalid_kinds[pkt.kind] = summary.invalid_kinds.get(pkt.kind, 0) + 1
-            link.want_write()
-            await trio.lowlevel.checkpoint()
+            await link.send_to_many(items, qos=opts.qos)  # encoded and written together
         summary.sent = sent
         # The last message is due at (n-1)/rate; the window it completes is n/rate long.
         summary.elapsed = max(trio.current_time() - t0, sent / opts.rate)
         sending_done = True
-        if opts.qos and inflight:
-            with trio.move_on_after(opts.drain_timeout):
-                await all_acked.wait()
-        summary.unacked = len(inflight)
+        with trio.move_on_after(opts.drain_timeout):
+            if opts.qos:
+                if summary.acked + summary.nacked < sent:
+                    await all_answered.wait()
+            else:
+                # QoS 0: until all of it is in the write buffer (the DISCONNECT flushes it).
+                while link.outstanding:  # noqa: ASYNC110 (a poll at the very end of a run)
+                    await trio.sleep(0.01)
+        summary.unacked = sent - summary.acked - summary.nacked if opts.qos else 0
     summary.achieved_rate = summary.sent / summary.elapsed if summary.elapsed > 0 else 0.0
     _fill_percentiles(summary)
     if record is not None:

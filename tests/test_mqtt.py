@@ -19,7 +19,7 @@ from gateway import metrics
 from gateway.errors import ConfigError, MqttUnavailable
 from gateway.health import ComponentHealth
 from gateway.ingest import to_records
-from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge, mqtt_packet
+from gateway.mqtt import TAKEOVER_REPEATS, Inbound, MqttBridge
 from gateway.settings import MqttSettings, load_settings
 from gateway.store.base import MessageQuery, Store
 from tests.support.mqtt import MosquittoServer, TlsFiles, eventually, free_port, packet, pipeline, publish
@@ -447,79 +447,6 @@ async def test_mqtt5_disconnect_session_taken_over_is_reported_at_once() -> None
 
 
 # -------------------------------------------------------------- bounded memory, own window
-
-
-def _publish_packet(topic: bytes, mid: int, payload: bytes, v5: bool, props: bytes = b"") -> bytes:
-    var = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
-    if v5:
-        var += mqtt_packet(0, props)[1:]  # properties length (a varint) and the properties
-    return mqtt_packet(0x32, var + payload)
-
-
-class _ChunkedRaw:
-    """A socket that returns the stream in the given chunk sizes, "would block" between some."""
-
-    def __init__(self, data: bytes, chunks: list[int], stalls: list[bool]) -> None:
-        self.data, self.chunks, self.stalls, self.pos, self.i = data, chunks, stalls, 0, 0
-
-    def recv(self, n: int) -> bytes:
-        self.i += 1
-        if self.stalls[self.i % len(self.stalls)]:
-            raise BlockingIOError
-        size = min(n, self.chunks[self.i % len(self.chunks)])
-        out = self.data[self.pos : self.pos + size]
-        self.pos += len(out)
-        if not out:
-            raise BlockingIOError
-        return out
-
-
-def _read_like_paho(sock: Any) -> list[bytes]:
-    """Read whole packets the way paho 2.2 does (1 byte, length bytes, then the body)."""
-    packets: list[bytes] = []
-    header, body, remaining = b"", b"", -1
-    while True:
-        try:
-            if not header:
-                header = sock.recv(1)
-            while remaining < 0:
-                header += sock.recv(1)
-                if not header[-1] & 128:
-                    remaining = sum((b & 127) << (7 * i) for i, b in enumerate(header[1:]))
-            while len(body) < remaining:
-                body += sock.recv(remaining - len(body))
-            packets.append(header + body)
-            header, body, remaining = b"", b"", -1
-        except BlockingIOError:
-            if sock._raw.pos >= len(sock._raw.data) and not header and not sock.buffered:
-                return packets
-
-
-@given(
-    sizes=st.lists(st.sampled_from([0, 10, 300, 3000, 70_000, 200_000]), min_size=1, max_size=8),
-    chunks=st.lists(st.integers(1, 70_000), min_size=1, max_size=6),
-    stalls=st.lists(st.booleans(), min_size=1, max_size=4).map(lambda s: [*s, False]),
-    v5=st.booleans(),
-)
-@hypothesis_settings(max_examples=60, deadline=None)
-def test_read_buffer_cuts_oversized_publishes_wherever_the_stream_splits(
-    sizes: list[int], chunks: list[int], stalls: list[bool], v5: bool
-) -> None:
-    from gateway.mqtt import _BufferedSocket
-
-    limit = 65_536
-    stream, want = b"", []
-    for i, size in enumerate(sizes):
-        payload = bytes([65 + i % 26]) * size
-        pkt = _publish_packet(b"sensors/d/data", i + 1, payload, v5, props=b"\x23\x00\x05" if v5 else b"")
-        ping = mqtt_packet(0xD0, b"")  # a PINGRESP between publishes passes untouched
-        stream += pkt + ping
-        want.append(pkt if len(pkt) <= limit else _publish_packet(b"sensors/d/data", i + 1, payload[:65536], v5))
-        want.append(ping)
-    sock = _BufferedSocket(_ChunkedRaw(stream, chunks, stalls), max_packet=limit, v5=v5)
-    assert _read_like_paho(sock) == want
-    assert sock.publishes == len(sizes)
-    assert sock.truncated == {i + 1: size for i, size in enumerate(sizes) if size > 60_000}
 
 
 async def test_oversized_publish_is_kept_as_truncated_reject_without_holding_it(
