@@ -35,6 +35,7 @@ import trio_asyncio
 
 from gateway import metrics
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -154,7 +155,7 @@ ORDER BY ord
 RETURNING id, created_at
 """
 _READ_EVENTS = """
-SELECT id, type, data, created_at, device_id FROM events
+SELECT id, type, data::text, created_at, device_id FROM events
 WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR device_id = $3)
 ORDER BY id LIMIT $4
 """
@@ -598,7 +599,11 @@ class PostgresStore:
         """Events with ``id > after_id`` in id order, optionally filtered by type and device."""
         type_list = sorted(types) if types is not None else None
         rows = await self._run(lambda conn: conn.fetch(_READ_EVENTS, after_id, type_list, device_id, limit))
-        return [Event(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        out = []
+        for r in rows:
+            raw = r[2].encode()  # the text as stored: parsed once, and reused for the SSE frame
+            out.append(Event(r[0], r[1], loads(raw), r[3], r[4], raw))
+        return out
 
     async def event_bounds(self) -> tuple[int, int]:
         """(oldest kept id, newest id); (0, 0) when there are none."""
@@ -804,7 +809,7 @@ async def _select_one(conn: Conn) -> None:
 async def _init_connection(conn: Conn) -> None:
     # Reads decode json/jsonb to Python; writes pass JSON text with ::jsonb casts.
     for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=loads, schema="pg_catalog")
 
 
 async def _apply_migrations(conn: Conn) -> list[Migration]:
@@ -835,15 +840,18 @@ async def _append(conn: Conn, events: list[NewEvent]) -> list[Event]:
     if not events:
         return []
     await conn.execute(_LOCK_EVENTS)
+    encoded = [e.json if e.json is not None else dumps(e.data) for e in events]
     rows = await conn.fetch(
         _INSERT_EVENTS,
         [e.type for e in events],
-        [json.dumps(e.data) for e in events],
+        [raw.decode() for raw in encoded],
         [e.device_id for e in events],
         [e.message_id for e in events],
     )
     rows = sorted(rows, key=lambda r: r[0])  # ids were taken in input order
-    return [Event(r[0], e.type, e.data, r[1], e.device_id) for r, e in zip(rows, events, strict=True)]
+    return [
+        Event(r[0], e.type, e.data, r[1], e.device_id, raw) for r, e, raw in zip(rows, events, encoded, strict=True)
+    ]
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -25,6 +25,7 @@ import trio
 
 from gateway import metrics
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -91,6 +92,7 @@ _MARK_FAILED = (
     " WHERE id = ? AND lease_owner = ?"
 )
 _INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_id) VALUES (?, ?, ?, ?, ?)"
+_LAST_EVENT_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
 _EVENT_COLS = "id, type, data, created_at, device_id"
 _REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
 _BACKLOG = (
@@ -479,7 +481,11 @@ class SqliteStore:
         sql = f"SELECT {_EVENT_COLS} FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
         params.append(limit)
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [Event(r[0], r[1], json.loads(r[2]), ts_parse(r[3]), r[4]) for r in rows]
+        out = []
+        for r in rows:
+            raw = r[2].encode()
+            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw))
+        return out
 
     async def event_bounds(self) -> tuple[int, int]:
         """(oldest kept id, newest id); (0, 0) when there are none."""
@@ -668,14 +674,26 @@ def _statements(script: str) -> Iterator[str]:
 
 
 def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
+    """Insert ``events`` with one executemany (inside the caller's transaction); returns them with ids."""
+    if not events:
+        return []
     now = now_utc()
     now_text = ts_text(now)
-    out = []
-    for e in events:
-        cur = conn.execute(_INSERT_EVENT, (e.type, json.dumps(e.data), now_text, e.device_id, e.message_id))
-        assert cur.lastrowid is not None
-        out.append(Event(cur.lastrowid, e.type, e.data, now, e.device_id))
-    return out
+    encoded = [e.json if e.json is not None else dumps(e.data) for e in events]
+    row = conn.execute(_LAST_EVENT_ID).fetchone()
+    before = row[0] if row else 0
+    conn.executemany(
+        _INSERT_EVENT,
+        [(e.type, raw.decode(), now_text, e.device_id, e.message_id) for e, raw in zip(events, encoded, strict=True)],
+    )
+    # We hold the write lock, so the AUTOINCREMENT ids of these rows follow ``before`` one by one.
+    after = conn.execute(_LAST_EVENT_ID).fetchone()[0]
+    if after != before + len(events):
+        raise StoreCorrupt(f"event ids not consecutive: {before} + {len(events)} != {after}")
+    return [
+        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw)
+        for n, (e, raw) in enumerate(zip(events, encoded, strict=True))
+    ]
 
 
 def _message(r: Any) -> StoredMessage:
@@ -685,7 +703,7 @@ def _message(r: Any) -> StoredMessage:
         device_ts=ts_parse(r[2]),
         received_at=ts_parse(r[3]),
         seq=r[4],
-        measurements=json.loads(r[5]),
+        measurements=loads(r[5]),
         status=r[6],
         battery=r[7],
         source=r[8],
