@@ -10,8 +10,9 @@ Resource bounds (a client must not be able to make the gateway hold memory for i
 
 - Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
   refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
-- Between the hub and the socket a stream holds at most ``_BUFFER`` events and one write of about
-  ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
+- Between the hub and the socket a stream holds at most ``_BUFFER`` + 1 batches of at most
+  ``_BATCH_EVENTS`` events (each batch is what waited for the client when the pump took it) and
+  one write of about ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
 - A client that stops reading: its write blocks, the response stops taking events, and once the pump
   has waited ``send_timeout`` to hand one over it ends the subscription and counts
   ``gateway_sse_stuck_total``. Hypercorn shields its socket writes from cancellation, so the blocked
@@ -39,8 +40,9 @@ from gateway.store.base import Event
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BUFFER = 16
-_CHUNK_BYTES = 16 * 1024
+_BUFFER = 1  # batches between the pump and the response (besides the one being written)
+_BATCH_EVENTS = 1000  # events per batch at most (the hub's buffer per subscriber is about as many)
+_CHUNK_BYTES = 64 * 1024
 LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
 
 
@@ -165,7 +167,7 @@ class SseStreams:
             if slot is not None:
                 slot.release()
             return
-        send, recv = trio.open_memory_channel[Event](_BUFFER)
+        send, recv = trio.open_memory_channel[list[Event]](_BUFFER)
         try:
             pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
         except BaseException:
@@ -179,28 +181,35 @@ class SseStreams:
             # clients can rely on hearing from the server that often.
             next_beat = trio.current_time() + heartbeat
             while True:
-                item: Event | None = None
+                batch: list[Event] | None = None
                 with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
                     try:
-                        item = await recv.receive()
+                        batch = await recv.receive()
                     except trio.EndOfChannel:
                         break
                 # Yield outside the cancel scope: a generator must not suspend inside one.
-                if item is None:
+                if batch is None:
                     next_beat = trio.current_time() + heartbeat
                     yield HEARTBEAT
-                else:
-                    # Send what is already waiting in the same chunk: one write per burst (the
-                    # processor commits events in batches) instead of one per event.
-                    # Bounded in bytes: a write to a client that stopped reading holds one chunk.
-                    chunk = [encode_event(item)]
-                    size = len(chunk[0])
-                    while size < _CHUNK_BYTES:
-                        try:
-                            chunk.append(encode_event(recv.receive_nowait()))
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        size += len(chunk[-1])
+                    continue
+                # Every event waiting goes out in one write (the processor commits in batches),
+                # the frames as the hub built them once for all subscribers. Bounded in bytes:
+                # a write to a client that stopped reading holds one chunk.
+                chunk: list[bytes] = []
+                size = 0
+                while True:
+                    for event in batch:
+                        frame = encode_event(event)
+                        chunk.append(frame)
+                        size += len(frame)
+                        if size >= _CHUNK_BYTES:
+                            yield b"".join(chunk)
+                            chunk, size = [], 0
+                    try:
+                        batch = recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if chunk:
                     yield b"".join(chunk)
         finally:
             self.open -= 1
@@ -213,7 +222,7 @@ class SseStreams:
         self,
         hub: Any,
         subscribe: dict[str, Any],
-        send: trio.MemorySendChannel[Event],
+        send: trio.MemorySendChannel[list[Event]],
         send_timeout: float,
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
@@ -225,11 +234,15 @@ class SseStreams:
                     nursery.start_soon(self._cancel_on_close, nursery.cancel_scope)
                     try:
                         async with hub.subscribe(**subscribe) as events:
-                            async for event in events:
+                            while True:
+                                try:
+                                    batch = await events.batch(_BATCH_EVENTS)
+                                except StopAsyncIteration:
+                                    break
                                 # The response takes events as fast as the socket accepts them:
                                 # waiting this long means the client stopped reading.
                                 with trio.move_on_after(send_timeout) as waited:
-                                    await send.send(event)
+                                    await send.send(batch)
                                 if waited.cancelled_caught:
                                     metrics.SSE_STUCK.inc()
                                     log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
