@@ -101,6 +101,8 @@ _BACKLOG = (
     " FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
 )
 
+# The writer's durability (see _connect; lease-only writes opt out in _transaction).
+_SYNCHRONOUS = "FULL"
 # Read-only connections beside the writer: API reads wait for each other, never for the writer.
 _READERS = 2
 # DELETE of the oldest expired rows, one batch per transaction (the writer is held briefly).
@@ -196,7 +198,7 @@ class SqliteStore:
             if str(self._path) != ":memory:":
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
-            pragmas = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")
+            pragmas = ("PRAGMA journal_mode=WAL", f"PRAGMA synchronous={_SYNCHRONOUS}")
             self._conn = self._open(pragmas, self._over_deadline)
         return self._conn
 
@@ -586,7 +588,7 @@ class SqliteStore:
         def claim(conn: sqlite3.Connection) -> list[_Leased]:
             now = now_utc()
             now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
-            with _transaction(conn):
+            with _transaction(conn, durable=False):  # a lost lease is only claimed again
                 rows = conn.execute(sql, (owner, until, now_text, now_text, limit)).fetchall()
             return sorted((row(r) for r in rows), key=lambda item: item.id)
 
@@ -597,16 +599,18 @@ class SqliteStore:
     async def renew_outbox(self, owner: str, lease_seconds: float) -> int:
         """Extend every lease ``owner`` holds; returns how many."""
         until = ts_text(now_utc() + timedelta(seconds=lease_seconds))
-        return await self._write(_RENEW_OUTBOX, (until, owner))
+        return await self._write(_RENEW_OUTBOX, (until, owner), durable=False)
 
     async def release_outbox(self, owner: str) -> int:
         """Drop every lease ``owner`` holds; returns how many."""
-        return await self._write(_RELEASE_OUTBOX, (owner,))
+        return await self._write(_RELEASE_OUTBOX, (owner,), durable=False)
 
     async def outbox_done(self, ids: list[int]) -> None:
         """Delete rows the broker confirmed."""
         if ids:
-            await self._write("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+            # Not durable: a row a power loss brings back is sent again (at least once).
+            sql = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
+            await self._write(sql, (json.dumps(ids),), durable=False)
 
     async def outbox_failed(self, failures: list[PublishFailure]) -> None:
         """Record refusals (attempts+1, last_error, retry time or dead); releases the leases."""
@@ -627,9 +631,9 @@ class SqliteStore:
         pending, oldest, dead = await self._call(lambda conn: conn.execute(_OUTBOX_STATS).fetchone())
         return OutboxStats(pending, ts_parse(oldest) if oldest else None, dead)
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+    async def _write(self, sql: str, params: tuple[Any, ...], *, durable: bool = True) -> int:
         def write(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with _transaction(conn, durable=durable):
                 return conn.execute(sql, params).rowcount
 
         return await self._call(write)
@@ -648,16 +652,29 @@ class _Reader:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so a busy database fails at BEGIN, not mid-way.
-    conn.execute("BEGIN IMMEDIATE")
+def _transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error).
+
+    ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``: ~0.1 ms of CPU
+    and 0.5 ms less per commit here), for writes a power loss may undo harmlessly: taking or
+    renewing a lease, deleting a confirmed outbox row (sent again: at least once). The next
+    durable commit syncs the log with these frames in it; a crash of the process loses nothing.
+    """
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        # IMMEDIATE takes the write lock up front, so a busy database fails at BEGIN, not mid-way.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS}")
 
 
 def _statements(script: str) -> Iterator[str]:
