@@ -279,8 +279,8 @@ class Processor:
                 try:
                     if action.whole_message:
                         event = action.build(message, w.as_json(), w.as_bytes())
-                    else:
-                        event = action.build(message, w.as_json())
+                    else:  # a selection reads the message's fields; a renaming starts from its JSON
+                        event = action.build(message, w.as_json() if action.fields is None else None)
                 except Exception as exc:
                     w.error = ActionFailed("sse", f"rule {p.rule}: {type(exc).__name__}: {exc}")
                     break

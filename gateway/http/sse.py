@@ -10,9 +10,9 @@ Resource bounds (a client must not be able to make the gateway hold memory for i
 
 - Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
   refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
-- Between the hub and the socket a stream holds at most ``_BUFFER`` + 1 batches of at most
-  ``_BATCH_EVENTS`` events (each batch is what waited for the client when the pump took it) and
-  one write of about ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
+- Between the hub and the socket a stream holds the frames of at most ``_BATCH_EVENTS`` events
+  in the pump (encoded as soon as it takes them: bytes, not event objects) and one write of about
+  ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
 - A client that stops reading: its write blocks, the response stops taking events, and once the pump
   has waited ``send_timeout`` to hand one over it ends the subscription and counts
   ``gateway_sse_stuck_total``. Hypercorn shields its socket writes from cancellation, so the blocked
@@ -35,14 +35,12 @@ from hypercorn.config import Config, Sockets
 from gateway import metrics
 from gateway.http.errors import ApiError
 from gateway.sse import encode_comment, encode_event, encode_retry
-from gateway.store.base import Event
 
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BUFFER = 1  # batches between the pump and the response (besides the one being written)
-_BATCH_EVENTS = 1000  # events per batch at most (the hub's buffer per subscriber is about as many)
-_CHUNK_BYTES = 64 * 1024
+_BATCH_EVENTS = 100  # events the pump takes at once (a replay page; ~45 KB of frames)
+_CHUNK_BYTES = 64 * 1024  # one write gathers the pump's waiting batches up to about this much
 LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
 
 
@@ -167,7 +165,8 @@ class SseStreams:
             if slot is not None:
                 slot.release()
             return
-        send, recv = trio.open_memory_channel[list[Event]](_BUFFER)
+        # Unbuffered: the pump holds the next batch while the response writes one.
+        send, recv = trio.open_memory_channel[bytes](0)
         try:
             pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
         except BaseException:
@@ -181,36 +180,28 @@ class SseStreams:
             # clients can rely on hearing from the server that often.
             next_beat = trio.current_time() + heartbeat
             while True:
-                batch: list[Event] | None = None
+                frames: bytes | None = None
                 with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
                     try:
-                        batch = await recv.receive()
+                        frames = await recv.receive()
                     except trio.EndOfChannel:
                         break
                 # Yield outside the cancel scope: a generator must not suspend inside one.
-                if batch is None:
+                if frames is None:
                     next_beat = trio.current_time() + heartbeat
                     yield HEARTBEAT
                     continue
-                # Every event waiting goes out in one write (the processor commits in batches),
-                # the frames as the hub built them once for all subscribers. Bounded in bytes:
-                # a write to a client that stopped reading holds one chunk.
-                chunk: list[bytes] = []
-                size = 0
-                while True:
-                    for event in batch:
-                        frame = encode_event(event)
-                        chunk.append(frame)
-                        size += len(frame)
-                        if size >= _CHUNK_BYTES:
-                            yield b"".join(chunk)
-                            chunk, size = [], 0
+                # Everything waiting goes out in one write (the processor commits in batches).
+                # Bounded in bytes: a write to a client that stopped reading holds one chunk.
+                chunk = [frames]
+                size = len(frames)
+                while size < _CHUNK_BYTES:
                     try:
-                        batch = recv.receive_nowait()
+                        chunk.append(recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                if chunk:
-                    yield b"".join(chunk)
+                    size += len(chunk[-1])
+                yield b"".join(chunk)
         finally:
             self.open -= 1
             pump_scope.cancel()
@@ -222,7 +213,7 @@ class SseStreams:
         self,
         hub: Any,
         subscribe: dict[str, Any],
-        send: trio.MemorySendChannel[list[Event]],
+        send: trio.MemorySendChannel[bytes],
         send_timeout: float,
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
@@ -235,14 +226,16 @@ class SseStreams:
                     try:
                         async with hub.subscribe(**subscribe) as events:
                             while True:
+                                # Frames as the hub built them once for all subscribers (live), or
+                                # from the stored JSON (replay); only the bytes are held from here.
                                 try:
-                                    batch = await events.batch(_BATCH_EVENTS)
+                                    frames = b"".join([encode_event(e) for e in await events.batch(_BATCH_EVENTS)])
                                 except StopAsyncIteration:
                                     break
                                 # The response takes events as fast as the socket accepts them:
                                 # waiting this long means the client stopped reading.
                                 with trio.move_on_after(send_timeout) as waited:
-                                    await send.send(batch)
+                                    await send.send(frames)
                                 if waited.cancelled_caught:
                                     metrics.SSE_STUCK.inc()
                                     log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
