@@ -35,6 +35,7 @@ import trio
 from gateway import metrics
 from gateway.backoff import Backoff
 from gateway.errors import StoreUnavailable
+from gateway.sse import framed
 from gateway.store.base import Event, Store
 from gateway.wake import Nudge
 
@@ -107,15 +108,30 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
+        return (await self.batch(1))[0]
+
+    async def batch(self, limit: int = 1 << 30) -> list[Event]:
+        """The next events, at least one and at most ``limit``: waits for the first, then takes
+        every one already waiting (the rest of a replay page, or what the live channel holds),
+        so a consumer handles a burst in one step. Raises StopAsyncIteration as iteration ends.
+
+        Cancel-safe like ``__anext__``: once an event is taken nothing awaits, so a cancelled
+        step has taken nothing.
+        """
         if not self.started:
             await self._start()
+        out: list[Event] = []
         while True:
-            if self._pending:
-                event = self._pending.popleft()
+            pending = self._pending
+            while pending and len(out) < limit:
+                event = pending.popleft()
                 if event.id > self._cursor or event.type == "reset":
                     self._cursor = max(self._cursor, event.id)
-                    return event
-                continue
+                    out.append(event)
+            if out:
+                if not pending and not self._replaying:
+                    self._take_live(out, limit)
+                return out
             if self.dropped:
                 raise StopAsyncIteration
             if self._replaying:
@@ -133,7 +149,22 @@ class Subscription:
                 raise StopAsyncIteration from None
             if event.id > self._cursor:
                 self._cursor = event.id
-                return event
+                out.append(event)
+                self._take_live(out, limit)
+                return out
+
+    def _take_live(self, out: list[Event], limit: int) -> None:
+        """Append the live events already waiting (no wait; the end of the channel is left for
+        the next step to see)."""
+        recv = self._recv
+        while len(out) < limit:
+            try:
+                event = recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if event.id > self._cursor:
+                self._cursor = event.id
+                out.append(event)
 
     def _attach(self) -> None:
         """Register with the hub now: live events above its current position are ours."""
@@ -305,6 +336,9 @@ class Hub:
     def _fan_out(self, page: list[Event]) -> None:
         # Synchronous on purpose: no checkpoint between reading the position and sending, so a
         # subscriber registering concurrently sees either all of this page or none of it.
+        if self._subscribers:
+            # Each event's SSE frame is built here once, not once per subscriber.
+            page = [framed(e) for e in page]
         for sub in list(self._subscribers):
             for event in page:
                 if event.id <= self._position or not sub.matches(event):

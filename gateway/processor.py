@@ -26,8 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,7 @@ from gateway.actions import ActionFailed, MqttAction, ScriptAction, SseAction
 from gateway.backoff import Backoff, retry_delay
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.health import ComponentHealth
+from gateway.jsonenc import dumps
 from gateway.retention import DEFAULT_POLICY, RetentionPolicy, prune_expired
 from gateway.rules import PlannedAction, RuleSet, load_rules
 from gateway.settings import ProcessorSettings
@@ -49,17 +50,35 @@ log = logging.getLogger("gateway.processor")
 _STATS_EVERY = 5.0  # seconds between backlog queries (health detail, gauges)
 _PRUNE_EVERY = 300.0  # seconds between retention runs (events, rejects, messages)
 _SCRIPTS_AT_ONCE = 4  # messages whose scripts run concurrently
+_PLAN_SLICE = 100  # messages planned between two yields to the other tasks (~1 ms of work)
 
 
-@dataclass
 class _Work:
     """One claimed message on its way through a run."""
 
-    message: StoredMessage
-    planned: list[PlannedAction]
-    events: list[tuple[PlannedAction, NewEvent]] = field(default_factory=list)
-    as_json: dict[str, Any] | None = None  # message.to_json(), computed once for all its actions
-    error: ActionFailed | None = None
+    __slots__ = ("_bytes", "_json", "error", "events", "message", "planned")
+
+    def __init__(
+        self, message: StoredMessage, planned: Sequence[PlannedAction], error: ActionFailed | None = None
+    ) -> None:
+        self.message = message
+        self.planned = planned
+        self.events: list[tuple[PlannedAction, NewEvent]] = []
+        self.error = error
+        self._json: dict[str, Any] | None = None
+        self._bytes: bytes | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """``message.to_json()``, computed once for all its actions."""
+        if self._json is None:
+            self._json = self.message.to_json()
+        return self._json
+
+    def as_bytes(self) -> bytes:
+        """:meth:`as_json` encoded once: the event row, its SSE frame and the MQTT payload share it."""
+        if self._bytes is None:
+            self._bytes = dumps(self.as_json())
+        return self._bytes
 
 
 class Processor:
@@ -200,7 +219,7 @@ class Processor:
 
     async def _process(self, batch: list[StoredMessage]) -> None:
         rules = self._rules
-        work = [self._plan(rules, m) for m in batch]
+        work = await self._plan_all(rules, batch)
         scripted = [w for w in work if w.error is None and any(isinstance(p.action, ScriptAction) for p in w.planned)]
         if scripted:
             async with trio.open_nursery() as nursery:
@@ -209,20 +228,21 @@ class Processor:
         processed: list[int] = []
         failures: list[Failure] = []
         new_events: list[NewEvent] = []
+        done: list[_Work] = []
         now = datetime.now(UTC)
         for w in work:
             if w.error is None:
                 processed.append(w.message.id)
                 new_events.extend(e for _, e in w.events)
+                done.append(w)
             else:
                 failures.append(self._failure(w, now))
-        done = [w for w in work if w.error is None]
         publishes = self._publishes(done)
         stored = await self._store.complete(self.owner, processed, failures, new_events, publishes)
         metrics.PROCESSOR_PROCESSED.inc(len(processed))
         self.processed += len(processed)
-        for ev in stored:
-            metrics.EVENTS_APPENDED.labels(ev.type).inc()
+        for kind, count in Counter(ev.type for ev in stored).items():
+            metrics.EVENTS_APPENDED.labels(kind).inc(count)
         if stored and self._on_committed is not None:
             self._on_committed(stored)
         if stored and self._on_events is not None:
@@ -230,22 +250,41 @@ class Processor:
         if publishes is not None and self._on_outbox is not None:
             self._on_outbox()
 
-    def _plan(self, rules: RuleSet, message: StoredMessage) -> _Work:
-        """Evaluate the rules and build the events (pure); a failure is recorded on the work item."""
-        try:
-            planned = rules.evaluate(message)
-        except Exception as exc:  # a bug in a predicate must not stop the loop
-            return _Work(message, [], error=ActionFailed("rules", f"{type(exc).__name__}: {exc}"))
+    async def _plan_all(self, rules: RuleSet, batch: list[StoredMessage]) -> list[_Work]:
+        """Plan every message of the batch, yielding to other tasks every ``_PLAN_SLICE``
+        messages so a large batch never holds the loop for long (latency of SSE and ingest)."""
+        fixed = rules.fixed
+        work: list[_Work] = []
+        for start in range(0, len(batch), _PLAN_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            for message in batch[start : start + _PLAN_SLICE]:
+                work.append(self._plan(rules, fixed, message))
+        return work
+
+    def _plan(self, rules: RuleSet, fixed: Sequence[PlannedAction] | None, message: StoredMessage) -> _Work:
+        """Evaluate the rules (``fixed``: the plan when no condition decides) and build the
+        events (pure); a failure is recorded on the work item."""
+        if fixed is not None:
+            planned: Sequence[PlannedAction] = fixed
+        else:
+            try:
+                planned = rules.evaluate(message)
+            except Exception as exc:  # a bug in a predicate must not stop the loop
+                return _Work(message, (), ActionFailed("rules", f"{type(exc).__name__}: {exc}"))
         w = _Work(message, planned)
-        if planned:
-            w.as_json = message.to_json()
         for p in planned:
-            if isinstance(p.action, SseAction):
+            action = p.action
+            if isinstance(action, SseAction):
                 try:
-                    w.events.append((p, p.action.build(message, w.as_json)))
+                    if action.whole_message:
+                        event = action.build(message, w.as_json(), w.as_bytes())
+                    else:  # a selection reads the message's fields; a renaming starts from its JSON
+                        event = action.build(message, w.as_json() if action.fields is None else None)
                 except Exception as exc:
                     w.error = ActionFailed("sse", f"rule {p.rule}: {type(exc).__name__}: {exc}")
                     break
+                w.events.append((p, event))
         return w
 
     async def _run_scripts(self, w: _Work) -> None:
@@ -308,13 +347,19 @@ class Processor:
             ids = _event_ids(done, stored)
             out: list[NewPublish] = []
             for w in done:
+                mine = ids.get(w.message.id)
                 for p in w.planned:
-                    if not isinstance(p.action, MqttAction):
+                    action = p.action
+                    if not isinstance(action, MqttAction):
                         continue
-                    mine = ids.get(w.message.id, {})
-                    event_id = mine.get(p.rule, mine.get(None))
+                    event_id = None if mine is None else mine.get(p.rule, mine.get(None))
                     try:
-                        payload = p.action.render(w.message, rule=p.rule, event_id=event_id, as_json=w.as_json)
+                        if action.payload is None:
+                            payload = action.render(
+                                w.message, rule=p.rule, event_id=event_id, as_json=w.as_json(), as_bytes=w.as_bytes()
+                            )
+                        else:
+                            payload = action.render(w.message, rule=p.rule, event_id=event_id, as_json=w.as_json())
                     except (GatewayError, ValueError, TypeError) as exc:
                         # One bad payload must not fail the batch's commit: count and log it.
                         metrics.PROCESSOR_FAILED.labels("mqtt").inc()
@@ -326,7 +371,7 @@ class Processor:
                             str(exc),
                         )
                         continue
-                    out.append(NewPublish(payload, p.action.subtopic, w.message.id, event_id))
+                    out.append(NewPublish(payload, action.subtopic, w.message.id, event_id))
             return out
 
         return build
@@ -359,20 +404,30 @@ def _event_ids(done: list[_Work], stored: list[Event]) -> dict[int, dict[str | N
     The store returns the appended events in the order given, leaving out those of messages whose
     lease was lost; so the planned events are matched in order, by content when some are missing.
     """
-    planned = [(w.message.id, p.rule, e) for w in done for p, e in w.events]
     out: dict[int, dict[str | None, int]] = {}
-    if len(planned) != len(stored):
-        log.warning("lease lost for some messages planned_events=%d stored=%d", len(planned), len(stored))
-    exact = len(planned) == len(stored)
+    planned = sum(len(w.events) for w in done)
+    if planned == len(stored):
+        # Every event was stored, in order: take their ids one by one.
+        j = 0
+        for w in done:
+            if w.events:
+                ids: dict[str | None, int] = {None: stored[j].id}
+                for rule, _ in w.events:
+                    ids.setdefault(rule.rule, stored[j].id)
+                    j += 1
+                out[w.message.id] = ids
+        return out
+    log.warning("lease lost for some messages planned_events=%d stored=%d", planned, len(stored))
     j = 0
-    for message_id, rule, new in planned:
-        if j >= len(stored):
-            break
-        ev = stored[j]
-        if not exact and (ev.type, ev.device_id, ev.data) != (new.type, new.device_id, new.data):
-            continue
-        j += 1
-        ids = out.setdefault(message_id, {})
-        ids.setdefault(rule, ev.id)
-        ids.setdefault(None, ev.id)
+    for w in done:
+        for p, new in w.events:
+            if j >= len(stored):
+                return out
+            ev = stored[j]
+            if (ev.type, ev.device_id, ev.data) != (new.type, new.device_id, new.data):
+                continue
+            j += 1
+            found = out.setdefault(w.message.id, {})
+            found.setdefault(p.rule, ev.id)
+            found.setdefault(None, ev.id)
     return out

@@ -75,18 +75,39 @@ class PlannedAction:
 
 
 class RuleSet:
-    """An ordered list of rules. Immutable; hot reload swaps the whole set."""
+    """An ordered list of rules. Immutable; hot reload swaps the whole set.
+
+    ``fixed`` is the plan every message gets when no condition can change it (the default rules),
+    so a batch needs no evaluation; None when some rule's ``when`` decides.
+    """
 
     def __init__(self, rules: Sequence[Rule], *, source: Path | None = None) -> None:
         self.rules = tuple(rules)
         self.source = source
+        # Each rule's planned actions, built once (not per message).
+        self._plans = tuple(
+            (rule, tuple(PlannedAction(rule.name, i, a) for i, a in enumerate(rule.actions))) for rule in self.rules
+        )
+        self.fixed = self._fixed()
+
+    def _fixed(self) -> tuple[PlannedAction, ...] | None:
+        """The plan of every message when no condition can change it (no rule up to the first
+        stopping one has a ``when``, e.g. the default rules), else None."""
+        planned: list[PlannedAction] = []
+        for rule, actions in self._plans:
+            if rule.when is not None:
+                return None
+            planned.extend(actions)
+            if rule.stop:
+                break
+        return tuple(planned)
 
     def evaluate(self, message: StoredMessage) -> list[PlannedAction]:
         """The actions to run for ``message``, in rule order then action order."""
         planned: list[PlannedAction] = []
-        for rule in self.rules:
+        for rule, actions in self._plans:
             if rule.when is None or rule.when(message):
-                planned.extend(PlannedAction(rule.name, i, a) for i, a in enumerate(rule.actions))
+                planned.extend(actions)
                 if rule.stop:
                     break
         return planned

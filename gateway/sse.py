@@ -1,21 +1,33 @@
 """Server-Sent Events wire encoding (pure; no I/O).
 
 One event is ``id:``, ``event:`` and ``data:`` lines ended by a blank line. The data is compact JSON,
-which never contains a raw newline (``json.dumps`` escapes them), so one ``data:`` line always suffices.
+which never contains a raw newline (JSON escapes them), so one ``data:`` line always suffices.
 See the WHATWG HTML standard, "Server-sent events", for the format.
 """
 
 from __future__ import annotations
 
-import json
-
+from gateway.jsonenc import dumps
 from gateway.store.base import Event
 
 
 def encode_event(event: Event) -> bytes:
-    """Encode one event as an SSE frame: ``id: N``, ``event: TYPE``, ``data: JSON``, blank line."""
-    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False, default=str)
-    return f"id: {event.id}\nevent: {_one_line(event.type)}\ndata: {data}\n\n".encode()
+    """Encode one event as an SSE frame: ``id: N``, ``event: TYPE``, ``data: JSON``, blank line.
+
+    Reuses ``event.frame`` when the hub built it already, and ``event.json`` when the data is
+    encoded already.
+    """
+    if event.frame is not None:
+        return event.frame
+    data = event.json if event.json is not None else dumps(event.data)
+    return b"".join((b"id: ", str(event.id).encode(), b"\nevent: ", _type_line(event.type), b"\ndata: ", data, b"\n\n"))
+
+
+def framed(event: Event) -> Event:
+    """``event`` carrying its SSE frame (built once, then written to every subscriber)."""
+    if event.frame is not None:
+        return event
+    return Event(event.id, event.type, event.data, event.created_at, event.device_id, event.json, encode_event(event))
 
 
 def encode_comment(text: str = "") -> bytes:
@@ -28,6 +40,19 @@ def encode_retry(milliseconds: int) -> bytes:
     if milliseconds < 0:
         raise ValueError("retry must be >= 0 milliseconds")
     return f"retry: {int(milliseconds)}\n\n".encode()
+
+
+_TYPE_LINES: dict[str, bytes] = {}
+
+
+def _type_line(kind: str) -> bytes:
+    # Few distinct types: each is made one line and encoded once.
+    line = _TYPE_LINES.get(kind)
+    if line is None:
+        line = _one_line(kind).encode()
+        if len(_TYPE_LINES) < 256:
+            _TYPE_LINES[kind] = line
+    return line
 
 
 def _one_line(text: str) -> str:

@@ -381,3 +381,22 @@ async def test_committed_events_fan_out_without_a_store_read_only_when_gap_free(
             assert [e.id for e in got] == [other[0].id, mine[0].id]
             assert reads > reads_before
         nursery.cancel_scope.cancel()
+
+
+async def test_batch_takes_every_waiting_event_in_one_step(store: Store) -> None:
+    """``batch()`` hands over what waits (a replay page, then everything live) in id order, at most
+    ``limit`` at a time, with no gap or repeat against ``__anext__``."""
+    first = await store.append_events(new_events(0, 30))
+    async with running_hub(store, replay_limit=20) as hub:
+        async with hub.subscribe(last_event_id=first[4].id, types=None, device_id=None) as sub:
+            with trio.fail_after(10):
+                page = await sub.batch()
+                assert [e.id for e in page] == [e.id for e in first[5:25]]  # one replay page
+                assert (await sub.__anext__()).id == first[25].id
+                assert [e.id for e in await sub.batch()] == [e.id for e in first[26:]]
+                live = await append(store, hub, new_events(30, 50))
+                got = await sub.batch(limit=10)
+                assert [e.id for e in got] == [e.id for e in live[:10]]
+                got = await sub.batch()
+                assert [e.id for e in got] == [e.id for e in live[10:]]  # the rest, in one step
+                assert all(e.frame is not None for e in got)  # framed once by the hub

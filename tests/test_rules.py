@@ -187,3 +187,30 @@ def test_example_rules_file_loads() -> None:
     assert len(rs) >= 3
     hot = msg(measurements={"temperature": 35.0})
     assert "high-temperature" in [p.rule for p in rs.evaluate(hot)]
+
+
+def test_fixed_plan_only_when_no_condition_decides() -> None:
+    rs = load_rules(None)
+    assert rs.fixed is not None and list(rs.fixed) == rs.evaluate(msg())
+    assert rules('[[rule]]\nname = "a"\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
+                 'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]').fixed is None
+    # A condition after a stopping rule never decides.
+    rs = rules('[[rule]]\nname = "a"\nstop = true\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
+               'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]')
+    assert rs.fixed is not None and [p.rule for p in rs.fixed] == ["a"] == names(rs, msg())
+
+
+def test_default_payload_embeds_the_one_encoding() -> None:
+    from gateway.jsonenc import dumps
+
+    m = msg()
+    as_json = m.to_json()
+    for event_id in (7, None):
+        for rule in ("default", 'quo"te é'):
+            fast = MqttAction().render(m, rule=rule, event_id=event_id, as_json=as_json, as_bytes=dumps(as_json))
+            assert fast == MqttAction().render(m, rule=rule, event_id=event_id)
+            assert json.loads(fast) == {"event_id": event_id, "type": "packet", "rule": rule, "data": as_json}
+    ev = SseAction().build(m, as_json, dumps(as_json))
+    assert ev.data is as_json and ev.json == dumps(as_json)
+    renamed = SseAction(rename={"device_id": "dev"}).build(m, as_json, dumps(as_json))
+    assert renamed.json is not None and json.loads(renamed.json) == renamed.data and "dev" in renamed.data

@@ -44,3 +44,17 @@ def test_comment_and_retry() -> None:
     assert encode_retry(3000) == b"retry: 3000\n\n"
     with pytest.raises(ValueError):
         encode_retry(-1)
+
+
+def test_frame_reuses_the_stored_encoding_and_is_built_once() -> None:
+    from gateway.sse import framed
+
+    data = {"device_id": "d1", "t": 21.5}
+    raw = b'{"device_id":"d1","t":21.5}'
+    ev = Event(id=7, type="packet", data=data, created_at=datetime.now(UTC), json=raw)
+    frame = encode_event(ev)
+    assert frame == b"id: 7\nevent: packet\ndata: " + raw + b"\n\n"
+    assert json.loads(_parse(frame)["data"]) == data
+    once = framed(ev)
+    assert once.frame == frame and once == ev  # same event; the frame is a cache
+    assert encode_event(once) is once.frame and framed(once) is once

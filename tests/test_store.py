@@ -3,6 +3,7 @@ PostgreSQL-only concurrency tests (SKIP LOCKED claims, commit-order event ids, L
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -433,3 +434,44 @@ async def test_sqlite_synchronous_full(tmp_path: Path) -> None:
     finally:
         await st.aclose()
     assert (mode, level) == ("wal", 2)  # 2 = FULL
+
+
+async def test_events_carry_their_encoding(store: Store) -> None:
+    """The stored event hands on the JSON it was stored with; a replay read gives the same data."""
+    [o] = await store.write_batch([msg(n=1)], [])
+    await store.claim("a", 1, 30)
+    raw = b'{"id":%d,"t":21.5,"note":"\\u00e9"}' % o.id
+    data = {"id": o.id, "t": 21.5, "note": "é"}
+    [ev] = await store.complete("a", [o.id], [], [NewEvent("packet", data, o.id, json=raw)])
+    assert ev.json == raw
+    [alert] = await store.append_events([NewEvent("alert", {"x": [1, None]})])
+    assert alert.json is not None and json.loads(alert.json) == {"x": [1, None]}
+    read = await store.read_events(0, 10)
+    assert [(e.id, e.data) for e in read] == [(ev.id, data), (alert.id, {"x": [1, None]})]
+    assert all(e.json is not None and json.loads(e.json) == e.data for e in read)
+
+
+async def test_sqlite_lease_writes_leave_the_writer_durable(tmp_path: Path) -> None:
+    """Claims and outbox leases commit without waiting for the disk; every other write still does."""
+    from gateway.store.sqlite import SqliteStore
+
+    st = SqliteStore(db_settings(f"sqlite:///{tmp_path}/gateway.db"))
+
+    async def level() -> int:
+        value: int = await st._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+        return value
+
+    try:
+        await st.migrate()
+        [o] = await st.write_batch([msg(n=1)], [])
+        assert [m.id for m in await st.claim("a", 5, 30)] == [o.id]
+        assert await level() == 2  # FULL again after the claim
+        await st.claim_outbox("p", 5, 30)
+        await st.renew_outbox("p", 30)
+        await st.outbox_done([1])
+        assert await level() == 2
+        with pytest.raises(StoreCorrupt):
+            await st._lease("UPDATE nope SET x = 1", lambda r: r, "a", 1, 30)
+        assert await level() == 2  # restored after a failed lease write too
+    finally:
+        await st.aclose()

@@ -7,7 +7,7 @@ delivery is at least once, and that id lets subscribers deduplicate redeliveries
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.actions.base import only_keys
 from gateway.actions.template import Context, Template
+from gateway.jsonenc import dumps
 from gateway.store.base import StoredMessage
 
 _SUBTOPIC = re.compile(r"^[^+#/\x00][^+#\x00]*(?<!/)$")
@@ -55,14 +56,38 @@ class MqttAction:
         rule: str,
         event_id: int | None,
         as_json: dict[str, Any] | None = None,
+        as_bytes: bytes | None = None,
     ) -> bytes:
-        """The JSON payload for ``message`` (``as_json``: its ``to_json()`` if the caller has it)."""
+        """The JSON payload for ``message``.
+
+        ``as_json``: its ``to_json()`` if the caller has it; ``as_bytes``: that dict encoded
+        (:func:`gateway.jsonenc.dumps`), which the default payload embeds as it is.
+        """
         value: Any
         if self.payload is None:
+            if as_bytes is not None:
+                # The same bytes as encoding the dict below, without encoding the message again.
+                return b"".join(
+                    (
+                        b'{"event_id":',
+                        b"null" if event_id is None else str(event_id).encode(),
+                        b',"type":"packet","rule":',
+                        _json_text(rule),
+                        b',"data":',
+                        as_bytes,
+                        b"}",
+                    )
+                )
             data = as_json if as_json is not None else message.to_json()
             value = {"event_id": event_id, "type": "packet", "rule": rule, "data": data}
         else:
             value = self.payload.render(Context(message=message, rule=rule, event_id=event_id))
             if isinstance(value, dict) and "event_id" not in value:
                 value = {"event_id": event_id, **value}
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return dumps(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _json_text(text: str) -> bytes:
+    # Rule names: few, each encoded once.
+    return dumps(text)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.actions.base import DATA_FIELDS, check_field, field_value, only_keys
+from gateway.jsonenc import dumps
 from gateway.store.base import NewEvent, StoredMessage
 
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -61,15 +62,28 @@ class SseAction:
             raise ValueError(f"rename names fields not selected: {sorted(unknown)}")
         return cls(event=event, fields=fields, rename=dict(rename))
 
-    def build(self, message: StoredMessage, as_json: dict[str, Any] | None = None) -> NewEvent:
-        """The event for ``message`` (not yet stored, so without an id).
+    @property
+    def whole_message(self) -> bool:
+        """Whether the event's data is the whole message as the API returns it (no selection, no
+        renaming): then it can share the message's one JSON encoding."""
+        return self.fields is None and not self.rename
 
-        ``as_json``: ``message.to_json()`` when the caller already has it (saves work per action).
+    def build(
+        self, message: StoredMessage, as_json: dict[str, Any] | None = None, as_bytes: bytes | None = None
+    ) -> NewEvent:
+        """The event for ``message`` (not yet stored, so without an id), its data encoded.
+
+        ``as_json``: ``message.to_json()`` when the caller already has it, and ``as_bytes`` its
+        encoding (used for a :attr:`whole_message` event); shared, never modified.
         """
-        if self.fields is None:
-            data = dict(as_json) if as_json is not None else message.to_json()
-            if self.rename:
-                data = {self.rename.get(k, k): v for k, v in data.items()}
+        if self.whole_message:
+            data = as_json if as_json is not None else message.to_json()
+            raw = as_bytes if as_bytes is not None and as_json is not None else dumps(data)
         else:
-            data = {self.rename.get(f, f): field_value(message, f) for f in self.fields}
-        return NewEvent(type=self.event, data=data, message_id=message.id, device_id=message.device_id)
+            if self.fields is None:
+                whole = as_json if as_json is not None else message.to_json()
+                data = {self.rename.get(k, k): v for k, v in whole.items()}
+            else:
+                data = {self.rename.get(f, f): field_value(message, f) for f in self.fields}
+            raw = dumps(data)
+        return NewEvent(type=self.event, data=data, message_id=message.id, device_id=message.device_id, json=raw)

@@ -10,7 +10,8 @@ Resource bounds (a client must not be able to make the gateway hold memory for i
 
 - Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
   refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
-- Between the hub and the socket a stream holds at most ``_BUFFER`` events and one write of about
+- Between the hub and the socket a stream holds the frames of at most ``_BATCH_EVENTS`` events
+  in the pump (encoded as soon as it takes them: bytes, not event objects) and one write of about
   ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
 - A client that stops reading: its write blocks, the response stops taking events, and once the pump
   has waited ``send_timeout`` to hand one over it ends the subscription and counts
@@ -34,13 +35,12 @@ from hypercorn.config import Config, Sockets
 from gateway import metrics
 from gateway.http.errors import ApiError
 from gateway.sse import encode_comment, encode_event, encode_retry
-from gateway.store.base import Event
 
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BUFFER = 16
-_CHUNK_BYTES = 16 * 1024
+_BATCH_EVENTS = 100  # events the pump takes at once (a replay page; ~45 KB of frames)
+_CHUNK_BYTES = 64 * 1024  # one write gathers the pump's waiting batches up to about this much
 LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
 
 
@@ -165,7 +165,8 @@ class SseStreams:
             if slot is not None:
                 slot.release()
             return
-        send, recv = trio.open_memory_channel[Event](_BUFFER)
+        # Unbuffered: the pump holds the next batch while the response writes one.
+        send, recv = trio.open_memory_channel[bytes](0)
         try:
             pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
         except BaseException:
@@ -179,29 +180,28 @@ class SseStreams:
             # clients can rely on hearing from the server that often.
             next_beat = trio.current_time() + heartbeat
             while True:
-                item: Event | None = None
+                frames: bytes | None = None
                 with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
                     try:
-                        item = await recv.receive()
+                        frames = await recv.receive()
                     except trio.EndOfChannel:
                         break
                 # Yield outside the cancel scope: a generator must not suspend inside one.
-                if item is None:
+                if frames is None:
                     next_beat = trio.current_time() + heartbeat
                     yield HEARTBEAT
-                else:
-                    # Send what is already waiting in the same chunk: one write per burst (the
-                    # processor commits events in batches) instead of one per event.
-                    # Bounded in bytes: a write to a client that stopped reading holds one chunk.
-                    chunk = [encode_event(item)]
-                    size = len(chunk[0])
-                    while size < _CHUNK_BYTES:
-                        try:
-                            chunk.append(encode_event(recv.receive_nowait()))
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        size += len(chunk[-1])
-                    yield b"".join(chunk)
+                    continue
+                # Everything waiting goes out in one write (the processor commits in batches).
+                # Bounded in bytes: a write to a client that stopped reading holds one chunk.
+                chunk = [frames]
+                size = len(frames)
+                while size < _CHUNK_BYTES:
+                    try:
+                        chunk.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    size += len(chunk[-1])
+                yield b"".join(chunk)
         finally:
             self.open -= 1
             pump_scope.cancel()
@@ -213,7 +213,7 @@ class SseStreams:
         self,
         hub: Any,
         subscribe: dict[str, Any],
-        send: trio.MemorySendChannel[Event],
+        send: trio.MemorySendChannel[bytes],
         send_timeout: float,
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
@@ -225,11 +225,17 @@ class SseStreams:
                     nursery.start_soon(self._cancel_on_close, nursery.cancel_scope)
                     try:
                         async with hub.subscribe(**subscribe) as events:
-                            async for event in events:
+                            while True:
+                                # Frames as the hub built them once for all subscribers (live), or
+                                # from the stored JSON (replay); only the bytes are held from here.
+                                try:
+                                    frames = b"".join([encode_event(e) for e in await events.batch(_BATCH_EVENTS)])
+                                except StopAsyncIteration:
+                                    break
                                 # The response takes events as fast as the socket accepts them:
                                 # waiting this long means the client stopped reading.
                                 with trio.move_on_after(send_timeout) as waited:
-                                    await send.send(event)
+                                    await send.send(frames)
                                 if waited.cancelled_caught:
                                     metrics.SSE_STUCK.inc()
                                     log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)

@@ -137,23 +137,34 @@ class StoredReject:
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """An event to append for SSE replay. ``message_id`` ties it to the message that produced it."""
+    """An event to append for SSE replay. ``message_id`` ties it to the message that produced it.
+
+    ``json``: ``data`` already encoded (:func:`gateway.jsonenc.dumps`), when the caller has it; the
+    store writes these bytes and hands them on with the stored event, so nothing encodes it again.
+    """
 
     type: str
     data: dict[str, Any]
     message_id: int | None = None
     device_id: str | None = None
+    json: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A stored event. ``id`` only grows, in commit order, across every instance."""
+    """A stored event. ``id`` only grows, in commit order, across every instance.
+
+    ``json``: ``data`` as compact JSON when known (as stored); ``frame``: the whole SSE frame,
+    when the hub built it once for all its subscribers (:func:`gateway.sse.framed`).
+    """
 
     id: int
     type: str
     data: dict[str, Any]
     created_at: datetime
     device_id: str | None = None
+    json: bytes | None = field(default=None, compare=False, repr=False)
+    frame: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

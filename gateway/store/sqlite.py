@@ -25,6 +25,7 @@ import trio
 
 from gateway import metrics
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -91,6 +92,7 @@ _MARK_FAILED = (
     " WHERE id = ? AND lease_owner = ?"
 )
 _INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_id) VALUES (?, ?, ?, ?, ?)"
+_LAST_EVENT_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
 _EVENT_COLS = "id, type, data, created_at, device_id"
 _REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
 _BACKLOG = (
@@ -99,6 +101,8 @@ _BACKLOG = (
     " FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
 )
 
+# The writer's durability (see _connect; lease-only writes opt out in _transaction).
+_SYNCHRONOUS = "FULL"
 # Read-only connections beside the writer: API reads wait for each other, never for the writer.
 _READERS = 2
 # DELETE of the oldest expired rows, one batch per transaction (the writer is held briefly).
@@ -194,7 +198,7 @@ class SqliteStore:
             if str(self._path) != ":memory:":
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             # FULL: in WAL mode NORMAL can lose a committed (already acked) transaction on power loss.
-            pragmas = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")
+            pragmas = ("PRAGMA journal_mode=WAL", f"PRAGMA synchronous={_SYNCHRONOUS}")
             self._conn = self._open(pragmas, self._over_deadline)
         return self._conn
 
@@ -479,7 +483,11 @@ class SqliteStore:
         sql = f"SELECT {_EVENT_COLS} FROM events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
         params.append(limit)
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [Event(r[0], r[1], json.loads(r[2]), ts_parse(r[3]), r[4]) for r in rows]
+        out = []
+        for r in rows:
+            raw = r[2].encode()
+            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw))
+        return out
 
     async def event_bounds(self) -> tuple[int, int]:
         """(oldest kept id, newest id); (0, 0) when there are none."""
@@ -580,7 +588,7 @@ class SqliteStore:
         def claim(conn: sqlite3.Connection) -> list[_Leased]:
             now = now_utc()
             now_text, until = ts_text(now), ts_text(now + timedelta(seconds=lease_seconds))
-            with _transaction(conn):
+            with _transaction(conn, durable=False):  # a lost lease is only claimed again
                 rows = conn.execute(sql, (owner, until, now_text, now_text, limit)).fetchall()
             return sorted((row(r) for r in rows), key=lambda item: item.id)
 
@@ -591,16 +599,18 @@ class SqliteStore:
     async def renew_outbox(self, owner: str, lease_seconds: float) -> int:
         """Extend every lease ``owner`` holds; returns how many."""
         until = ts_text(now_utc() + timedelta(seconds=lease_seconds))
-        return await self._write(_RENEW_OUTBOX, (until, owner))
+        return await self._write(_RENEW_OUTBOX, (until, owner), durable=False)
 
     async def release_outbox(self, owner: str) -> int:
         """Drop every lease ``owner`` holds; returns how many."""
-        return await self._write(_RELEASE_OUTBOX, (owner,))
+        return await self._write(_RELEASE_OUTBOX, (owner,), durable=False)
 
     async def outbox_done(self, ids: list[int]) -> None:
         """Delete rows the broker confirmed."""
         if ids:
-            await self._write("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+            # Not durable: a row a power loss brings back is sent again (at least once).
+            sql = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
+            await self._write(sql, (json.dumps(ids),), durable=False)
 
     async def outbox_failed(self, failures: list[PublishFailure]) -> None:
         """Record refusals (attempts+1, last_error, retry time or dead); releases the leases."""
@@ -621,9 +631,9 @@ class SqliteStore:
         pending, oldest, dead = await self._call(lambda conn: conn.execute(_OUTBOX_STATS).fetchone())
         return OutboxStats(pending, ts_parse(oldest) if oldest else None, dead)
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+    async def _write(self, sql: str, params: tuple[Any, ...], *, durable: bool = True) -> int:
         def write(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
+            with _transaction(conn, durable=durable):
                 return conn.execute(sql, params).rowcount
 
         return await self._call(write)
@@ -642,16 +652,29 @@ class _Reader:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so a busy database fails at BEGIN, not mid-way.
-    conn.execute("BEGIN IMMEDIATE")
+def _transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error).
+
+    ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``: ~0.1 ms of CPU
+    and 0.5 ms less per commit here), for writes a power loss may undo harmlessly: taking or
+    renewing a lease, deleting a confirmed outbox row (sent again: at least once). The next
+    durable commit syncs the log with these frames in it; a crash of the process loses nothing.
+    """
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        # IMMEDIATE takes the write lock up front, so a busy database fails at BEGIN, not mid-way.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS}")
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -668,14 +691,26 @@ def _statements(script: str) -> Iterator[str]:
 
 
 def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
+    """Insert ``events`` with one executemany (inside the caller's transaction); returns them with ids."""
+    if not events:
+        return []
     now = now_utc()
     now_text = ts_text(now)
-    out = []
-    for e in events:
-        cur = conn.execute(_INSERT_EVENT, (e.type, json.dumps(e.data), now_text, e.device_id, e.message_id))
-        assert cur.lastrowid is not None
-        out.append(Event(cur.lastrowid, e.type, e.data, now, e.device_id))
-    return out
+    encoded = [e.json if e.json is not None else dumps(e.data) for e in events]
+    row = conn.execute(_LAST_EVENT_ID).fetchone()
+    before = row[0] if row else 0
+    conn.executemany(
+        _INSERT_EVENT,
+        [(e.type, raw.decode(), now_text, e.device_id, e.message_id) for e, raw in zip(events, encoded, strict=True)],
+    )
+    # We hold the write lock, so the AUTOINCREMENT ids of these rows follow ``before`` one by one.
+    after = conn.execute(_LAST_EVENT_ID).fetchone()[0]
+    if after != before + len(events):
+        raise StoreCorrupt(f"event ids not consecutive: {before} + {len(events)} != {after}")
+    return [
+        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw)
+        for n, (e, raw) in enumerate(zip(events, encoded, strict=True))
+    ]
 
 
 def _message(r: Any) -> StoredMessage:
@@ -685,7 +720,7 @@ def _message(r: Any) -> StoredMessage:
         device_ts=ts_parse(r[2]),
         received_at=ts_parse(r[3]),
         seq=r[4],
-        measurements=json.loads(r[5]),
+        measurements=loads(r[5]),
         status=r[6],
         battery=r[7],
         source=r[8],
