@@ -10,11 +10,14 @@ import time
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
 from gateway import metrics
 from gateway.errors import PacketInvalid, StoreError, StoreRefused
+from gateway.http.auth import Principal
+from gateway.http.cache import CachedBody
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import (
@@ -44,7 +47,7 @@ from gateway.packets import (
     packet_json_schema,
     parse_packet,
 )
-from gateway.store.base import MessageQuery, NewReject
+from gateway.store.base import Backlog, MessageQuery, NewReject
 
 log = logging.getLogger("gateway.http")
 
@@ -55,6 +58,7 @@ _CURSOR_RE = re.compile(CURSOR_PATTERN)
 _TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
+BACKLOG_EVERY = 1.0  # seconds /ping reuses the backlog figures: monitors poll, the database needn't
 
 
 def ctx() -> AppContext:
@@ -200,35 +204,66 @@ async def ping() -> Response:
     Each component shows its state and a generic ``cause`` code; the error text (which names users
     and hosts) only to admin keys. 503 with status ``starting`` until every component has started.
     """
-    c = ctx()
     _args(frozenset())
+    status, body = await ping_body(ctx(), g.get("principal"))
+    return Response(body, status=status, content_type=JSON)
+
+
+async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, bytes]:
+    """``/ping``'s status code and JSON body (also served by the raw route, gateway.http.fast).
+
+    Reads memory only, but for the backlog (keys only), which comes from the database at most
+    once a second (:func:`_backlog`).
+    """
     status = c.health.overall
     body: dict[str, Any] = {"status": status, "time": _now()}
-    principal = g.get("principal")
     if principal is not None:
-        backlog: dict[str, Any] | None
-        try:
-            cached = c.live.backlog
-            if cached is not None and time.monotonic() - cached[0] < 1.0:
-                b = cached[1]
-            else:
-                b = await c.store.backlog()
-                c.live.backlog = (time.monotonic(), b)
-            lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
-            backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
-        except StoreError:
-            backlog = None
+        backlog: dict[str, Any] | None = None
+        b = await _backlog(c)
+        if b is None:
             if status == "ok":
                 body["status"] = "degraded"
+        else:
+            lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
+            backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
         body.update(
             version=c.version,
             uptime_seconds=round(time.time() - c.health.started_at, 3),
             components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
             sse_clients=int(getattr(c.hub, "clients", 0)),
-            devices=len(c.live.latest()),
+            devices=c.live.devices,
         )
-    return json_response(body, 503 if status == "starting" else 200)
+    return 503 if status == "starting" else 200, json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _backlog(c: AppContext) -> Backlog | None:
+    """The store's backlog (None: the store failed), read at most once a second whatever the
+    request rate.
+
+    One request reads it; requests meanwhile get the previous figures (or, before the first one,
+    wait for that read). A failure is kept for the second too.
+    """
+    live = c.live
+    while True:
+        cached = live.backlog
+        if cached is not None and (time.monotonic() - cached[0] < BACKLOG_EVERY or live.backlog_reading is not None):
+            return cast(Backlog | None, cached[1])
+        if live.backlog_reading is None:
+            break
+        await live.backlog_reading.wait()
+    live.backlog_reading = done = trio.Event()
+    try:
+        b: Backlog | None
+        try:
+            b = await c.store.backlog()
+        except StoreError:
+            b = None
+        live.backlog = (time.monotonic(), b)
+    finally:  # cancelled too: whoever waits reads it themselves
+        live.backlog_reading = None
+        done.set()
+    return b
 
 
 @api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
@@ -281,21 +316,65 @@ async def messages() -> Response:
         value=value,
         cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
     )
-    generation = c.live.generation
-    cached = c.live.get(query)
-    if cached is None:
-        try:
-            page = await c.store.query_messages(query)
-        except ValueError:
-            raise _bad("cursor", "malformed cursor") from None
-        items = [m.to_json() for m in page.items]
-        body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
-        text = json.dumps(body, separators=(",", ":"))
-        cached = c.live.put(query, generation, text.encode())
+    try:
+        cached = await _page(c, query)
+    except ValueError:
+        raise _bad("cursor", "malformed cursor") from None
     headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
     if cached.etag in _etags(request.headers.get("If-None-Match")):
         return Response(b"", status=304, headers=headers)
     return Response(cached.body, status=200, content_type=JSON, headers=headers)
+
+
+async def _page(c: AppContext, query: MessageQuery) -> CachedBody:
+    """The page ``query`` asks for, from the cache when fresh enough (see gateway.http.cache).
+
+    A page past half its life is rebuilt in the background (nobody waits for it); a page nobody
+    has is read once however many requests ask for it at the same time.
+    """
+    live = c.live
+    while True:
+        cached, refresh = live.lookup(query)
+        if cached is not None:
+            if refresh:
+                tasks: trio.Nursery | None = current_app.extensions.get("gateway.tasks")
+                if tasks is not None:
+                    tasks.start_soon(_rebuild, c, query)
+                else:  # not served by gateway.http.serve (no task owner): rebuild inline
+                    await _rebuild(c, query)
+            return cached
+        build = live.building(query)
+        if build is None:
+            return await _build(c, query)
+        await build.done.wait()
+        if live.building(query) is None and live.get(query) is None:
+            return await _build(c, query)  # that read failed or came too late: read ourselves
+
+
+async def _build(c: AppContext, query: MessageQuery) -> CachedBody:
+    """Read the page, encode it once and cache it."""
+    live = c.live
+    build = live.begin(query)
+    try:
+        page = await c.store.query_messages(query)
+        items = [m.to_json() for m in page.items]
+        body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
+        # The seam for a faster encoder: one call per page, bytes out.
+        text = json.dumps(body, separators=(",", ":")).encode()
+        return live.put(query, build.generation, text, started=build.started)
+    finally:
+        live.end(query, build)
+
+
+async def _rebuild(c: AppContext, query: MessageQuery) -> None:
+    """A background rebuild: a failure leaves the cached page to expire (the next request that
+    misses reads it and reports the error)."""
+    try:
+        await _build(c, query)
+    except StoreError as exc:
+        log.debug("background page rebuild failed: %s", exc)
+    except Exception:  # a bug: logged, but it must not take the server down
+        log.exception("background page rebuild failed")
 
 
 def _etags(header: str | None) -> set[str]:
