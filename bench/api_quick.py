@@ -4,9 +4,10 @@ being ingested meanwhile), and, in the same run, a bare hypercorn trio-worker AS
 
 Needs ``wrk`` (``apt-get install wrk``). Each server runs in its own process; wrk in a third.
 
-    python bench/api_quick.py [--duration 8] [--connections 50] [--threads 2] [--ingest-rate 1000]
+    python bench/api_quick.py [--duration 8] [--connections 50] [--threads 2] [--ingest-rate 1000] [--rate 200]
 
-Prints one line per target and the ratios to the hello-world. Never a pass/fail gate.
+Prints one line per target and the ratios to the hello-world; the last line offers ``--rate`` requests/s
+of ``/messages`` on 10 connections (latency at that load, not at saturation). Never a pass/fail gate.
 """
 
 from __future__ import annotations
@@ -183,8 +184,15 @@ def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     return proc, json.loads(line)
 
 
-def _wrk(url: str, headers: list[str], opts: argparse.Namespace, lua: Path) -> dict[str, float]:
-    cmd = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{opts.duration}s", "-s", str(lua)]
+def _wrk(
+    url: str, headers: list[str], opts: argparse.Namespace, lua: Path, rate: float | None = None
+) -> dict[str, float]:
+    connections = min(opts.connections, 10) if rate else opts.connections
+    if rate:  # wrk's delay() hook paces each connection: connections / rate seconds per request
+        paced = lua.with_name("paced.lua")
+        paced.write_text(f"delay = function() return {connections * 1000 / rate:.3f} end\n" + _LUA)
+        lua = paced
+    cmd = ["wrk", f"-t{opts.threads}", f"-c{connections}", f"-d{opts.duration}s", "-s", str(lua)]
     for h in headers:
         cmd += ["-H", h]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
@@ -208,6 +216,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ingest-rate", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=200, help="requests/s offered in the paced /messages run")
     parser.add_argument("--child", choices=["hello", "gateway"])
     parser.add_argument("--workdir")
     opts = parser.parse_args()
@@ -230,6 +239,9 @@ def main() -> None:
                 "GET /api/v1/ping (with key)": _wrk(g_info["url"] + "/api/v1/ping", key, opts, lua),
                 "GET /api/v1/messages?limit=100": _wrk(
                     g_info["url"] + "/api/v1/messages?limit=100", key, opts, lua
+                ),
+                f"GET /api/v1/messages?limit=100 @{opts.rate}/s": _wrk(
+                    g_info["url"] + "/api/v1/messages?limit=100", key, opts, lua, opts.rate
                 ),
             }
         finally:

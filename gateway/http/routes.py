@@ -17,7 +17,7 @@ from quart import Quart, Response, current_app, g, request
 from gateway import metrics
 from gateway.errors import PacketInvalid, StoreError, StoreRefused
 from gateway.http.auth import Principal
-from gateway.http.cache import CachedBody
+from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import (
@@ -337,24 +337,29 @@ async def _page(c: AppContext, query: MessageQuery) -> CachedBody:
         cached, refresh = live.lookup(query)
         if cached is not None:
             if refresh:
+                # Registered now, not when the task starts: the next requests see it under way.
+                rebuild = live.begin(query)
                 tasks: trio.Nursery | None = current_app.extensions.get("gateway.tasks")
-                if tasks is not None:
-                    tasks.start_soon(_rebuild, c, query)
-                else:  # not served by gateway.http.serve (no task owner): rebuild inline
-                    await _rebuild(c, query)
+                try:
+                    if tasks is None:  # not served by gateway.http.serve (no task owner): inline
+                        await _rebuild(c, query, rebuild)
+                    else:
+                        tasks.start_soon(_rebuild, c, query, rebuild)
+                except RuntimeError:  # the server is stopping: no rebuild
+                    live.end(query, rebuild)
             return cached
-        build = live.building(query)
-        if build is None:
-            return await _build(c, query)
-        await build.done.wait()
+        pending = live.building(query)
+        if pending is None:
+            return await _build(c, query, live.begin(query))
+        await pending.done.wait()
         if live.building(query) is None and live.get(query) is None:
-            return await _build(c, query)  # that read failed or came too late: read ourselves
+            # That read failed or came too late to be cached: read ourselves.
+            return await _build(c, query, live.begin(query))
 
 
-async def _build(c: AppContext, query: MessageQuery) -> CachedBody:
-    """Read the page, encode it once and cache it."""
+async def _build(c: AppContext, query: MessageQuery, build: Build) -> CachedBody:
+    """Read the page (``build``: registered with ``live.begin``), encode it once and cache it."""
     live = c.live
-    build = live.begin(query)
     try:
         page = await c.store.query_messages(query)
         items = [m.to_json() for m in page.items]
@@ -366,11 +371,11 @@ async def _build(c: AppContext, query: MessageQuery) -> CachedBody:
         live.end(query, build)
 
 
-async def _rebuild(c: AppContext, query: MessageQuery) -> None:
+async def _rebuild(c: AppContext, query: MessageQuery, build: Build) -> None:
     """A background rebuild: a failure leaves the cached page to expire (the next request that
     misses reads it and reports the error)."""
     try:
-        await _build(c, query)
+        await _build(c, query, build)
     except StoreError as exc:
         log.debug("background page rebuild failed: %s", exc)
     except Exception:  # a bug: logged, but it must not take the server down
