@@ -400,3 +400,17 @@ async def test_ping_raw_route_answers_like_the_quart_route(api: ApiServer) -> No
     async with api.client("read") as c:
         text = (await c.get("/metrics")).text
     assert 'gateway_http_requests_total{method="GET",route="/api/v1/ping",status="200"}' in text
+
+
+async def test_messages_raw_route_answers_like_the_quart_route(api: ApiServer) -> None:
+    await _post_many(api, 3)
+    async with api.client("read") as c:
+        raw = await c.get("/api/v1/messages", params={"limit": 2})  # answered by gateway.http.fast
+        head = await c.head("/api/v1/messages", params={"limit": 2})  # HEAD goes on to Quart
+        r304 = await c.get("/api/v1/messages", params={"limit": 2}, headers={"If-None-Match": raw.headers["etag"]})
+    same = ("content-type", "cache-control", "etag", "x-content-type-options")
+    assert raw.status_code == head.status_code == 200 and len(raw.json()["items"]) == 2
+    assert {h: raw.headers[h] for h in same} == {h: head.headers[h] for h in same}
+    assert r304.status_code == 304 and r304.content == b"" and r304.headers["etag"] == raw.headers["etag"]
+    async with api.client() as anonymous:
+        assert_problem(await anonymous.get("/api/v1/messages"), 401, "auth_missing")  # handed on to Quart

@@ -199,7 +199,7 @@ async def _serve_on(
     async with trio.open_nursery() as nursery:
         await nursery.start(streams.run)
         app.extensions["gateway.tasks"] = nursery  # background work of requests (page rebuilds)
-        front = FastRoutes(app, app.extensions["gateway.ctx"], app.extensions["gateway.gate"])
+        front = FastRoutes(app, app.extensions["gateway.ctx"], app.extensions["gateway.gate"], app.extensions)
 
         async def _server(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             await worker_serve(

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -58,6 +59,7 @@ _CURSOR_RE = re.compile(CURSOR_PATTERN)
 _TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
+PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
 BACKLOG_EVERY = 1.0  # seconds /ping reuses the backlog figures: monitors poll, the database needn't
 
 
@@ -87,11 +89,11 @@ def _bad(param: str, detail: str) -> ApiError:
     return ApiError(400, "query_invalid", f"{param}: {detail}", parameter=param)
 
 
-def _args(allowed: frozenset[str]) -> dict[str, str]:
-    """The query parameters, each at most once and all known."""
+def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
+    """The query parameters (of this request, or ``given``), each at most once and all known."""
     out: dict[str, str] = {}
-    for name in request.args:
-        values = request.args.getlist(name)
+    source = given if given is not None else request.args.lists()
+    for name, values in source.items() if isinstance(source, Mapping) else source:
         if name not in allowed:
             raise _bad(name, "unknown parameter")
         if len(values) != 1:
@@ -294,7 +296,21 @@ async def messages() -> Response:
     invalidate; send If-None-Match with the ETag to get 304.
     """
     c = ctx()
-    args = _args(frozenset(MessagesQuery.model_fields))
+    query = message_query()
+    try:
+        cached = await page_of(c, query, current_app.extensions.get("gateway.tasks"))
+    except ValueError:
+        raise _bad("cursor", "malformed cursor") from None
+    headers = {"ETag": cached.etag, "Cache-Control": PAGE_CACHE_CONTROL}
+    if not_modified(cached, request.headers.get("If-None-Match")):
+        return Response(b"", status=304, headers=headers)
+    return Response(cached.body, status=200, content_type=JSON, headers=headers)
+
+
+def message_query(given: Mapping[str, list[str]] | None = None) -> MessageQuery:
+    """The query of a ``/messages`` request (its parameters, or ``given``); ApiError names a
+    wrong parameter."""
+    args = _args(frozenset(MessagesQuery.model_fields), given)
     limit = _int(args, "limit", 100, 1, 1000)
     assert limit is not None
     start, end = _time(args, "start_time"), _time(args, "end_time")
@@ -307,7 +323,7 @@ async def messages() -> Response:
             raise _bad("value", "needs key")
         if not 1 <= len(value) <= 256:
             raise _bad("value", "must be 1 to 256 characters")
-    query = MessageQuery(
+    return MessageQuery(
         limit=limit,
         start_time=start,
         end_time=end,
@@ -316,21 +332,19 @@ async def messages() -> Response:
         value=value,
         cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
     )
-    try:
-        cached = await _page(c, query)
-    except ValueError:
-        raise _bad("cursor", "malformed cursor") from None
-    headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
-    if cached.etag in _etags(request.headers.get("If-None-Match")):
-        return Response(b"", status=304, headers=headers)
-    return Response(cached.body, status=200, content_type=JSON, headers=headers)
 
 
-async def _page(c: AppContext, query: MessageQuery) -> CachedBody:
+def not_modified(cached: CachedBody, if_none_match: str | None) -> bool:
+    """Whether the client's ``If-None-Match`` names this body's ETag (answer 304)."""
+    return cached.etag in _etags(if_none_match)
+
+
+async def page_of(c: AppContext, query: MessageQuery, tasks: trio.Nursery | None) -> CachedBody:
     """The page ``query`` asks for, from the cache when fresh enough (see gateway.http.cache).
 
-    A page past half its life is rebuilt in the background (nobody waits for it); a page nobody
-    has is read once however many requests ask for it at the same time.
+    A page past half its life is rebuilt in the background, in ``tasks`` (nobody waits for it); a
+    page nobody has is read once however many requests ask for it at the same time. Raises
+    ValueError for a malformed cursor, StoreError when the read fails.
     """
     live = c.live
     while True:
@@ -339,7 +353,6 @@ async def _page(c: AppContext, query: MessageQuery) -> CachedBody:
             if refresh:
                 # Registered now, not when the task starts: the next requests see it under way.
                 rebuild = live.begin(query)
-                tasks: trio.Nursery | None = current_app.extensions.get("gateway.tasks")
                 try:
                     if tasks is None:  # not served by gateway.http.serve (no task owner): inline
                         await _rebuild(c, query, rebuild)
