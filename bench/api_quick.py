@@ -4,15 +4,17 @@ being ingested meanwhile), and, in the same run, a bare hypercorn trio-worker AS
 
 Needs ``wrk`` (``apt-get install wrk``). Each server runs in its own process; wrk in a third.
 
-    python bench/api_quick.py [--duration 8] [--connections 50] [--threads 2] [--ingest-rate 1000]
+    python bench/api_quick.py [--duration 8] [--connections 50] [--threads 2] [--ingest-rate 1000] [--rate 200]
 
-Prints one line per target and the ratios to the hello-world. Never a pass/fail gate.
+Prints one line per target and the ratios to the hello-world; the last line offers ``--rate`` requests/s
+of ``/messages`` on 10 connections (latency at that load, not at saturation). Never a pass/fail gate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -183,14 +185,45 @@ def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
     return proc, json.loads(line)
 
 
-def _wrk(url: str, headers: list[str], opts: argparse.Namespace, lua: Path) -> dict[str, float]:
-    cmd = ["wrk", f"-t{opts.threads}", f"-c{opts.connections}", f"-d{opts.duration}s", "-s", str(lua)]
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far (``/proc``), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _background_cpu(pid: int, seconds: float = 2.0) -> float:
+    """CPU seconds per second ``pid`` spends without HTTP load (its ingest), to subtract."""
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)
+    return (_cpu_seconds(pid) - before) / seconds
+
+
+def _wrk(
+    url: str,
+    headers: list[str],
+    opts: argparse.Namespace,
+    lua: Path,
+    rate: float | None = None,
+    *,
+    pid: int,
+    background: float = 0.0,
+) -> dict[str, float]:
+    connections = min(opts.connections, 10) if rate else opts.connections
+    if rate:  # wrk's delay() hook paces each connection: connections / rate seconds per request
+        paced = lua.with_name("paced.lua")
+        paced.write_text(f"delay = function() return {connections * 1000 / rate:.3f} end\n" + _LUA)
+        lua = paced
+    cmd = ["wrk", f"-t{opts.threads}", f"-c{connections}", f"-d{opts.duration}s", "-s", str(lua)]
     for h in headers:
         cmd += ["-H", h]
+    cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    cpu = _cpu_seconds(pid) - cpu_before - background * (time.monotonic() - wall_before)
     stats = json.loads(out.strip().splitlines()[-1])
     seconds = stats["duration_us"] / 1e6
     return {
+        # The server's CPU per request (its ingest's share taken off): stable on a shared machine.
+        "cpu_us": cpu / max(1, stats["requests"]) * 1e6,
         "rps": stats["requests"] / seconds,
         "p50": stats["p50"] / 1000,
         "p95": stats["p95"] / 1000,
@@ -208,6 +241,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ingest-rate", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=200, help="requests/s offered in the paced /messages run")
     parser.add_argument("--child", choices=["hello", "gateway"])
     parser.add_argument("--workdir")
     opts = parser.parse_args()
@@ -224,13 +258,14 @@ def main() -> None:
         try:
             time.sleep(1.0)
             key = [f"X-API-Key: {g_info['key']}"]
+            gw_cpu = {"pid": gw.pid, "background": _background_cpu(gw.pid)}
+            messages = g_info["url"] + "/api/v1/messages?limit=100"
             results = {
-                "hello-world (bare ASGI, hypercorn trio)": _wrk(h_info["url"] + "/", [], opts, lua),
-                "GET /api/v1/ping (no key)": _wrk(g_info["url"] + "/api/v1/ping", [], opts, lua),
-                "GET /api/v1/ping (with key)": _wrk(g_info["url"] + "/api/v1/ping", key, opts, lua),
-                "GET /api/v1/messages?limit=100": _wrk(
-                    g_info["url"] + "/api/v1/messages?limit=100", key, opts, lua
-                ),
+                "hello-world (bare ASGI, hypercorn trio)": _wrk(h_info["url"] + "/", [], opts, lua, pid=hello.pid),
+                "GET /api/v1/ping (no key)": _wrk(g_info["url"] + "/api/v1/ping", [], opts, lua, **gw_cpu),
+                "GET /api/v1/ping (with key)": _wrk(g_info["url"] + "/api/v1/ping", key, opts, lua, **gw_cpu),
+                "GET /api/v1/messages?limit=100": _wrk(messages, key, opts, lua, **gw_cpu),
+                f"GET /api/v1/messages?limit=100 @{opts.rate}/s": _wrk(messages, key, opts, lua, opts.rate, **gw_cpu),
             }
         finally:
             for proc in (hello, gw):
@@ -241,13 +276,17 @@ def main() -> None:
         f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration}s; gateway ingesting "
         f"{opts.ingest_rate} msg/s (SQLite) meanwhile; 2 cores shared by all processes"
     )
+    print("(server CPU per request, ingest's share taken off: hello-world vs each target as 'cpu vs hello')")
     print(
         f"{'target':42} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'errors':>7}"
+        f" {'CPU us/req':>10} {'cpu vs hello':>12}"
     )
+    base_cpu = results["hello-world (bare ASGI, hypercorn trio)"]["cpu_us"]
     for name, r in results.items():
         print(
             f"{name:42} {r['rps']:9.0f} {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
-            f"{r['rps'] / base:9.2f} {int(r['errors'] + r['non2xx']):7d}"
+            f"{r['rps'] / base:9.2f} {int(r['errors'] + r['non2xx']):7d} {r['cpu_us']:10.0f} "
+            f"{base_cpu / r['cpu_us'] if r['cpu_us'] > 0 else float('nan'):12.2f}"
         )
 
 

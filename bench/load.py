@@ -33,19 +33,32 @@ def tool() -> str:
 
 
 async def load(
-    url: str, *, duration: float, connections: int = 50, headers: dict[str, str] | None = None, workdir: Path
+    url: str,
+    *,
+    duration: float,
+    connections: int = 50,
+    headers: dict[str, str] | None = None,
+    workdir: Path,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Hammer ``url`` for ``duration`` seconds with ``connections`` concurrent keep-alive connections."""
+    """Hammer ``url`` for ``duration`` seconds with ``connections`` concurrent keep-alive connections.
+
+    ``rate``: offer at most that many requests/s in all (each connection waits ``connections / rate``
+    seconds before each request) instead of as many as the server answers: latency at a given load.
+    """
+    pause = connections / rate if rate else 0.0
     if tool() == "wrk":
-        return await _wrk(url, duration, connections, headers or {}, workdir)
-    return await _httpx(url, duration, connections, headers or {})
+        return await _wrk(url, duration, connections, headers or {}, workdir, pause)
+    return await _httpx(url, duration, connections, headers or {}, pause)
 
 
 async def _wrk(
-    url: str, duration: float, connections: int, headers: dict[str, str], d: Path
+    url: str, duration: float, connections: int, headers: dict[str, str], d: Path, pause: float
 ) -> dict[str, Any]:
     script = d / "report.lua"
-    script.write_text(_WRK_LUA)
+    # wrk's delay() hook: milliseconds a connection waits before its next request.
+    paced = f"delay = function() return {pause * 1000:.3f} end\n" if pause else ""
+    script.write_text(paced + _WRK_LUA)
     cmd = [
         "wrk",
         "-t2",
@@ -77,7 +90,9 @@ async def _wrk(
     }
 
 
-async def _httpx(url: str, duration: float, connections: int, headers: dict[str, str]) -> dict[str, Any]:
+async def _httpx(
+    url: str, duration: float, connections: int, headers: dict[str, str], pause: float
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors = non2xx = 0
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -87,6 +102,8 @@ async def _httpx(url: str, duration: float, connections: int, headers: dict[str,
         async def worker() -> None:
             nonlocal errors, non2xx
             while time.monotonic() < deadline:
+                if pause:
+                    await trio.sleep(pause)
                 t0 = time.perf_counter()
                 try:
                     resp = await client.get(url)

@@ -149,7 +149,7 @@ class Gateway:
         self.outbox.wake()
 
     def _on_commit(self) -> None:
-        """New rows are committed: wake the processor, make cached API pages stale."""
+        """New rows are committed: wake the processor; cached API pages go stale within MAX_STALE."""
         self.nudge.set()
         self.ctx.live.invalidate()
 
@@ -161,7 +161,7 @@ class Gateway:
                 continue
             latest[message.device_id] = message.to_json(outcome.id)
         if latest:
-            self.ctx.live.stored(reversed(list(latest.values())))
+            self.ctx.live.remember(reversed(list(latest.values())))
 
     async def _serve_http(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the API; stop gracefully on a stop request. Runs until cancelled.

@@ -35,7 +35,7 @@ import trio
 
 from gateway import metrics
 from gateway.actions import ActionFailed, MqttAction, ScriptAction, SseAction
-from gateway.backoff import Backoff, retry_delay
+from gateway.backoff import Backoff
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps
@@ -324,7 +324,8 @@ class Processor:
                 error,
             )
             return Failure(m.id, error, None)
-        delay = retry_delay(attempt, self._settings.retry_min, self._settings.retry_max)
+        low = self._settings.retry_min
+        delay = Backoff(low, max(low, self._settings.retry_max)).delay(attempt - 1)  # attempt is 1-based
         log.warning(
             "processing failed message_id=%d device_id=%s action=%s attempt=%d/%d error=%r retry_in=%.2fs",
             m.id,

@@ -31,7 +31,7 @@ from typing import Protocol
 import trio
 
 from gateway import metrics
-from gateway.backoff import Backoff, retry_delay
+from gateway.backoff import Backoff
 from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.mqtt import OnPublished
@@ -237,7 +237,7 @@ class OutboxPublisher:
                 error,
             )
             return PublishFailure(row.id, error, None)
-        delay = retry_delay(attempt, s.publish_retry_min, s.publish_retry_max)
+        delay = Backoff(s.publish_retry_min, max(s.publish_retry_min, s.publish_retry_max)).delay(attempt - 1)
         metrics.OUTBOX_RETRIES.inc()
         log.warning(
             "publish refused outbox_id=%d message_id=%s event_id=%s attempt=%d/%d error=%r retry_in=%.2fs",

@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from gateway import metrics
+from gateway.backoff import Backoff
 from gateway.settings import SupervisorSettings
 
 log = logging.getLogger("gateway.supervisor")
@@ -50,14 +51,15 @@ class ComponentExited(RuntimeError):
         self.name = name
 
 
-def restart_delay(attempt: int, settings: SupervisorSettings, rng: random.Random) -> float:
-    """Delay before restart number ``attempt`` (0-based): exponential, capped, with equal jitter.
+def restart_backoff(settings: SupervisorSettings, rng: random.Random | None = None) -> Backoff:
+    """The delays between consecutive group restarts: exponential, capped, with equal jitter.
 
-    The result lies in ``[base/2, base]`` where ``base = min(restart_max, restart_min * 2**attempt)``,
-    so delays grow with each consecutive crash yet two instances do not restart in lockstep.
+    Restart ``n`` (0-based) waits in ``[base/2, base]`` where ``base = min(restart_max,
+    restart_min * 2**n)``, so delays grow with each consecutive crash yet two instances do not
+    restart in lockstep.
     """
-    base = min(settings.restart_max, settings.restart_min * (2.0 ** min(attempt, 62)))
-    return base / 2 + rng.uniform(0, base / 2)
+    low = settings.restart_min
+    return Backoff(low, max(low, settings.restart_max), jitter="equal", rng=rng)
 
 
 class Supervisor:
@@ -92,7 +94,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the group until :meth:`stop`; restart it after unexpected failures. Runs until stopped."""
-        attempt = 0
+        backoff = restart_backoff(self.settings, self._rng)
         ready_reported = False
         while not self._stopping:
             started_at = trio.current_time()
@@ -122,9 +124,8 @@ class Supervisor:
                 # Every component returned after being cancelled by nobody but us: nothing to do.
                 crashed = RuntimeError("group ended without a stop request")
             if trio.current_time() - started_at >= self.settings.restart_reset_after:
-                attempt = 0
-            delay = restart_delay(attempt, self.settings, self._rng)
-            attempt += 1
+                backoff.reset()
+            delay = backoff.next()
             self.restarts += 1
             self.delays.append(delay)
             failed = _failed_names(crashed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 import pytest
 import trio
@@ -74,3 +75,18 @@ async def test_retry_loop_timing_on_virtual_clock(autojump_clock: trio.testing.M
     for gap, ceiling in zip(gaps, [0.5, 1, 2, 4, 4, 4, 4], strict=True):
         assert 0.5 - 1e-9 <= gap <= ceiling + 1e-9
     assert trio.current_time() - start <= 0.5 + 1 + 2 + 4 * 5 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("jitter", "low"), [("floor", lambda c: 0.5), ("equal", lambda c: c / 2), ("full", lambda c: 0.0)]
+)
+def test_jitter_modes_and_delay_by_attempt(jitter: Any, low: Any) -> None:
+    """``delay(n)`` draws from the mode's range under attempt n's ceiling; ``next`` follows it."""
+    b = Backoff(0.5, 8, jitter=jitter, rng=random.Random(11))
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (4, 8.0), (10, 8.0), (10**6, 8.0)]:
+        assert b.ceiling(attempt) == ceiling
+        samples = [b.delay(attempt) for _ in range(200)]
+        assert all(low(ceiling) <= d <= ceiling for d in samples)
+        assert max(samples) - min(samples) >= (ceiling - low(ceiling)) / 2  # really spread
+    assert b.attempt == 0  # delay() keeps no count
+    assert [round(b.next(), 9) <= c for c in (0.5, 1, 2, 4, 8, 8)] == [True] * 6 and b.attempt == 6

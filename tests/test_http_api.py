@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from gateway.errors import StoreUnavailable
 from tests.support.http import ApiServer
@@ -73,8 +74,6 @@ async def test_post_unstorable_text_or_value_is_400_never_500(api: ApiServer) ->
     assert json.loads(page.items[0].payload) == packet(seq=13)
 
 
-
-
 async def test_post_packet_stores_wakes_processor_and_dedupes(api: ApiServer) -> None:
     async with api.client("write") as c:
         r = await c.post("/api/v1/packets", json=packet(seq=7))
@@ -98,9 +97,7 @@ async def test_post_invalid_packet_is_400_and_stored_as_reject(api: ApiServer) -
         body = assert_problem(r, 400, "packet_invalid")
         locs = {tuple(e["loc"]) for e in body["errors"]}
         assert ("status",) in locs and ("battery",) in locs
-        bad_json = await c.post(
-            "/api/v1/packets", content=b"{not json", headers={"Content-Type": "application/json"}
-        )
+        bad_json = await c.post("/api/v1/packets", content=b"{not json", headers={"Content-Type": "application/json"})
         assert assert_problem(bad_json, 400, "packet_invalid")["reason"] == "bad_json"
     page = await api.store.query_rejects(10)
     assert page.total == 2
@@ -113,9 +110,7 @@ async def test_post_packet_size_and_media_type(api: ApiServer) -> None:
     async with api.client("write") as c:
         big = packet(extra="x" * 70_000)
         assert_problem(await c.post("/api/v1/packets", json=big), 413, "payload_too_large")
-        r = await c.post(
-            "/api/v1/packets", content=json.dumps(packet()), headers={"Content-Type": "text/plain"}
-        )
+        r = await c.post("/api/v1/packets", content=json.dumps(packet()), headers={"Content-Type": "text/plain"})
         assert_problem(r, 415, "unsupported_media_type")
         r = await c.post("/api/v1/packets", content=json.dumps(packet()))
         assert_problem(r, 415, "unsupported_media_type")
@@ -159,9 +154,7 @@ async def test_ping_without_and_with_key(api: ApiServer) -> None:
         assert (await c.get("/api/v1/ping")).json()["status"] == "degraded"
 
 
-async def test_ping_reports_degraded_when_database_fails(
-    api: ApiServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_ping_reports_degraded_when_database_fails(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
     async def down() -> Any:
         raise StoreUnavailable("gone")
 
@@ -271,9 +264,7 @@ async def test_latest_reading_per_device(api: ApiServer) -> None:
 async def test_rejects_paging(api: ApiServer) -> None:
     async with api.client("write") as c:
         for i in range(3):
-            await c.post(
-                "/api/v1/packets", content=f'{{"bad": {i}}}', headers={"Content-Type": "application/json"}
-            )
+            await c.post("/api/v1/packets", content=f'{{"bad": {i}}}', headers={"Content-Type": "application/json"})
     async with api.client("read") as c:
         r = await c.get("/api/v1/rejects", params={"limit": 2})
         assert r.status_code == 200
@@ -367,3 +358,59 @@ async def test_cors_for_configured_origins_only(api_factory: Any) -> None:
             )
             assert r.status_code == 200
             assert "X-API-Key" in r.headers["access-control-allow-headers"]
+
+
+async def test_concurrent_misses_read_the_page_once(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _post_many(api, 2)
+    reads = 0
+    real = api.store.query_messages
+
+    async def slow(query: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        await trio.sleep(0.2)
+        return await real(query)
+
+    monkeypatch.setattr(api.store, "query_messages", slow)
+    bodies: list[bytes] = []
+    async with api.client("read") as c:
+
+        async def get() -> None:
+            r = await c.get("/api/v1/messages", params={"limit": 7})
+            assert r.status_code == 200
+            bodies.append(r.content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(get)
+    assert reads == 1 and len(set(bodies)) == 1 and json.loads(bodies[0])["total"] == 2
+
+
+async def test_ping_raw_route_answers_like_the_quart_route(api: ApiServer) -> None:
+    api.ctx.health.component("database").set("ok")
+    async with api.client("admin") as c:
+        raw = await c.get("/api/v1/ping")  # answered by gateway.http.fast
+        head = await c.head("/api/v1/ping")  # HEAD goes on to Quart
+        bad = await c.get("/api/v1/ping", params={"x": "1"})  # so does a query
+    assert raw.status_code == head.status_code == 200 and raw.json()["backlog"]["count"] == 0
+    same = ("content-type", "cache-control", "x-content-type-options")
+    assert {h: raw.headers[h] for h in same} == {h: head.headers[h] for h in same}
+    assert raw.headers["x-request-id"] != head.headers["x-request-id"]
+    assert_problem(bad, 400, "query_invalid")
+    async with api.client("read") as c:
+        text = (await c.get("/metrics")).text
+    assert 'gateway_http_requests_total{method="GET",route="/api/v1/ping",status="200"}' in text
+
+
+async def test_messages_raw_route_answers_like_the_quart_route(api: ApiServer) -> None:
+    await _post_many(api, 3)
+    async with api.client("read") as c:
+        raw = await c.get("/api/v1/messages", params={"limit": 2})  # answered by gateway.http.fast
+        head = await c.head("/api/v1/messages", params={"limit": 2})  # HEAD goes on to Quart
+        r304 = await c.get("/api/v1/messages", params={"limit": 2}, headers={"If-None-Match": raw.headers["etag"]})
+    same = ("content-type", "cache-control", "etag", "x-content-type-options")
+    assert raw.status_code == head.status_code == 200 and len(raw.json()["items"]) == 2
+    assert {h: raw.headers[h] for h in same} == {h: head.headers[h] for h in same}
+    assert r304.status_code == 304 and r304.content == b"" and r304.headers["etag"] == raw.headers["etag"]
+    async with api.client() as anonymous:
+        assert_problem(await anonymous.get("/api/v1/messages"), 401, "auth_missing")  # handed on to Quart

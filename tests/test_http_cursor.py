@@ -13,7 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.store._common import MAX_ID, decode_cursor, encode_cursor
+from gateway.store._query import MAX_ID, decode_cursor, encode_cursor
 from tests.support.http import ApiServer
 
 Factory = Callable[..., AbstractAsyncContextManager[ApiServer]]

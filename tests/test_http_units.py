@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from gateway.http import cache
 from gateway.http.cache import LiveView
 
 
@@ -24,3 +27,61 @@ def test_cache_generation_ttl_and_latest() -> None:
     expired = LiveView(ttl=0.0)
     expired.put("q", expired.generation, b"x")
     assert expired.get("q") is None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_ingest_commits_hide_rows_at_most_max_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(cache, "time", clock)
+    live = LiveView(ttl=10.0, max_stale=0.5)
+    live.put("q", live.generation, b"page")
+    live.invalidate()  # an ingest commit: the page may lag it, but for 0.5 s at most
+    clock.now += 0.4
+    assert live.get("q") is not None
+    clock.now += 0.1
+    assert live.get("q") is None
+    # Without commits a page lives ttl; past half its life the next request rebuilds it.
+    live.put("q", live.generation, b"page")
+    clock.now += 4.9
+    assert live.lookup("q") == (live.get("q"), False)
+    clock.now += 0.2
+    cached, refresh = live.lookup("q")
+    assert cached is not None and refresh
+    build = live.begin("q")
+    assert live.building("q") is build and live.lookup("q")[1] is False  # one rebuild at a time
+    clock.now += 0.1
+    rebuilt = live.put("q", build.generation, b"new", started=build.started)
+    live.end("q", build)
+    assert build.done.is_set() and live.building("q") is None and live.get("q") == rebuilt
+
+
+def test_a_read_begun_before_a_commit_is_cached_only_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(cache, "time", clock)
+    live = LiveView(ttl=10.0, max_stale=0.5)
+    build = live.begin("q")
+    live.invalidate()  # committed while the page was read: it may miss that row
+    clock.now += 0.2
+    live.put("q", build.generation, b"a", started=build.started)
+    live.end("q", build)
+    assert live.get("q") is not None
+    clock.now += 0.3  # 0.5 s after the read began
+    assert live.get("q") is None
+    # An API write (clear) during a read: that page is never cached (read-your-writes).
+    build = live.begin("q")
+    live.stored([{"device_id": "d"}])
+    live.put("q", build.generation, b"b", started=build.started)
+    live.end("q", build)
+    assert live.get("q") is None and live.devices == 1
+    # remember() records devices without touching pages.
+    clock.now += 0.01
+    live.put("q", live.generation, b"c")
+    live.remember([{"device_id": "e"}])
+    assert live.get("q") is not None and live.devices == 2

@@ -23,9 +23,10 @@ import trio.testing
 
 from gateway import metrics
 from gateway.actions import SseAction
+from gateway.backoff import Backoff
 from gateway.errors import StoreUnavailable
 from gateway.health import ComponentHealth
-from gateway.processor import Processor, retry_delay
+from gateway.processor import Processor
 from gateway.retention import RetentionPolicy
 from gateway.rules import Rule, RuleSet, default_rules, parse_rules
 from gateway.settings import ProcessorSettings
@@ -238,7 +239,7 @@ async def _get(tmp_path: Path, mid: int) -> StoredMessage:
 def test_retry_delay_grows_and_is_capped() -> None:
     for attempt, cap in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 300.0), (100, 300.0)]:
         for _ in range(20):
-            assert 1.0 <= retry_delay(attempt, 1.0, 300.0) <= cap
+            assert 1.0 <= Backoff(1.0, 300.0).delay(attempt - 1) <= cap
 
 
 async def test_store_outage_degrades_and_recovers(

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from gateway.settings import SupervisorSettings
-from gateway.supervisor import Component, Supervisor, restart_delay
+from gateway.supervisor import Component, Supervisor, restart_backoff
 
 POLICY = SupervisorSettings(RESTART_MIN=1.0, RESTART_MAX=8.0, RESTART_RESET_AFTER=100.0, SHUTDOWN_TIMEOUT=5.0)
 
@@ -44,10 +44,10 @@ class Recorder:
 
 
 def test_restart_delay_grows_is_capped_and_jittered() -> None:
-    rng = random.Random(1)
+    backoff = restart_backoff(POLICY, random.Random(1))
     for attempt, base in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 8.0), (20, 8.0), (500, 8.0)]:
         for _ in range(50):
-            d = restart_delay(attempt, POLICY, rng)
+            d = backoff.delay(attempt)
             assert base / 2 <= d <= base
 
 

@@ -3,14 +3,11 @@ access log, metrics) and :func:`serve`, which runs it on hypercorn's trio worker
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -22,11 +19,12 @@ from quart_trio import QuartTrio
 
 from gateway import metrics
 from gateway.http import dashboard, docs, errors, routes
-from gateway.http.auth import authenticate, presented_key
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
+from gateway.http.fast import ADMITTED, FastRoutes
+from gateway.http.gate import Admission, Gate
 from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
-from gateway.http.ratelimit import RateLimiter, address_bucket, client_address, parse_networks, retry_after_header
+from gateway.http.ratelimit import retry_after_header
 from gateway.http.sse import SendTimeoutConfig, SseStreams
 
 log = logging.getLogger("gateway.http")
@@ -39,13 +37,7 @@ def create_app(ctx: AppContext) -> QuartTrio:
     app.config["PROPAGATE_EXCEPTIONS"] = False
     app.extensions["gateway.ctx"] = ctx
     app.extensions["gateway.sse"] = SseStreams()
-    limiter = RateLimiter()
-    # Request ids: a random per-process prefix and a counter (unique, and cheaper than uuid4).
-    id_prefix = uuid.uuid4().hex[:8]
-    id_counter = itertools.count(1)
-    # Prometheus children per label set, looked up once (labels() costs more than inc()).
-    counters: dict[tuple[str, str, int], Any] = {}
-    latencies: dict[str, Any] = {}
+    gate = app.extensions["gateway.gate"] = Gate()
     QuartSchema(
         app,
         info={"title": "Sensor gateway API", "version": ctx.version},
@@ -62,35 +54,33 @@ def create_app(ctx: AppContext) -> QuartTrio:
 
     @app.before_request
     async def _before() -> None:
-        g.request_id = f"{id_prefix}{next(id_counter):08x}"
-        g.started = time.perf_counter()
-        g.principal = None
         http = ctx.settings.http
         # Keeps the body limit live across reloads (Quart reads it when a request starts).
         app.config["MAX_CONTENT_LENGTH"] = http.max_body
         spec = spec_of(app.view_functions.get(request.endpoint)) if request.endpoint else None
-        token = request.args.get("access_token") if spec is not None and spec.query_token else None
-        key = presented_key(request.headers.get("X-API-Key"), request.headers.get("Authorization"), token)
-        principal = authenticate(key, http.api_keys) if key else None
-        g.principal = principal
-        # The limit comes before the body is read: a client over it costs no body buffering.
-        # (The 429 then closes the connection, see _after.)
-        count, period = http.rate
-        if principal is not None:
-            wait = limiter.check_key(principal.name, count, period)
-        else:
-            address = client_address(
-                request.remote_addr,
-                request.headers.getlist("X-Forwarded-For"),
-                parse_networks(http.trusted_proxies),
+        # A raw route (gateway.http.fast) that hands a request on has admitted it already.
+        admitted = cast(Admission | None, request.scope.get(ADMITTED))
+        if admitted is None:
+            token = request.args.get("access_token") if spec is not None and spec.query_token else None
+            admitted = gate.admit(
+                http,
+                time.perf_counter(),
+                x_api_key=request.headers.get("X-API-Key"),
+                authorization=request.headers.get("Authorization"),
+                access_token=token,
+                peer=request.remote_addr,
+                forwarded_for=request.headers.getlist("X-Forwarded-For"),
             )
-            wait = limiter.check_address(address_bucket(address), count, period)
-        if wait > 0:
+        g.admitted = admitted
+        g.request_id = admitted.request_id
+        principal = g.principal = admitted.principal
+        # (The 429 then closes the connection, see _after.)
+        if admitted.wait > 0:
             raise ApiError(
                 429,
                 "rate_limited",
                 f"rate limit is {http.rate_limit}",
-                headers={"Retry-After": retry_after_header(wait)},
+                headers={"Retry-After": retry_after_header(admitted.wait)},
             )
         if request.content_length or request.headers.get("Transfer-Encoding"):
             # Receive the whole body before anything else can answer: hypercorn's HTTP/1.1
@@ -99,7 +89,7 @@ def create_app(ctx: AppContext) -> QuartTrio:
             await request.get_data(cache=True)
         if spec is None or spec.role is None or request.method == "OPTIONS":
             return
-        if key is None:
+        if admitted.key is None:
             detail = "send an API key in X-API-Key or Authorization: Bearer"
             if not http.api_keys:
                 detail += " (no API keys are configured: see `gateway apikey new`)"
@@ -116,74 +106,34 @@ def create_app(ctx: AppContext) -> QuartTrio:
 
     @app.after_request
     async def _after(response: Response) -> Response:
-        request_id = g.get("request_id") or f"{id_prefix}{next(id_counter):08x}"
-        headers = response.headers
-        headers["X-Request-ID"] = request_id
-        headers["X-Content-Type-Options"] = "nosniff"
-        if request.scheme == "https":
-            # Browsers keep to HTTPS for this host for a year (only sent over TLS, as RFC 6797 asks).
-            headers["Strict-Transport-Security"] = "max-age=31536000"
-        if "Cache-Control" not in headers:
-            headers["Cache-Control"] = "no-store"
-        origin = request.headers.get("Origin")
-        if origin and origin in ctx.settings.http.cors_origins:
-            headers["Access-Control-Allow-Origin"] = origin
-            headers["Vary"] = "Origin"
-            headers["Access-Control-Expose-Headers"] = "X-Request-ID, ETag, Retry-After"
-            if request.method == "OPTIONS":
-                headers["Access-Control-Allow-Methods"] = "GET, POST"
-                headers["Access-Control-Allow-Headers"] = (
-                    "X-API-Key, Authorization, Content-Type, Last-Event-ID, If-None-Match"
-                )
-                headers["Access-Control-Max-Age"] = "600"
-        if response.status_code >= 400 and (
-            request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-        ):
-            # The body may be unread: hypercorn (h11) hangs the connection when the rest of a body
-            # arrives after the response, so end the connection instead of keeping it alive.
-            headers["Connection"] = "close"
-        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        # Labels come from fixed sets only (h11 accepts any token as a method, and paths are the
-        # client's): the route template or "unmatched", a known method or "other".
-        route = request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED_ROUTE
-        method = metrics.method_label(request.method)
-        status = response.status_code
-        counter = counters.get((route, method, status))
-        if counter is None:
-            counter = counters[(route, method, status)] = metrics.HTTP_REQUESTS.labels(route, method, str(status))
-        counter.inc()
-        latency = latencies.get(route)
-        if latency is None:
-            latency = latencies[route] = metrics.HTTP_LATENCY.labels(route)
-        latency.observe(elapsed)
-        principal = g.get("principal")
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s %s %d %.1fms key=%s rid=%s",
-                request.method,
-                _loggable_path(),
-                response.status_code,
-                elapsed * 1000,
-                principal.name if principal else "-",
-                request_id,
-            )
+        admitted: Admission | None = g.get("admitted")
+        request_id = admitted.request_id if admitted is not None else gate.request_id()
+        started = admitted.started if admitted is not None else time.perf_counter()
+        gate.finish_headers(
+            response.headers,
+            ctx.settings.http,
+            request_id=request_id,
+            scheme=request.scheme,
+            method=request.method,
+            origin=request.headers.get("Origin"),
+            status=response.status_code,
+            body_unread=bool(
+                request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+            ),
+        )
+        gate.record(
+            route=request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED_ROUTE,
+            method=request.method,
+            status=response.status_code,
+            elapsed=time.perf_counter() - started,
+            principal=admitted.principal if admitted is not None else None,
+            request_id=request_id,
+            path=request.path,
+            query_string=request.query_string,
+        )
         return response
 
     return app
-
-
-def _loggable_path() -> str:
-    """The request path and query with secrets (``access_token``) masked.
-
-    The decoded path is percent-encoded again (``%0a``, spaces, quotes), so it stays one field of
-    one line and cannot imitate the status or key that follow it.
-    """
-    path = quote(request.path, safe="/!$&'()*+,;=:@-._~")
-    if not request.query_string:
-        return path
-    pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True)
-    masked = [(k, "***" if k.lower() in ("access_token", "api_key", "key_token") else v) for k, v in pairs]
-    return f"{path}?{urlencode(masked)}"
 
 
 def _config(ctx: AppContext) -> Config:
@@ -248,10 +198,12 @@ async def _serve_on(
 ) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(streams.run)
+        app.extensions["gateway.tasks"] = nursery  # background work of requests (page rebuilds)
+        front = FastRoutes(app, app.extensions["gateway.ctx"], app.extensions["gateway.gate"], app.extensions)
 
         async def _server(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             await worker_serve(
-                wrap_app(app, config.wsgi_max_body_size, None),
+                wrap_app(front, config.wsgi_max_body_size, "asgi"),
                 config,
                 sockets=sockets,
                 shutdown_trigger=shutdown_trigger,

@@ -1,9 +1,19 @@
 """In-memory views kept by the HTTP layer: a short-lived cache of message pages and the latest
 reading of each device.
 
-The cache key includes a generation counter that every commit bumps (:meth:`LiveView.stored` /
-:meth:`LiveView.invalidate`), so a new insert makes every cached page stale at once; entries also
-expire after ``ttl`` seconds because processing changes rows (``processed_at``) without an insert.
+How stale a cached page can be, at most:
+
+- a commit by the API itself (:meth:`LiveView.stored`, after ``POST /packets``) drops every page at
+  once, so a client reads its own writes;
+- an ingest commit (:meth:`LiveView.invalidate`, called per committed batch) lets a page that was
+  read before it be served for at most ``max_stale`` seconds (default 0.5) after that page's read
+  began: under steady ingest the hot pages are rebuilt a few times a second instead of at every
+  batch, and no committed row stays hidden longer than ``max_stale``;
+- with no commit at all, a page lives ``ttl`` seconds (processing changes rows without an insert).
+
+A page past half its life is rebuilt in the background by the next request that finds it
+(:meth:`LiveView.lookup` says when), and concurrent requests for a page nobody has cached wait for
+one read instead of each running their own (:meth:`LiveView.begin`).
 """
 
 from __future__ import annotations
@@ -15,6 +25,10 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
+MAX_STALE = 0.5  # seconds an ingest commit may stay out of a cached page (documented in the README)
+
 
 @dataclass(frozen=True, slots=True)
 class CachedBody:
@@ -22,6 +36,23 @@ class CachedBody:
 
     body: bytes
     etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    generation: int  # LiveView.generation when the read began
+    started: float  # monotonic time the read began
+    expires: float  # monotonic time the ttl ends
+    cached: CachedBody
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """A page read under way (see :meth:`LiveView.begin`)."""
+
+    generation: int
+    started: float
+    done: trio.Event
 
 
 def etag_for(body: bytes) -> str:
@@ -32,26 +63,39 @@ def etag_for(body: bytes) -> str:
 class LiveView:
     """Message-page cache plus latest reading per device. Plain data, Trio-thread only."""
 
-    def __init__(self, *, ttl: float = 1.0, max_entries: int = 256, max_devices: int = 10_000) -> None:
+    def __init__(
+        self, *, ttl: float = 1.0, max_stale: float = MAX_STALE, max_entries: int = 256, max_devices: int = 10_000
+    ) -> None:
         self.ttl = ttl
+        self.max_stale = max_stale
         self.max_entries = max_entries
         self.max_devices = max_devices
         self.generation = 0
         self.hits = 0
         self.misses = 0
-        self._pages: OrderedDict[Hashable, tuple[int, float, CachedBody]] = OrderedDict()
+        self._pages: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._builds: dict[Hashable, Build] = {}
+        self._cleared_at = -float("inf")  # the last hard invalidation (monotonic)
         self._latest: dict[str, dict[str, Any]] = {}
-        # /ping's backlog figures, reused for up to a second: monitors poll, the database needn't.
+        # /ping's backlog figures (monotonic time, Backlog or None for a failure), and the read
+        # under way: monitors poll, the database needn't (gateway.http.routes._backlog).
         self.backlog: tuple[float, Any] | None = None
+        self.backlog_reading: trio.Event | None = None
+
+    # ---- invalidation ------------------------------------------------------------------------
 
     def invalidate(self) -> None:
-        """Make every cached page stale (call after anything new was committed)."""
+        """Something new was committed: pages read before now expire within ``max_stale``."""
         self.generation += 1
+
+    def clear(self) -> None:
+        """Something new was committed and must show at once: drop every cached page."""
+        self.generation += 1
+        self._cleared_at = time.monotonic()
         self._pages.clear()
 
-    def stored(self, readings: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Record committed readings (dicts with ``device_id``) and drop cached pages."""
-        self.invalidate()
+    def remember(self, readings: Iterable[Mapping[str, Any]]) -> None:
+        """Record committed readings (dicts with ``device_id``) as the latest of their devices."""
         for reading in readings:
             device = reading.get("device_id")
             if isinstance(device, str):
@@ -61,30 +105,78 @@ class LiveView:
                 self._latest.pop(device, None)
                 self._latest[device] = dict(reading)
 
+    def stored(self, readings: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Readings committed by the API itself: remember them and drop cached pages at once."""
+        self.clear()
+        self.remember(readings)
+
+    # ---- latest ------------------------------------------------------------------------------
+
     def latest(self) -> dict[str, dict[str, Any]]:
         """The latest reading per device (a copy, sorted by device id)."""
         return {k: self._latest[k] for k in sorted(self._latest)}
 
-    def get(self, key: Hashable) -> CachedBody | None:
-        """A cached page for ``key`` if it is from this generation and fresh."""
+    @property
+    def devices(self) -> int:
+        """How many devices :meth:`latest` knows."""
+        return len(self._latest)
+
+    # ---- pages -------------------------------------------------------------------------------
+
+    def _deadline(self, entry: _Entry) -> float:
+        if entry.generation == self.generation:
+            return entry.expires
+        return min(entry.expires, entry.started + self.max_stale)
+
+    def lookup(self, key: Hashable) -> tuple[CachedBody | None, bool]:
+        """The cached page for ``key`` if still fresh enough, and whether to rebuild it now (it is
+        past half its life and nobody rebuilds it yet)."""
         entry = self._pages.get(key)
         if entry is None:
             self.misses += 1
-            return None
-        generation, expires, cached = entry
-        if generation != self.generation or time.monotonic() >= expires:
+            return None, False
+        now = time.monotonic()
+        deadline = self._deadline(entry)
+        if now >= deadline:
             del self._pages[key]
             self.misses += 1
-            return None
+            return None, False
         self._pages.move_to_end(key)
         self.hits += 1
-        return cached
+        refresh = now >= (entry.started + deadline) / 2 and key not in self._builds
+        return entry.cached, refresh
 
-    def put(self, key: Hashable, generation: int, body: bytes) -> CachedBody:
-        """Cache ``body`` for ``key`` if nothing was committed since ``generation`` was read."""
+    def get(self, key: Hashable) -> CachedBody | None:
+        """A cached page for ``key`` if still fresh enough (see the module docstring)."""
+        return self.lookup(key)[0]
+
+    def building(self, key: Hashable) -> Build | None:
+        """The read of ``key`` under way, if any."""
+        return self._builds.get(key)
+
+    def begin(self, key: Hashable) -> Build:
+        """Register a read of ``key`` that starts now; :meth:`end` it whatever happens."""
+        build = self._builds[key] = Build(self.generation, time.monotonic(), trio.Event())
+        return build
+
+    def end(self, key: Hashable, build: Build) -> None:
+        """The read ``build`` is over (stored with :meth:`put` or failed): wake whoever waits."""
+        if self._builds.get(key) is build:
+            del self._builds[key]
+        build.done.set()
+
+    def put(self, key: Hashable, generation: int, body: bytes, *, started: float | None = None) -> CachedBody:
+        """Cache ``body``, read from ``generation`` (begun at ``started``), unless it is already too
+        stale: after a :meth:`clear`, or after an :meth:`invalidate` without ``started``."""
         cached = CachedBody(body, etag_for(body))
-        if generation == self.generation:
-            self._pages[key] = (generation, time.monotonic() + self.ttl, cached)
+        now = time.monotonic()
+        if started is None:
+            if generation != self.generation:
+                return cached
+            started = now
+        entry = _Entry(generation, started, now + self.ttl, cached)
+        if started > self._cleared_at and now < self._deadline(entry):
+            self._pages[key] = entry
             self._pages.move_to_end(key)
             while len(self._pages) > self.max_entries:
                 self._pages.popitem(last=False)

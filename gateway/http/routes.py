@@ -7,14 +7,18 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
 from gateway import metrics
 from gateway.errors import PacketInvalid, StoreError, StoreRefused
+from gateway.http.auth import Principal
+from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
 from gateway.http.errors import ApiError
 from gateway.http.openapi import (
@@ -44,7 +48,7 @@ from gateway.packets import (
     packet_json_schema,
     parse_packet,
 )
-from gateway.store.base import MessageQuery, NewReject
+from gateway.store.base import Backlog, MessageQuery, NewReject
 
 log = logging.getLogger("gateway.http")
 
@@ -55,6 +59,8 @@ _CURSOR_RE = re.compile(CURSOR_PATTERN)
 _TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
+PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
+BACKLOG_EVERY = 1.0  # seconds /ping reuses the backlog figures: monitors poll, the database needn't
 
 
 def ctx() -> AppContext:
@@ -83,11 +89,11 @@ def _bad(param: str, detail: str) -> ApiError:
     return ApiError(400, "query_invalid", f"{param}: {detail}", parameter=param)
 
 
-def _args(allowed: frozenset[str]) -> dict[str, str]:
-    """The query parameters, each at most once and all known."""
+def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
+    """The query parameters (of this request, or ``given``), each at most once and all known."""
     out: dict[str, str] = {}
-    for name in request.args:
-        values = request.args.getlist(name)
+    source = given if given is not None else request.args.lists()
+    for name, values in source.items() if isinstance(source, Mapping) else source:
         if name not in allowed:
             raise _bad(name, "unknown parameter")
         if len(values) != 1:
@@ -200,35 +206,66 @@ async def ping() -> Response:
     Each component shows its state and a generic ``cause`` code; the error text (which names users
     and hosts) only to admin keys. 503 with status ``starting`` until every component has started.
     """
-    c = ctx()
     _args(frozenset())
+    status, body = await ping_body(ctx(), g.get("principal"))
+    return Response(body, status=status, content_type=JSON)
+
+
+async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, bytes]:
+    """``/ping``'s status code and JSON body (also served by the raw route, gateway.http.fast).
+
+    Reads memory only, but for the backlog (keys only), which comes from the database at most
+    once a second (:func:`_backlog`).
+    """
     status = c.health.overall
     body: dict[str, Any] = {"status": status, "time": _now()}
-    principal = g.get("principal")
     if principal is not None:
-        backlog: dict[str, Any] | None
-        try:
-            cached = c.live.backlog
-            if cached is not None and time.monotonic() - cached[0] < 1.0:
-                b = cached[1]
-            else:
-                b = await c.store.backlog()
-                c.live.backlog = (time.monotonic(), b)
-            lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
-            backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
-        except StoreError:
-            backlog = None
+        backlog: dict[str, Any] | None = None
+        b = await _backlog(c)
+        if b is None:
             if status == "ok":
                 body["status"] = "degraded"
+        else:
+            lag = (datetime.now(UTC) - b.oldest).total_seconds() if b.oldest else 0.0
+            backlog = {"count": b.count, "lag_seconds": round(max(lag, 0.0), 3), "dead": b.dead}
         body.update(
             version=c.version,
             uptime_seconds=round(time.time() - c.health.started_at, 3),
             components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
             sse_clients=int(getattr(c.hub, "clients", 0)),
-            devices=len(c.live.latest()),
+            devices=c.live.devices,
         )
-    return json_response(body, 503 if status == "starting" else 200)
+    return 503 if status == "starting" else 200, json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _backlog(c: AppContext) -> Backlog | None:
+    """The store's backlog (None: the store failed), read at most once a second whatever the
+    request rate.
+
+    One request reads it; requests meanwhile get the previous figures (or, before the first one,
+    wait for that read). A failure is kept for the second too.
+    """
+    live = c.live
+    while True:
+        cached = live.backlog
+        if cached is not None and (time.monotonic() - cached[0] < BACKLOG_EVERY or live.backlog_reading is not None):
+            return cast(Backlog | None, cached[1])
+        if live.backlog_reading is None:
+            break
+        await live.backlog_reading.wait()
+    live.backlog_reading = done = trio.Event()
+    try:
+        b: Backlog | None
+        try:
+            b = await c.store.backlog()
+        except StoreError:
+            b = None
+        live.backlog = (time.monotonic(), b)
+    finally:  # cancelled too: whoever waits reads it themselves
+        live.backlog_reading = None
+        done.set()
+    return b
 
 
 @api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
@@ -259,7 +296,21 @@ async def messages() -> Response:
     invalidate; send If-None-Match with the ETag to get 304.
     """
     c = ctx()
-    args = _args(frozenset(MessagesQuery.model_fields))
+    query = message_query()
+    try:
+        cached = await page_of(c, query, current_app.extensions.get("gateway.tasks"))
+    except ValueError:
+        raise _bad("cursor", "malformed cursor") from None
+    headers = {"ETag": cached.etag, "Cache-Control": PAGE_CACHE_CONTROL}
+    if not_modified(cached, request.headers.get("If-None-Match")):
+        return Response(b"", status=304, headers=headers)
+    return Response(cached.body, status=200, content_type=JSON, headers=headers)
+
+
+def message_query(given: Mapping[str, list[str]] | None = None) -> MessageQuery:
+    """The query of a ``/messages`` request (its parameters, or ``given``); ApiError names a
+    wrong parameter."""
+    args = _args(frozenset(MessagesQuery.model_fields), given)
     limit = _int(args, "limit", 100, 1, 1000)
     assert limit is not None
     start, end = _time(args, "start_time"), _time(args, "end_time")
@@ -272,7 +323,7 @@ async def messages() -> Response:
             raise _bad("value", "needs key")
         if not 1 <= len(value) <= 256:
             raise _bad("value", "must be 1 to 256 characters")
-    query = MessageQuery(
+    return MessageQuery(
         limit=limit,
         start_time=start,
         end_time=end,
@@ -281,21 +332,67 @@ async def messages() -> Response:
         value=value,
         cursor=_match(args, "cursor", _CURSOR_RE, "malformed cursor"),
     )
-    generation = c.live.generation
-    cached = c.live.get(query)
-    if cached is None:
-        try:
-            page = await c.store.query_messages(query)
-        except ValueError:
-            raise _bad("cursor", "malformed cursor") from None
+
+
+def not_modified(cached: CachedBody, if_none_match: str | None) -> bool:
+    """Whether the client's ``If-None-Match`` names this body's ETag (answer 304)."""
+    return cached.etag in _etags(if_none_match)
+
+
+async def page_of(c: AppContext, query: MessageQuery, tasks: trio.Nursery | None) -> CachedBody:
+    """The page ``query`` asks for, from the cache when fresh enough (see gateway.http.cache).
+
+    A page past half its life is rebuilt in the background, in ``tasks`` (nobody waits for it); a
+    page nobody has is read once however many requests ask for it at the same time. Raises
+    ValueError for a malformed cursor, StoreError when the read fails.
+    """
+    live = c.live
+    while True:
+        cached, refresh = live.lookup(query)
+        if cached is not None:
+            if refresh:
+                # Registered now, not when the task starts: the next requests see it under way.
+                rebuild = live.begin(query)
+                try:
+                    if tasks is None:  # not served by gateway.http.serve (no task owner): inline
+                        await _rebuild(c, query, rebuild)
+                    else:
+                        tasks.start_soon(_rebuild, c, query, rebuild)
+                except RuntimeError:  # the server is stopping: no rebuild
+                    live.end(query, rebuild)
+            return cached
+        pending = live.building(query)
+        if pending is None:
+            return await _build(c, query, live.begin(query))
+        await pending.done.wait()
+        if live.building(query) is None and live.get(query) is None:
+            # That read failed or came too late to be cached: read ourselves.
+            return await _build(c, query, live.begin(query))
+
+
+async def _build(c: AppContext, query: MessageQuery, build: Build) -> CachedBody:
+    """Read the page (``build``: registered with ``live.begin``), encode it once and cache it."""
+    live = c.live
+    try:
+        page = await c.store.query_messages(query)
         items = [m.to_json() for m in page.items]
         body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
-        text = json.dumps(body, separators=(",", ":"))
-        cached = c.live.put(query, generation, text.encode())
-    headers = {"ETag": cached.etag, "Cache-Control": "private, no-cache"}
-    if cached.etag in _etags(request.headers.get("If-None-Match")):
-        return Response(b"", status=304, headers=headers)
-    return Response(cached.body, status=200, content_type=JSON, headers=headers)
+        # The seam for a faster encoder: one call per page, bytes out.
+        text = json.dumps(body, separators=(",", ":")).encode()
+        return live.put(query, build.generation, text, started=build.started)
+    finally:
+        live.end(query, build)
+
+
+async def _rebuild(c: AppContext, query: MessageQuery, build: Build) -> None:
+    """A background rebuild: a failure leaves the cached page to expire (the next request that
+    misses reads it and reports the error)."""
+    try:
+        await _build(c, query, build)
+    except StoreError as exc:
+        log.debug("background page rebuild failed: %s", exc)
+    except Exception:  # a bug: logged, but it must not take the server down
+        log.exception("background page rebuild failed")
 
 
 def _etags(header: str | None) -> set[str]:

@@ -29,27 +29,20 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from decimal import Decimal
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
 import trio
 import trio_asyncio
 
-from gateway import metrics
+from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
-from gateway.store._common import (
-    NUMBER_FIELDS,
-    TEXT_FIELDS,
-    backoff,
-    check_query,
-    encode_cursor,
-    parse_number,
-)
+from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, reject_page
 from gateway.store.base import (
     Backlog,
     Event,
@@ -247,6 +240,9 @@ class PostgresStore:
         # API reads take at most half the pool: writes and the processor always find a connection.
         self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
         self.health = StoreHealth()
+        # Reconnects and health checks: full jitter, so instances that lost the database together
+        # do not come back together.
+        self._retry = Backoff(settings.retry_min, max(settings.retry_min, settings.retry_max), jitter="full")
 
     def _aio(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         # An explicit loop, so callers from any Trio task (not only inside open_loop) work.
@@ -281,7 +277,7 @@ class PostgresStore:
                     if not started:
                         task_status.started()
                         started = True
-                    await trio.sleep(backoff(attempt, self._settings.retry_min, self._settings.retry_max))
+                    await trio.sleep(self._retry.delay(attempt))
                     attempt += 1
             self._set_ok()
             if not started:
@@ -328,7 +324,7 @@ class PostgresStore:
             try:
                 await self.ping()
             except StoreUnavailable:
-                delay = backoff(attempt, self._settings.retry_min, self._settings.retry_max)
+                delay = self._retry.delay(attempt)
                 attempt += 1
             else:
                 attempt = 0
@@ -339,18 +335,10 @@ class PostgresStore:
             await trio.sleep(delay)
 
     def _set_ok(self) -> None:
-        if self.health.state == "degraded":
-            self.health.reconnects += 1
-        self.health.state = "ok"
-        self.health.last_error = None
-        self.health.refused = False
-        metrics.DB_UP.set(1)
+        mark_ok(self.health)
 
     def _set_degraded(self, error: str, *, refused: bool = False) -> None:
-        self.health.state = "degraded"
-        self.health.last_error = error
-        self.health.refused = refused
-        metrics.DB_UP.set(0)
+        mark_degraded(self.health, error, refused=refused)
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]], seconds: float | None = None) -> T:
         """Run ``fn(conn)`` on a pooled connection under the query timeout (or ``seconds``),
@@ -631,26 +619,9 @@ class PostgresStore:
 
         Raises ValueError for a malformed cursor, a limit below 1 or a value without a key.
         """
-        before = check_query(query)
-        where, params = _message_filters(query)
-        cond = " AND ".join(where) or "true"
-        cap = self._settings.api_total_limit
-        count_sql = f"SELECT count(*) FROM (SELECT 1 FROM messages WHERE {cond} LIMIT ${len(params) + 1}) s"
-        page_params = [*params]
-        page_cond = cond
-        if before is not None:
-            page_params.append(before)
-            page_cond += f" AND id < ${len(page_params)}"
-        page_params.append(query.limit + 1)
-        page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ${len(page_params)}"
-
-        async def read(conn: Conn) -> tuple[int, list[Any]]:
-            return await conn.fetchval(count_sql, *params, cap + 1), await conn.fetch(page_sql, *page_params)
-
-        total, rows = await self._read(read)
-        items = [_message(r) for r in rows[: query.limit]]
-        more = len(rows) > query.limit
-        return Page(items, min(total, cap), encode_cursor(items[-1].id) if more else None, total > cap)
+        read = message_page(POSTGRES, query, _MSG_COLS, self._settings.api_total_limit)
+        total, rows = await self._read(partial(_read_page, read))
+        return read.page(total, rows, _message)
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         """One message by id, or None."""
@@ -660,18 +631,9 @@ class PostgresStore:
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
-        before = check_query(MessageQuery(limit=limit, cursor=cursor))
-        sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"
-
-        cap = self._settings.api_total_limit
-
-        async def read(conn: Conn) -> tuple[int, list[Any]]:
-            total = await conn.fetchval("SELECT count(*) FROM (SELECT 1 FROM rejects LIMIT $1) s", cap + 1)
-            return total, await conn.fetch(sql, before, limit + 1)
-
-        total, rows = await self._read(read)
-        items = [StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows[:limit]]
-        return Page(items, min(total, cap), encode_cursor(items[-1].id) if len(rows) > limit else None, total > cap)
+        read = reject_page(POSTGRES, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
+        total, rows = await self._read(partial(_read_page, read))
+        return read.page(total, rows, lambda r: StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]))
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
@@ -725,7 +687,7 @@ class PostgresStore:
             if not started:
                 task_status.started()
                 started = True
-            await trio.sleep(backoff(attempt, s.retry_min, s.retry_max))
+            await trio.sleep(self._retry.delay(attempt))
             attempt += 1
 
     # -- outbox --------------------------------------------------------------------------
@@ -883,6 +845,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
+async def _read_page(read: PageRead, conn: Conn) -> tuple[int, list[Any]]:
+    """The capped total and the rows of one page, in the caller's read transaction."""
+    return await conn.fetchval(read.count_sql, *read.count_params), await conn.fetch(read.page_sql, *read.page_params)
+
+
 def _message(r: Any) -> StoredMessage:
     return StoredMessage(
         id=r[0],
@@ -899,45 +866,6 @@ def _message(r: Any) -> StoredMessage:
         last_error=r[11],
         dead=r[12] is not None,
     )
-
-
-def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
-    """WHERE fragments (fixed text with $n placeholders) and their parameters."""
-    where: list[str] = []
-    params: list[Any] = []
-
-    def param(value: Any) -> str:
-        params.append(value)
-        return f"${len(params)}"
-
-    if query.start_time is not None:
-        where.append(f"device_ts >= {param(query.start_time)}")
-    if query.end_time is not None:
-        where.append(f"device_ts < {param(query.end_time)}")
-    if query.device_id is not None:
-        where.append(f"device_id = {param(query.device_id)}")
-    key, value = query.key, query.value
-    if key is None:
-        return where, params
-    if key in TEXT_FIELDS or key in NUMBER_FIELDS:
-        column = key  # from a fixed set of names, never free text
-        if value is None:
-            where.append(f"{column} IS NOT NULL")
-        elif key in TEXT_FIELDS:
-            where.append(f"{column} = {param(value)}::text")
-        elif (number := parse_number(value)) is None:
-            where.append("false")  # a number column never equals text
-        else:
-            where.append(f"{column} = {param(number)}::float8")
-    elif value is None:
-        where.append(f"measurements ? {param(key)}::text")
-    elif (number := parse_number(value)) is None:
-        where.append("false")  # measurements are numbers: text never matches
-    else:
-        # Containment uses the GIN index; jsonb compares numbers as numeric (21 = 21.0).
-        k, v = param(key), param(Decimal(repr(number)))
-        where.append(f"measurements @> jsonb_build_object({k}::text, {v}::numeric)")
-    return where, params
 
 
 async def _enqueue(conn: Conn, publishes: list[NewPublish]) -> None:

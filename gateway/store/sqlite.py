@@ -19,26 +19,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
 
-from gateway import metrics
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
-from gateway.store._common import (
-    NUMBER_FIELDS,
-    TEXT_FIELDS,
-    check_query,
-    encode_cursor,
-    now_utc,
-    parse_number,
-    ts_parse,
-    ts_text,
-)
+from gateway.store._common import now_utc, ts_parse, ts_text
+from gateway.store._query import SQLITE, PageRead, mark_degraded, mark_ok, message_page, reject_page
 from gateway.store.base import (
     Backlog,
     Event,
@@ -292,16 +284,10 @@ class SqliteStore:
         return result
 
     def _set_ok(self) -> None:
-        if self.health.state == "degraded":
-            self.health.reconnects += 1
-        self.health.state = "ok"
-        self.health.last_error = None
-        metrics.DB_UP.set(1)
+        mark_ok(self.health)
 
     def _set_degraded(self, error: str) -> None:
-        self.health.state = "degraded"
-        self.health.last_error = error
-        metrics.DB_UP.set(0)
+        mark_degraded(self.health, error)
 
     # -- migrations ----------------------------------------------------------------------
 
@@ -513,23 +499,9 @@ class SqliteStore:
 
         Raises ValueError for a malformed cursor, a limit below 1 or a value without a key.
         """
-        before = check_query(query)
-        where, params = _message_filters(query)
-        cond = " AND ".join(where) or "1"
-        page_cond = cond + (" AND id < ?" if before is not None else "")
-        page_params = [*params, *([before] if before is not None else []), query.limit + 1]
-        cap = self._settings.api_total_limit
-        count_sql = f"SELECT count(*) FROM (SELECT 1 FROM messages WHERE {cond} LIMIT ?)"
-        page_sql = f"SELECT {_MSG_COLS} FROM messages WHERE {page_cond} ORDER BY id DESC LIMIT ?"
-
-        def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
-            total = conn.execute(count_sql, [*params, cap + 1]).fetchone()[0]
-            return total, conn.execute(page_sql, page_params).fetchall()
-
-        total, rows = await self._call(read, read=True)
-        items = [_message(r) for r in rows[: query.limit]]
-        more = len(rows) > query.limit
-        return Page(items, min(total, cap), encode_cursor(items[-1].id) if more else None, total > cap)
+        read = message_page(SQLITE, query, _MSG_COLS, self._settings.api_total_limit)
+        total, rows = await self._call(partial(_read_page, read), read=True)
+        return read.page(total, rows, _message)
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         """One message by id, or None."""
@@ -539,21 +511,9 @@ class SqliteStore:
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
-        before = check_query(MessageQuery(limit=limit, cursor=cursor))
-        cond = "id < ?" if before is not None else "1"
-        sql = f"SELECT {_REJECT_COLS} FROM rejects WHERE {cond} ORDER BY id DESC LIMIT ?"
-        params = [*([before] if before is not None else []), limit + 1]
-        cap = self._settings.api_total_limit
-
-        def read(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
-            total = conn.execute("SELECT count(*) FROM (SELECT 1 FROM rejects LIMIT ?)", (cap + 1,)).fetchone()[0]
-            return total, conn.execute(sql, params).fetchall()
-
-        total, rows = await self._call(read, read=True)
-        items = [
-            StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6])) for r in rows[:limit]
-        ]
-        return Page(items, min(total, cap), encode_cursor(items[-1].id) if len(rows) > limit else None, total > cap)
+        read = reject_page(SQLITE, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
+        total, rows = await self._call(partial(_read_page, read), read=True)
+        return read.page(total, rows, _reject)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
@@ -713,6 +673,16 @@ def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
     ]
 
 
+def _read_page(read: PageRead, conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+    """The capped total and the rows of one page, in the caller's read transaction."""
+    total = conn.execute(read.count_sql, read.count_params).fetchone()[0]
+    return total, conn.execute(read.page_sql, read.page_params).fetchall()
+
+
+def _reject(r: Any) -> StoredReject:
+    return StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6]))
+
+
 def _message(r: Any) -> StoredMessage:
     return StoredMessage(
         id=r[0],
@@ -729,46 +699,6 @@ def _message(r: Any) -> StoredMessage:
         last_error=r[11],
         dead=r[12] is not None,
     )
-
-
-def _message_filters(query: MessageQuery) -> tuple[list[str], list[Any]]:
-    """WHERE fragments (fixed text, values as parameters) for a message query."""
-    where: list[str] = []
-    params: list[Any] = []
-    if query.start_time is not None:
-        where.append("device_ts >= ?")
-        params.append(ts_text(query.start_time))
-    if query.end_time is not None:
-        where.append("device_ts < ?")
-        params.append(ts_text(query.end_time))
-    if query.device_id is not None:
-        where.append("device_id = ?")
-        params.append(query.device_id)
-    key, value = query.key, query.value
-    if key is None:
-        return where, params
-    if key in TEXT_FIELDS or key in NUMBER_FIELDS:
-        column = key  # from a fixed set of names, never free text
-        if value is None:
-            where.append(f"{column} IS NOT NULL")
-        elif key in TEXT_FIELDS:
-            where.append(f"{column} = ?")
-            params.append(value)
-        elif (number := parse_number(value)) is None:
-            where.append("0")  # a number column never equals text
-        else:
-            where.append(f"{column} = ?")
-            params.append(number)
-    elif value is None:
-        where.append("EXISTS (SELECT 1 FROM json_each(measurements) WHERE key = ?)")
-        params.append(key)
-    elif (number := parse_number(value)) is None:
-        where.append("0")  # measurements are numbers: text never matches
-    else:
-        # json_each yields SQL numbers, compared numerically (21 = 21.0).
-        where.append("EXISTS (SELECT 1 FROM json_each(measurements) WHERE key = ? AND value = ?)")
-        params.extend([key, number])
-    return where, params
 
 
 def _enqueue(conn: sqlite3.Connection, publishes: list[NewPublish]) -> None:
