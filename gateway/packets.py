@@ -106,18 +106,13 @@ class Packet(BaseModel):
                 raise ValueError("must be RFC 3339, e.g. 2026-11-27T09:00:00Z") from None
             if parsed.tzinfo is None or parsed.utcoffset() is None:
                 raise ValueError("timestamp has no zone offset (naive times are refused)")
-            return parsed
+            try:
+                return parsed.astimezone(UTC)
+            except OverflowError:
+                raise ValueError("timestamp out of range") from None
+        # Anything else, a datetime object too: every accepted value went through a branch above,
+        # so it is aware UTC (no after-validator needed: one Python call less per packet).
         raise ValueError("must be an RFC 3339 string or a number")
-
-    @field_validator("timestamp")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("timestamp has no zone offset (naive times are refused)")
-        try:
-            return v.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("timestamp out of range") from None
 
     @field_validator("measurements")
     @classmethod
