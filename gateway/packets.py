@@ -85,7 +85,11 @@ class Packet(BaseModel):
         if isinstance(v, bool):
             raise ValueError("must be an RFC 3339 string or a number")
         if isinstance(v, int | float):
-            if not math.isfinite(v) or v < 0:
+            try:
+                finite = math.isfinite(v)
+            except OverflowError:  # an integer too large for a float
+                raise ValueError("epoch time out of range") from None
+            if not finite or v < 0:
                 raise ValueError("must be a finite, non-negative epoch time")
             seconds = v / 1000.0 if v > _MS_THRESHOLD else float(v)
             try:
@@ -102,18 +106,13 @@ class Packet(BaseModel):
                 raise ValueError("must be RFC 3339, e.g. 2026-11-27T09:00:00Z") from None
             if parsed.tzinfo is None or parsed.utcoffset() is None:
                 raise ValueError("timestamp has no zone offset (naive times are refused)")
-            return parsed
+            try:
+                return parsed.astimezone(UTC)
+            except OverflowError:
+                raise ValueError("timestamp out of range") from None
+        # Anything else, a datetime object too: every accepted value went through a branch above,
+        # so it is aware UTC (no after-validator needed: one Python call less per packet).
         raise ValueError("must be an RFC 3339 string or a number")
-
-    @field_validator("timestamp")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("timestamp has no zone offset (naive times are refused)")
-        try:
-            return v.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("timestamp out of range") from None
 
     @field_validator("measurements")
     @classmethod
@@ -142,6 +141,12 @@ def parse_packet(raw: bytes | str, *, max_bytes: int = MAX_PACKET_BYTES) -> Pack
     """Validate raw JSON into a :class:`Packet`.
 
     Raises :class:`PacketInvalid` with ``reason`` and field errors (``loc``, ``msg``, ``type``).
+
+    A valid packet costs one pydantic call (``model_validate_json``: parsing and validating in
+    one pass, ~3x cheaper than ``json.loads`` and ``model_validate``). Only a packet it refuses
+    takes the slow path, which names the reason as it always did. The fast path accepts nothing
+    the slow path refuses, with equal values (``tests/test_packets.py`` checks this on generated
+    input): both refuse NaN, invalid UTF-8, control characters in strings, and so on.
     """
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if len(data) > max_bytes:
@@ -149,6 +154,15 @@ def parse_packet(raw: bytes | str, *, max_bytes: int = MAX_PACKET_BYTES) -> Pack
             "too_large",
             [{"loc": [], "msg": f"packet is {len(data)} bytes, the limit is {max_bytes}", "type": "too_large"}],
         )
+    try:
+        return Packet.model_validate_json(data)
+    except Exception:  # refused (or crashed): the slow path says why, or raises the same
+        pass
+    return _parse_slow(data)
+
+
+def _parse_slow(data: bytes) -> Packet:
+    """:func:`parse_packet` in steps (decode, ``json.loads``, validate), each refusal with its reason."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

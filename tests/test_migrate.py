@@ -3,7 +3,6 @@ and the two dialects keeping the same table and column names."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 from datetime import UTC, datetime
@@ -160,7 +159,7 @@ async def test_0002_rewrites_old_dedupe_keys(store_settings: DatabaseSettings, m
     now = datetime.now(UTC)
     packets = [parse_packet(_mig_packet(ts, seq)) for ts, seq in _OLD_STYLE]
     new = [message_from_packet(p, "mqtt", now) for p in packets]
-    old: list[NewMessage] = [dataclasses.replace(m, dedupe_key=f"seq:{m.seq}") for m in new]
+    old: list[NewMessage] = [m._replace(dedupe_key=f"seq:{m.seq}") for m in new]
     async with open_store(store_settings) as st, trio.open_nursery() as nursery:
         await nursery.start(st.run)  # applies 0001 only
         assert [m.version for m in await st.migration_status()] == [1]

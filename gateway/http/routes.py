@@ -15,8 +15,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
-from gateway import metrics
-from gateway.errors import PacketInvalid, StoreError, StoreRefused
+from gateway.errors import StoreError
 from gateway.http.auth import Principal
 from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
@@ -39,7 +38,7 @@ from gateway.http.openapi import (
     spec_of,
 )
 from gateway.http.sse import SseStreams
-from gateway.ingest import message_from_packet, unstorable_reject
+from gateway.ingest import Posted, observe, store_batch
 from gateway.jsonenc import dumps
 from gateway.packets import (
     DEVICE_ID_PATTERN,
@@ -47,9 +46,8 @@ from gateway.packets import (
     MEASUREMENT_NAME_PATTERN,
     Packet,
     packet_json_schema,
-    parse_packet,
 )
-from gateway.store.base import Backlog, MessageQuery, NewReject
+from gateway.store.base import Backlog, MessageQuery
 
 log = logging.getLogger("gateway.http")
 
@@ -155,41 +153,19 @@ async def post_packet() -> Response:
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     if len(body) > limit:
         raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
-    received = datetime.now(UTC)
-    try:
-        try:
-            packet = parse_packet(body, max_bytes=limit)
-        except (OverflowError, RecursionError) as exc:
-            # Values pydantic lets through but datetime arithmetic cannot represent.
-            errs = [{"loc": [], "msg": "value out of range", "type": "range"}]
-            raise PacketInvalid("schema", errs) from exc
-    except PacketInvalid as exc:
-        metrics.INGEST_REJECTED.labels(exc.reason).inc()
-        try:
-            await c.store.write_batch([], [NewReject(received, "api", None, body, exc.reason, exc.errors)])
-        except StoreError:
-            log.warning("could not store a rejected API packet (request %s)", g.get("request_id"))
+    # The ingest path of MQTT batches, with a batch of one: validation, storing (a packet the
+    # database refuses becomes an `unstorable` reject), metrics. The database down: 503.
+    posted = Posted(body, datetime.now(UTC))
+    stored = await store_batch(c.store.write_batch, [posted], "api", limit)
+    observe([posted], stored, "api")
+    if stored.rejects:
+        reject = stored.rejects[0]
         raise ApiError(
-            400, "packet_invalid", f"packet refused: {exc.reason}", reason=exc.reason, errors=exc.errors
-        ) from None
-    message = message_from_packet(packet, "api", received)
-    try:
-        outcome = (await c.store.write_batch([message], []))[0]
-    except StoreRefused as exc:  # the client's data, not our fault: a reject and a 400, never a 500
-        log.warning("storing an API packet as a reject: the database refused it: %s", exc)
-        reject = unstorable_reject(received, "api", None, body)
-        metrics.INGEST_REJECTED.labels(reject.reason).inc()
-        try:
-            await c.store.write_batch([], [reject])
-        except StoreError:
-            log.warning("could not store a rejected API packet (request %s)", g.get("request_id"))
-        raise ApiError(
-            400, "packet_invalid", "packet refused: unstorable", reason=reject.reason, errors=reject.errors
-        ) from None
+            400, "packet_invalid", f"packet refused: {reject.reason}", reason=reject.reason, errors=reject.errors
+        )
+    message, outcome = stored.messages[0], stored.outcomes[0]
     if outcome.duplicate:
-        metrics.INGEST_DUPLICATES.labels("api").inc()
         return json_response({"id": outcome.id, "duplicate": True}, 200)
-    metrics.INGEST_STORED.labels("api").inc()
     reading = message.to_json(outcome.id)
     c.live.stored([reading])
     c.on_commit()

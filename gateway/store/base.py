@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import trio
 
@@ -23,9 +23,11 @@ Source = Literal["mqtt", "api"]
 PruneTable = Literal["events", "rejects", "messages"]
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A validated reading to store. ``(device_id, dedupe_key)`` is unique: a second insert is a duplicate."""
+class NewMessage(NamedTuple):
+    """A validated reading to store. ``(device_id, dedupe_key)`` is unique: a second insert is a duplicate.
+
+    A named tuple, not a dataclass: ingest builds one per reading and hands it straight to the
+    store as its row (building a tuple costs a fifth of a frozen dataclass)."""
 
     device_id: str
     device_ts: datetime
@@ -65,8 +67,7 @@ class NewReject:
     errors: list[dict[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class InsertOutcome:
+class InsertOutcome(NamedTuple):
     """What happened to one :class:`NewMessage`: its row id, and whether it was already there."""
 
     id: int
