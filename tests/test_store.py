@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,38 @@ async def test_pg_watch_hears_other_connections(pg_url: str, pg_store: Store) ->
             assert heard == before
             n2.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+async def test_pg_watch_skips_its_own_notifies(pg_store: Store) -> None:
+    """This instance's own commits woke their consumers in process: the NOTIFY echo is not heard
+    (it would cost each consumer a second store read per batch)."""
+    heard = {"message": 0, "event": 0}
+
+    def on(kind: str) -> Callable[[], None]:
+        return lambda: heard.__setitem__(kind, heard[kind] + 1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pg_store.watch, on("message"), on("event"))
+        assert heard == {"message": 1, "event": 1}  # once after connecting
+        for n in range(3):
+            await pg_store.write_batch([msg(n=100 + n)], [])
+            await pg_store.append_events([NewEvent("alert", {})])
+        await trio.sleep(0.5)
+        assert heard == {"message": 1, "event": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_pg_connection_left_in_a_transaction_is_not_reused(pg_store: Store) -> None:
+    """A pooled connection comes back only when it is outside a transaction."""
+    run = pg_store._run  # type: ignore[attr-defined]
+
+    async def in_transaction(conn: Any) -> bool:
+        return bool(conn.is_in_transaction())
+
+    await run(lambda conn: conn.execute("BEGIN"))
+    for _ in range(3):
+        assert not await run(in_transaction)
+    await pg_store.ping()
 
 
 async def test_pg_broken_schema_is_corrupt(pg_url: str, pg_store: Store) -> None:
