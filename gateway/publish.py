@@ -102,6 +102,7 @@ class OutboxPublisher:
         self._wake = Nudge()
         self._settle = Nudge()
         self._inflight: dict[int, OutboxItem] = {}
+        self._starved = False  # the feed stopped for want of room: settling must wake it
         self._released = False  # leases of our previous process dropped (once per object)
         self._acked: list[int] = []
         self._refused: list[tuple[int, str]] = []
@@ -159,6 +160,7 @@ class OutboxPublisher:
         while self._sender.connected:
             room = s.publish_inflight - len(self._inflight)
             if room <= 0:
+                self._starved = True
                 return  # the settle loop wakes us when PUBACKs free room
             rows = await self._store.claim_outbox(self.owner, room, s.publish_lease)
             for row in rows:
@@ -193,7 +195,11 @@ class OutboxPublisher:
                     await trio.sleep(delay)
                     continue
                 outage.reset()
-            self._wake.set()
+            # Only a feed that stopped for want of room needs waking: any other wake-up would
+            # claim an outbox that new commits (which wake the feed themselves) left empty.
+            if self._starved:
+                self._starved = False
+                self._wake.set()
 
     async def _settle_once(self) -> None:
         if self._acked:
