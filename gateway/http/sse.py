@@ -181,7 +181,7 @@ class SseStreams:
             next_beat = trio.current_time() + heartbeat
             while True:
                 frames: bytes | None = None
-                with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
+                with trio.move_on_at(next_beat):
                     try:
                         frames = await recv.receive()
                     except trio.EndOfChannel:
