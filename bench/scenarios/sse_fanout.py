@@ -15,6 +15,7 @@ import trio
 
 from bench import profile
 from bench.common import delays_ms, json_process, wait_file
+from bench.cpu import cpu_seconds
 from bench.harness import (
     PY,
     Gateway,
@@ -117,11 +118,12 @@ async def _round(opts: Options, rate: int) -> Result:
                         prof.update(await profile.sample(pid, duration, d / "profile.txt"))
 
                     clients_nursery.start_soon(sample)
+                assert gw.proc is not None
+                cpu0 = cpu_seconds(gw.proc.pid) or 0.0
                 sim.update(
-                    await run_simulator(
-                        broker.url, rate=rate, duration=duration, devices=20, record=d / "pub.txt"
-                    )
+                    await run_simulator(broker.url, rate=rate, duration=duration, devices=20, record=d / "pub.txt")
                 )
+                gw_cpu = (cpu_seconds(gw.proc.pid) or 0.0) - cpu0
             async with httpx.AsyncClient() as http:
                 m = await scrape(http, gw)
             nursery.cancel_scope.cancel()
@@ -141,15 +143,29 @@ async def _round(opts: Options, rate: int) -> Result:
         "client_errors": sum(r["errors"] for r in results),
         "dropped_by_gateway": m.get("gateway_sse_dropped_total", 0.0),
         "delay_ms": stats,
+        "gateway_cpu_s": round(gw_cpu, 2),
+        "gateway_cpu_pct": round(100 * gw_cpu / duration, 1),
+        "client_cpu_s": round(sum(r.get("cpu_s", 0.0) for r in results), 2),
         "rss_idle_kib": rss_idle,
         "rss_peak_kib": max(rss or [0]),
     }
     res.data = data
     res.tables.append(
         table(
-            f"sse_fanout: {clients:,} clients, {rate} events/s for {duration:.0f} s"
-            " (delay publish → client, ms)",
-            ["clients", "delivered", "dropped", "p50", "p95", "p99", "max", "RSS idle MiB", "RSS peak MiB"],
+            f"sse_fanout: {clients:,} clients, {rate} events/s for {duration:.0f} s (delay publish → client, ms)",
+            [
+                "clients",
+                "delivered",
+                "dropped",
+                "p50",
+                "p95",
+                "p99",
+                "max",
+                "gateway CPU %",
+                "clients CPU s",
+                "RSS idle MiB",
+                "RSS peak MiB",
+            ],
             [
                 [
                     f"{int(connected):,}/{clients:,}",
@@ -159,6 +175,8 @@ async def _round(opts: Options, rate: int) -> Result:
                     stats["p95"],
                     stats["p99"],
                     stats["max"],
+                    data["gateway_cpu_pct"],
+                    data["client_cpu_s"],
                     rss_idle / 1024,
                     max(rss or [0]) / 1024,
                 ]
