@@ -1,19 +1,20 @@
-"""Server-Sent Events: the response body of each stream, straight from its hub subscription.
+"""Server-Sent Events: the per-client pump from the hub to the response.
 
-The response generator itself waits on the hub subscription (cancel-safe) with the heartbeat
-deadline as a timeout, so each delivery wakes one task, not a pump and then the response: with 1,000
-streams every event wakes 1,000 tasks. :class:`SseStreams` (which :func:`serve` runs) owns one
-watchdog task; on server stop :meth:`SseStreams.close` has it end every stream's subscription, every
-generator returns, and hypercorn's graceful shutdown finishes in milliseconds.
+Each stream has a pump task (in a nursery owned by :class:`SseStreams`, which :func:`serve` runs)
+that holds the hub subscription and forwards events into a small channel; the response generator
+reads that channel with a timeout, so it can send heartbeat comments without ever cancelling the
+hub's iterator mid-item. On server stop :meth:`SseStreams.close` ends every pump, each channel
+closes, every generator returns, and hypercorn's graceful shutdown finishes in milliseconds.
 
 Resource bounds (a client must not be able to make the gateway hold memory for it without limit):
 
 - Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
   refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
-- Between the hub and the socket a stream holds one write: the frames of at most ``_BATCH_EVENTS``
-  events (the hub holds at most one replay page more, and its bounded live channel).
-- A client that stops reading: its write blocks, the response stops taking events, and once the
-  write has been blocked ``send_timeout`` the watchdog ends the subscription and counts
+- Between the hub and the socket a stream holds the frames of at most ``_BATCH_EVENTS`` events
+  in the pump (encoded as soon as it takes them: bytes, not event objects) and one write of about
+  ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
+- A client that stops reading: its write blocks, the response stops taking events, and once the pump
+  has waited ``send_timeout`` to hand one over it ends the subscription and counts
   ``gateway_sse_stuck_total``. Hypercorn shields its socket writes from cancellation, so the blocked
   write itself is ended by the kernel: :class:`SendTimeoutConfig` sets ``TCP_USER_TIMEOUT`` on the
   listening sockets (inherited by every accepted one), which aborts a connection whose peer has taken
@@ -26,7 +27,6 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -39,8 +39,8 @@ from gateway.sse import encode_comment, encode_event, encode_retry
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BATCH_EVENTS = 100  # events one write takes at most (a replay page; ~45 KB of frames)
-_WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks at blocked writes and server stop
+_BATCH_EVENTS = 100  # events the pump takes at once (a replay page; ~45 KB of frames)
+_CHUNK_BYTES = 64 * 1024  # one write gathers the pump's waiting batches up to about this much
 LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
 
 
@@ -83,7 +83,7 @@ class StreamSlot:
 
 
 class SseStreams:
-    """Counts and watches all open streams. Runs until cancelled (inside :func:`serve`)."""
+    """Owns the pump tasks of all open streams. Runs until cancelled (inside :func:`serve`)."""
 
     def __init__(self) -> None:
         self._nursery: trio.Nursery | None = None
@@ -91,13 +91,11 @@ class SseStreams:
         self.open = 0
         self.reserved = 0
         self._per_key: Counter[str] = Counter()
-        self._states: set[_StreamState] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the watchdog (blocked writes, server stop). Runs until cancelled."""
+        """Hold the nursery the pumps run in. Runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._watch)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -162,91 +160,94 @@ class SseStreams:
         """The response body: ``retry:`` first, then events and heartbeat comments until the hub
         ends the subscription, the client leaves or stops reading (``send_timeout``), or the server
         stops. Releases ``slot`` when it ends."""
-        if self._nursery is None or self._closing.is_set():
+        nursery = self._nursery
+        if nursery is None or self._closing.is_set():
             if slot is not None:
                 slot.release()
             return
-        # No pump task between the hub and the response: one task wake-up per delivery, not two
-        # (with 1,000 streams every event wakes 1,000 tasks). ``Subscription.batch`` is
-        # cancel-safe, so the heartbeat timeout around it loses nothing.
-        state = _StreamState()
-        self._states.add(state)
+        # Unbuffered: the pump holds the next batch while the response writes one.
+        send, recv = trio.open_memory_channel[bytes](0)
+        try:
+            pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         self.open += 1
         try:
-            async with state.stack:
-                # In the stream's exit stack, so the watchdog can end it while a write is blocked.
-                events = await state.stack.enter_async_context(hub.subscribe(**subscribe))
-                if self._closing.is_set():
-                    return
-                yield encode_retry(retry_ms)
-                next_beat = trio.current_time() + heartbeat
-                while not state.cut:
-                    batch: list[Any] | None = None
-                    with trio.move_on_at(next_beat):
-                        try:
-                            batch = await events.batch(_BATCH_EVENTS)
-                        except StopAsyncIteration:
-                            break
-                        except Exception:
-                            # A failing replay (e.g. database down) ends this stream, never the
-                            # server; the client reconnects with Last-Event-ID and resumes.
-                            log.warning("event stream ended by an error", exc_info=True)
-                            break
-                    if state.cut:
+            yield encode_retry(retry_ms)
+            # A comment every ``heartbeat`` seconds whether or not events flow, so proxies and
+            # clients can rely on hearing from the server that often.
+            next_beat = trio.current_time() + heartbeat
+            while True:
+                frames: bytes | None = None
+                with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
+                    try:
+                        frames = await recv.receive()
+                    except trio.EndOfChannel:
                         break
-                    # Yield outside the cancel scope: a generator must not suspend inside one.
-                    if batch is None:
-                        next_beat = trio.current_time() + heartbeat
-                        frames = HEARTBEAT
-                    else:
-                        # Frames as the hub built them once for all subscribers (live), or from
-                        # the stored JSON (replay). Everything waiting goes out in one write.
-                        frames = b"".join([encode_event(e) for e in batch])
-                    # The watchdog cuts a stream whose write has not returned in send_timeout
-                    # (the client stopped reading).
-                    state.writing_since = trio.current_time()
-                    state.send_timeout = send_timeout
-                    yield frames
-                    state.writing_since = None
+                # Yield outside the cancel scope: a generator must not suspend inside one.
+                if frames is None:
+                    next_beat = trio.current_time() + heartbeat
+                    yield HEARTBEAT
+                    continue
+                # Everything waiting goes out in one write (the processor commits in batches).
+                # Bounded in bytes: a write to a client that stopped reading holds one chunk.
+                chunk = [frames]
+                size = len(frames)
+                while size < _CHUNK_BYTES:
+                    try:
+                        chunk.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    size += len(chunk[-1])
+                yield b"".join(chunk)
         finally:
             self.open -= 1
-            self._states.discard(state)
+            pump_scope.cancel()
+            recv.close()
             if slot is not None:
                 slot.release()
 
-    async def _watch(self) -> None:
-        """Cut streams whose write is blocked past their send timeout, and end every stream's
-        subscription when the server stops."""
-        while True:
-            with trio.move_on_after(_WATCH_INTERVAL):
-                await self._closing.wait()
-            now = trio.current_time()
-            for state in list(self._states):
-                if self._closing.is_set():
-                    await state.cut_off()
-                    continue
-                since = state.writing_since
-                if since is not None and not state.cut and now - since >= state.send_timeout:
-                    metrics.SSE_STUCK.inc()
-                    log.info("sse client stopped reading, stream cut after %.0fs", state.send_timeout)
-                    await state.cut_off()
-            if self._closing.is_set():
-                await trio.sleep(_WATCH_INTERVAL)  # streams that open now end at once anyway
+    async def _pump(
+        self,
+        hub: Any,
+        subscribe: dict[str, Any],
+        send: trio.MemorySendChannel[bytes],
+        send_timeout: float,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with send:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._cancel_on_close, nursery.cancel_scope)
+                    try:
+                        async with hub.subscribe(**subscribe) as events:
+                            while True:
+                                # Frames as the hub built them once for all subscribers (live), or
+                                # from the stored JSON (replay); only the bytes are held from here.
+                                try:
+                                    frames = b"".join([encode_event(e) for e in await events.batch(_BATCH_EVENTS)])
+                                except StopAsyncIteration:
+                                    break
+                                # The response takes events as fast as the socket accepts them:
+                                # waiting this long means the client stopped reading.
+                                with trio.move_on_after(send_timeout) as waited:
+                                    await send.send(frames)
+                                if waited.cancelled_caught:
+                                    metrics.SSE_STUCK.inc()
+                                    log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
+                                    break
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the client went away
+                    except Exception:
+                        # A failing replay (e.g. database down) ends this stream, never the server;
+                        # the client reconnects with Last-Event-ID and resumes.
+                        log.warning("event stream ended by an error", exc_info=True)
+                    nursery.cancel_scope.cancel()
 
-
-class _StreamState:
-    """What the watchdog knows of one open stream."""
-
-    __slots__ = ("cut", "send_timeout", "stack", "writing_since")
-
-    def __init__(self) -> None:
-        self.stack = AsyncExitStack()
-        self.writing_since: float | None = None
-        self.send_timeout = 30.0
-        self.cut = False
-
-    async def cut_off(self) -> None:
-        """End the stream: its hub subscription ends now (it holds no more events), its loop
-        ends when it next runs. Leaving the subscription has no await, so this runs at once."""
-        self.cut = True
-        await self.stack.aclose()
+    async def _cancel_on_close(self, scope: trio.CancelScope) -> None:
+        await self._closing.wait()
+        scope.cancel()
