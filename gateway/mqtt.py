@@ -625,16 +625,16 @@ class MqttBridge:
         ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
         between the socket and the ack. At either limit the reader stops decoding and reading
         the socket until ingest acks, so TCP pushes back on the broker.
+
+        The steps are methods called once per burst (read, decode, hand over), never per message:
+        the per-message loop is the one inside :meth:`_decode`.
         """
-        client, sock, link = conn.client, conn.sock, conn.link
+        link = conn.link
         assert link is not None
         s = self.settings
         cap, budget = s.receive_maximum, s.inflight_bytes
         v5 = s.protocol == "5"
         decoder = FrameDecoder(v5=v5, max_packet=s.max_packet_size)
-        level, gen = self._device_level, conn.generation
-        ssl_sock = isinstance(sock, ssl.SSLSocket)
-        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
         starved = True  # the decoder needs more bytes before it can give another frame
         while True:
             if conn.inflight >= cap or conn.inflight_bytes >= budget:
@@ -643,58 +643,12 @@ class MqttBridge:
                 conn.room = trio.Event()
                 continue
             if starved and not (link.eof or link.error):
-                if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
-                    await trio.lowlevel.checkpoint()
-                else:
-                    try:
-                        await trio.lowlevel.wait_readable(sock)
-                    except trio.ClosedResourceError:
-                        conn.lose("socket closed")
-                        return
-                got = 0
-                while got < _READ_BURST:
-                    data = link.read()
-                    if not data:
-                        break
-                    decoder.feed(data)
-                    got += len(data)
-                    if len(data) < _RECV and not ssl_sock:
-                        break  # the kernel buffer is drained: spare the recv that says so
-                if got:
-                    conn.received_at = datetime.now(UTC)
-                    # paho's keepalive counts received bytes; it does not see the publishes.
-                    client._last_bytes_received = time.monotonic()
+                if not await self._read_burst(conn, decoder):
+                    return
             else:
                 await trio.lowlevel.checkpoint()
-            now, batch = conn.received_at, conn.batch
-            room, room_bytes, size = cap - conn.inflight, budget - conn.inflight_bytes, 0
-            starved = False
-            try:
-                while len(batch) < room and size < room_bytes and conn.lost is None:
-                    frame = decoder.next()
-                    if frame is None:
-                        starved = True
-                        break
-                    if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
-                        topic = frame.topic
-                        device = None
-                        if level is not None:
-                            levels = topic.split("/")
-                            device = levels[level] if len(levels) > level else ""
-                        batch.append(
-                            Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
-                                    frame.truncated_from)
-                        )  # fmt: skip
-                        size += len(frame.payload)
-                    elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
-                        acks.append(decode_puback(frame, v5=v5))
-                    else:
-                        self._to_paho(conn, frame)
-            except MqttCodecError as exc:
-                conn.lose(f"malformed packet from the broker: {exc}")
-            if acks:
-                self._confirmed(conn, acks)
-                acks = []
+            batch = conn.batch
+            starved = self._decode(conn, decoder, v5, cap - conn.inflight, budget - conn.inflight_bytes)
             if starved and (link.eof or link.error) and conn.lost is None:
                 link.end_of_stream()  # after the frames before it: paho reports the close
                 self._paho_read(conn)
@@ -710,6 +664,74 @@ class MqttBridge:
                 await inbound.send(batch)
             if conn.lost is not None:
                 return
+
+    async def _read_burst(self, conn: _Connection, decoder: FrameDecoder) -> bool:
+        """Wait until the socket is readable, then feed ``decoder`` what it holds (up to 1 MiB).
+
+        Returns False when the socket was closed under us (the connection is then lost).
+        """
+        sock, link = conn.sock, conn.link
+        assert link is not None
+        ssl_sock = isinstance(sock, ssl.SSLSocket)
+        if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
+            await trio.lowlevel.checkpoint()
+        else:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                conn.lose("socket closed")
+                return False
+        got = 0
+        while got < _READ_BURST:
+            data = link.read()
+            if not data:
+                break
+            decoder.feed(data)
+            got += len(data)
+            if len(data) < _RECV and not ssl_sock:
+                break  # the kernel buffer is drained: spare the recv that says so
+        if got:
+            conn.received_at = datetime.now(UTC)
+            # paho's keepalive counts received bytes; it does not see the publishes.
+            conn.client._last_bytes_received = time.monotonic()
+        return True
+
+    def _decode(self, conn: _Connection, decoder: FrameDecoder, v5: bool, room: int, room_bytes: int) -> bool:
+        """Take the decoded frames: QoS 0/1 PUBLISHes onto ``conn.batch`` (up to ``room`` messages
+        and about ``room_bytes`` payload bytes), PUBACKs for our publishes settled together, any
+        other frame to paho in stream order. Returns whether the decoder ran out of bytes.
+
+        A malformed frame loses the connection.
+        """
+        batch, now, gen, level = conn.batch, conn.received_at, conn.generation, self._device_level
+        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
+        size = 0
+        try:
+            while len(batch) < room and size < room_bytes and conn.lost is None:
+                frame = decoder.next()
+                if frame is None:
+                    return True
+                if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
+                    topic = frame.topic
+                    device = None
+                    if level is not None:
+                        levels = topic.split("/")
+                        device = levels[level] if len(levels) > level else ""
+                    batch.append(
+                        Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
+                                frame.truncated_from)
+                    )  # fmt: skip
+                    size += len(frame.payload)
+                elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
+                    acks.append(decode_puback(frame, v5=v5))
+                else:
+                    self._to_paho(conn, frame)
+        except MqttCodecError as exc:
+            conn.lose(f"malformed packet from the broker: {exc}")
+        finally:
+            if acks:
+                self._confirmed(conn, acks)
+        return False
 
     def _to_paho(self, conn: _Connection, frame: Frame | Publish) -> None:
         """Let paho handle one frame: the handshake, SUBACK, PUBACK, PINGRESP, DISCONNECT, QoS 2.
