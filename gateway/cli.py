@@ -163,31 +163,37 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 async def _migrate(settings: Settings, status_only: bool) -> int:
+    """``gateway migrate [--status]``: apply the pending migrations (or list every one) on the
+    configured database, opened just for this, within the connect + query timeouts."""
     from gateway.store import open_store
 
     async with open_store(settings.database) as store:
         try:
             with trio.fail_after(settings.database.connect_timeout + settings.database.query_timeout):
-                if not status_only:
+                if status_only:
+                    rows = await store.migration_status()
+                else:
                     applied = await store.migrate()
-                    for m in applied:
-                        print(f"applied  {m.version:04d}_{m.name}")
-                    if not applied:
-                        print("nothing to apply: the schema is up to date")
-                rows = await store.migration_status()
         except (StoreUnavailable, trio.TooSlowError) as exc:
             print(f"gateway: database unavailable: {exc or 'timed out'}", file=sys.stderr)
             return EXIT_FATAL
         finally:
             await _close(store)
-        if status_only:
-            for m in rows:
-                state = f"applied {m.applied_at:%Y-%m-%d %H:%M:%S}" if m.applied_at else "pending"
-                print(f"{m.version:04d}_{m.name:<40} {state}")
+    if status_only:
+        for m in rows:
+            state = f"applied {m.applied_at:%Y-%m-%d %H:%M:%S}" if m.applied_at else "pending"
+            print(f"{m.version:04d}_{m.name:<40} {state}")
+    else:
+        for m in applied:
+            print(f"applied  {m.version:04d}_{m.name}")
+        if not applied:
+            print("nothing to apply: the schema is up to date")
     return EXIT_OK
 
 
 async def _close(store: Any) -> None:
+    # SQLite opened its file on first use and keeps it until closed; PostgreSQL used a one-off
+    # connection, already closed (its store has no aclose).
     close = getattr(store, "aclose", None)
     if close is not None:
         with trio.CancelScope(shield=True):

@@ -79,3 +79,29 @@ def test_check_config_masks_ambiguous_and_query_passwords(tmp_path: Path) -> Non
         assert leak not in out
     assert "postgresql://gw:**********@db.example:5432/gw?sslmode=require&password=**********" in out
     assert "mqtt://dev:**********@broker.example:1883" in out
+
+
+def test_migrate_and_status(tmp_path: Path) -> None:
+    """``gateway migrate`` applies what is pending, once; ``--status`` lists every migration."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gw.db"}
+    res = _run(["migrate", "--status"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines and lines[0].startswith("0001_initial") and all(line.endswith("pending") for line in lines)
+    res = _run(["migrate"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"applied  {line.split()[0]}" for line in lines]
+    res = _run(["migrate"], tmp_path, env)
+    assert res.returncode == 0 and res.stdout == "nothing to apply: the schema is up to date\n"
+    res = _run(["migrate", "--status"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()] == [line.split()[0] for line in lines]
+    assert all(" applied 20" in line for line in res.stdout.splitlines())
+
+
+def test_migrate_database_unavailable_exits_1(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "DATABASE_CONNECT_TIMEOUT": "2"}
+    for cmd in (["migrate"], ["migrate", "--status"]):
+        res = _run(cmd, tmp_path, env)
+        assert res.returncode == 1, (cmd, res.stdout, res.stderr)
+        assert "database unavailable" in res.stderr and "Traceback" not in res.stderr
