@@ -399,20 +399,8 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
     topics = {d.device_id: opts.topic_template.format(device_id=d.device_id) for d in fleet.devices}
     summary = Summary(offered_rate=opts.rate)
     total = max(0, round(opts.rate * opts.duration))
-    latencies = summary.latencies_ms
-    all_answered = trio.Event()
-    sending_done = False
-
-    def on_done(sent_ns: int, refusal: str | None) -> None:
-        if refusal is not None:
-            summary.nacked += 1
-        else:
-            summary.acked += 1
-            latencies.append((time.perf_counter_ns() - sent_ns) / 1e6)
-        if sending_done and summary.acked + summary.nacked >= summary.sent:
-            all_answered.set()
-
-    records: list[str] = []
+    answers = _Answers(summary)
+    records: list[str] | None = [] if record is not None else None
     async with open_link(opts.link) as link:
         t0 = trio.current_time()
         sent = 0
@@ -424,39 +412,75 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
                 await trio.sleep_until(t0 + sent / opts.rate)
                 continue
             summary.max_lag = max(summary.max_lag, now - t0 - sent / opts.rate)
-            items: list[tuple[str, bytes, Callable[[str | None], None] | None]] = []
-            for _ in range(min(due - sent, batch)):
-                pkt = fleet.next_packet()
-                t_ns = time.time_ns()
-                done = functools.partial(on_done, time.perf_counter_ns()) if opts.qos else None
-                items.append((topics[pkt.device_id], pkt.payload, done))
-                sent += 1
-                if pkt.valid:
-                    summary.valid += 1
-                    if record is not None:
-                        records.append(f"{pkt.device_id} {pkt.seq} {t_ns}\n")
-                else:
-                    summary.invalid += 1
-                    summary.invalid_kinds[pkt.kind] = summary.invalid_kinds.get(pkt.kind, 0) + 1
+            items = _next_items(fleet, topics, min(due - sent, batch), opts.qos, answers, records)
+            sent += len(items)
             await link.send_to_many(items, qos=opts.qos)  # encoded and written together
         summary.sent = sent
         # The last message is due at (n-1)/rate; the window it completes is n/rate long.
         summary.elapsed = max(trio.current_time() - t0, sent / opts.rate)
-        sending_done = True
+        answers.sending_done = True
         with trio.move_on_after(opts.drain_timeout):
-            if opts.qos:
-                if summary.acked + summary.nacked < sent:
-                    await all_answered.wait()
-            else:
-                # QoS 0: until all of it is in the write buffer (the DISCONNECT flushes it).
-                while link.outstanding:  # noqa: ASYNC110 (a poll at the very end of a run)
-                    await trio.sleep(0.01)
+            await _drained(link, opts.qos, answers)
         summary.unacked = sent - summary.acked - summary.nacked if opts.qos else 0
     summary.achieved_rate = summary.sent / summary.elapsed if summary.elapsed > 0 else 0.0
     _fill_percentiles(summary)
     if record is not None:
-        record.writelines(records)
+        record.writelines(records or [])
     return summary
+
+
+class _Answers:
+    """Counts a run's PUBACKs into its summary; ``all_answered`` is set once every sent message
+    was answered (after ``sending_done``)."""
+
+    def __init__(self, summary: Summary) -> None:
+        self.summary = summary
+        self.all_answered = trio.Event()
+        self.sending_done = False
+
+    def on_done(self, sent_ns: int, refusal: str | None) -> None:
+        s = self.summary
+        if refusal is not None:
+            s.nacked += 1
+        else:
+            s.acked += 1
+            s.latencies_ms.append((time.perf_counter_ns() - sent_ns) / 1e6)
+        if self.sending_done and s.acked + s.nacked >= s.sent:
+            self.all_answered.set()
+
+
+def _next_items(
+    fleet: Fleet, topics: dict[str, str], n: int, qos: int, answers: _Answers, records: list[str] | None
+) -> list[tuple[str, bytes, Callable[[str | None], None] | None]]:
+    """The next ``n`` packets of the fleet as (topic, payload, on PUBACK), counted in the summary
+    (and recorded as ``device_id seq publish_time_ns`` when ``records`` is a list)."""
+    summary = answers.summary
+    items: list[tuple[str, bytes, Callable[[str | None], None] | None]] = []
+    for _ in range(n):
+        pkt = fleet.next_packet()
+        t_ns = time.time_ns()
+        done = functools.partial(answers.on_done, time.perf_counter_ns()) if qos else None
+        items.append((topics[pkt.device_id], pkt.payload, done))
+        if pkt.valid:
+            summary.valid += 1
+            if records is not None:
+                records.append(f"{pkt.device_id} {pkt.seq} {t_ns}\n")
+        else:
+            summary.invalid += 1
+            summary.invalid_kinds[pkt.kind] = summary.invalid_kinds.get(pkt.kind, 0) + 1
+    return items
+
+
+async def _drained(link: MqttBridge, qos: int, answers: _Answers) -> None:
+    """Wait until every message sent is answered (QoS 1), or written out (QoS 0)."""
+    s = answers.summary
+    if qos:
+        if s.acked + s.nacked < s.sent:
+            await answers.all_answered.wait()
+    else:
+        # QoS 0: until all of it is in the write buffer (the DISCONNECT flushes it).
+        while link.outstanding:  # noqa: ASYNC110 (a poll at the very end of a run)
+            await trio.sleep(0.01)
 
 
 def _fill_percentiles(summary: Summary) -> None:
