@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, migrate, check-config, simulate, apikey, secrets.
+"""The ``gateway`` command: serve, migrate, check-config, simulate, demo, apikey, secrets.
 
 Exit codes (:func:`exit_code` is the one mapping; README, "Command line", documents it):
 
@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the simulator ships with the package
         pass
 
+    p = sub.add_parser("demo", help="broker, gateway and simulated sensors in one command; nothing to configure")
+    from gateway import demo
+
+    demo.add_arguments(p)
+
     p = sub.add_parser("apikey", help="API keys")
     ak = p.add_subparsers(dest="apikey_command", required=True)
     new = ak.add_parser("new", help="print a new random key once, and its API_KEYS entry")
@@ -130,6 +135,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gateway import simulate
 
         return simulate.main(args)
+    if command == "demo":
+        from gateway import demo
+
+        return demo.main(args)
     if command == "apikey":
         from gateway.apikeys import new_key
 
