@@ -24,7 +24,6 @@ CONDITION_FIELDS = frozenset({"device_id", "status", "battery", "seq", "source"}
 #: Fields a template or an SSE field selection may use, besides ``measurements.<name>``.
 DATA_FIELDS = CONDITION_FIELDS | {"id", "timestamp", "received_at", "measurements", "attempts"}
 NUMERIC_FIELDS = frozenset({"battery", "seq", "id", "attempts"})
-TEXT_FIELDS = frozenset({"device_id", "status", "source", "timestamp", "received_at"})
 
 _MISSING = object()
 

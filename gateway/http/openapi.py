@@ -5,7 +5,7 @@ declares every response a route can give (problem+json errors included), so the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -179,7 +179,6 @@ class ApiSpec:
     ok: dict[int, tuple[type[BaseModel] | None, str]]
     errors: tuple[int, ...] = ()
     query_token: bool = False
-    query_params: frozenset[str] = field(default_factory=frozenset)
 
 
 def api(
@@ -195,8 +194,7 @@ def api(
     """Attach the route's role and responses (read by the app's auth hook and the provider)."""
 
     def decorator(func: F) -> F:
-        params = frozenset(query.model_fields) if query is not None else frozenset()
-        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token, params))
+        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token))
         if query is not None:
             func = document_querystring(query)(func)
         if headers is not None:
