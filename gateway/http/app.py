@@ -18,9 +18,9 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 
 from gateway import metrics
+from gateway.errors import ApiError, ProblemCode
 from gateway.http import dashboard, docs, errors, routes
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
 from gateway.http.fast import ADMITTED, FastRoutes
 from gateway.http.gate import Admission, Gate
 from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
@@ -77,8 +77,7 @@ def create_app(ctx: AppContext) -> QuartTrio:
         # (The 429 then closes the connection, see _after.)
         if admitted.wait > 0:
             raise ApiError(
-                429,
-                "rate_limited",
+                ProblemCode.RATE_LIMITED,
                 f"rate limit is {http.rate_limit}",
                 headers={"Retry-After": retry_after_header(admitted.wait)},
             )
@@ -93,16 +92,15 @@ def create_app(ctx: AppContext) -> QuartTrio:
             detail = "send an API key in X-API-Key or Authorization: Bearer"
             if not http.api_keys:
                 detail += " (no API keys are configured: see `gateway apikey new`)"
-            raise ApiError(401, "auth_missing", detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
+            raise ApiError(ProblemCode.AUTH_MISSING, detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
         if principal is None:
             raise ApiError(
-                401,
-                "auth_invalid",
+                ProblemCode.AUTH_INVALID,
                 "the API key is not valid",
                 headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
             )
         if not principal.may(spec.role):
-            raise ApiError(403, "forbidden", f"this needs the {spec.role} role; the key has {principal.role}")
+            raise ApiError(ProblemCode.FORBIDDEN, f"this needs the {spec.role} role; the key has {principal.role}")
 
     @app.after_request
     async def _after(response: Response) -> Response:

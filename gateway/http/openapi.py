@@ -20,6 +20,7 @@ from quart_schema import (
 )
 from werkzeug.routing import Rule
 
+from gateway.errors import ProblemCode
 from gateway.http.auth import Role
 from gateway.packets import DEVICE_ID_PATTERN, MEASUREMENT_NAME_PATTERN
 
@@ -33,15 +34,42 @@ CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 # ---- response bodies ----------------------------------------------------------------------------
 
 
-class Problem(BaseModel):
-    """An RFC 9457 problem: the stable ``code`` says what went wrong."""
+def _codes_table() -> str:
+    """The description of ``Problem.code``: every code with its status and title, in Markdown."""
+    rows = [f"| `{c}` | {c.status} | {c.summary} |" for c in ProblemCode]
+    head = ["What went wrong, stable: branch on it, not on `detail`.", "", "| code | status | title |", "|---|---|---|"]
+    return "\n".join(head + rows)
 
-    type: str
-    title: str
-    status: int
-    code: str
-    detail: str
-    request_id: str | None = None
+
+class FieldError(BaseModel):
+    """One reason a packet was refused (the input value itself is never echoed)."""
+
+    loc: list[str] = Field(description="Where: the path of keys to the field, empty for the whole packet")
+    msg: str = Field(description="What is wrong, for people")
+    type: str = Field(description="A machine-readable kind, e.g. `missing`, `bad_json`, `too_large`")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem (`application/problem+json`): the stable `code` says what went wrong.
+
+    Members beyond the standard ones appear with the codes that set them.
+    """
+
+    type: str = Field(description="`about:blank#<code>` (`about:blank` for `internal`)")
+    title: str = Field(description="The code's title, for people")
+    status: int = Field(description="The HTTP status, repeated")
+    code: ProblemCode = Field(description=_codes_table())
+    detail: str = Field(description="This occurrence in words, for people; may change between versions")
+    request_id: str | None = Field(None, description="Also in `X-Request-ID` and the gateway's log: quote it")
+    parameter: str | None = Field(None, description="`query_invalid`: the query parameter refused")
+    reason: str | None = Field(
+        None,
+        description="`packet_invalid`: why the packet was refused, as stored with the reject "
+        "(`schema`, `bad_json`, `bad_encoding`, `not_an_object`, `too_large`, `unstorable`, ...)",
+    )
+    errors: list[FieldError] | None = Field(None, description="`packet_invalid`: the field errors")
+    variable: str | None = Field(None, description="`config_invalid`: the configuration variable refused")
+    limit: int | None = Field(None, description="`too_many_streams`, `streams_exhausted`: the limit reached")
 
 
 class PacketStored(BaseModel):
