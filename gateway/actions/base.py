@@ -13,8 +13,6 @@ CONDITION_FIELDS = frozenset({"device_id", "status", "battery", "seq", "source"}
 DATA_FIELDS = CONDITION_FIELDS | {"id", "timestamp", "received_at", "measurements", "attempts"}
 NUMERIC_FIELDS = frozenset({"battery", "seq", "id", "attempts"})
 
-_MISSING = object()
-
 
 def check_field(path: str, allowed: frozenset[str]) -> str | None:
     """Return a problem with ``path`` (unknown field, empty measurement name), or None when usable."""
