@@ -89,3 +89,8 @@ async def test_openapi_problem_lists_the_stable_codes(api: ApiServer) -> None:
     }
     del refs["/api/v1/ping", "get", "503"]  # a Ping body: "starting"
     assert len(refs) > 20 and all(r == {"$ref": "#/components/schemas/Problem"} for r in refs.values()), refs
+    # Each error response names the codes the operation answers with at that status.
+    events, messages = spec["paths"]["/api/v1/events"]["get"], spec["paths"]["/api/v1/messages"]["get"]
+    assert events["responses"]["429"]["description"] == "Too many requests: `too_many_streams`, `rate_limited`"
+    assert messages["responses"]["503"]["description"].endswith(": `db_unavailable`, `query_timeout`")
+    assert messages["responses"]["401"]["description"].endswith(": `auth_missing`, `auth_invalid`")

@@ -201,11 +201,12 @@ class EventsHeaders(BaseModel):
 
 @dataclass(frozen=True)
 class ApiSpec:
-    """How a route is authorised and what it answers."""
+    """How a route is authorised and what it answers: ``ok`` bodies by status, and the problem codes
+    it may refuse with besides those of every route (:data:`EVERY_ROUTE`, :data:`PROTECTED`)."""
 
     role: Role | None
     ok: dict[int, tuple[type[BaseModel] | None, str]]
-    errors: tuple[int, ...] = ()
+    errors: tuple[ProblemCode, ...] = ()
     query_token: bool = False
 
 
@@ -213,7 +214,7 @@ def api(
     *,
     role: Role | None,
     ok: dict[int, tuple[type[BaseModel] | None, str]],
-    errors: Iterable[int] = (),
+    errors: Iterable[ProblemCode] = (),
     query: type[BaseModel] | None = None,
     headers: type[BaseModel] | None = None,
     body: type[BaseModel] | None = None,
@@ -241,6 +242,9 @@ def spec_of(func: Callable[..., Any] | None) -> ApiSpec | None:
 
 # ---- the provider -------------------------------------------------------------------------------
 
+#: Problem codes any route may answer with, and those of every route that needs a role.
+EVERY_ROUTE = (ProblemCode.RATE_LIMITED, ProblemCode.INTERNAL)
+PROTECTED = (ProblemCode.AUTH_MISSING, ProblemCode.AUTH_INVALID, ProblemCode.FORBIDDEN)
 _DESCRIPTIONS = {
     200: "OK",
     201: "Created",
@@ -251,9 +255,9 @@ _DESCRIPTIONS = {
     404: "Not found",
     413: "Body too large",
     415: "Body is not JSON",
-    429: "Rate limited",
+    429: "Too many requests",
     500: "Internal error (quote the request id)",
-    503: "Database or broker unavailable, or the query took too long (query_timeout)",
+    503: "Unavailable for now: retry after `Retry-After` seconds",
 }
 _HEADER_REF = {"X-Request-ID": {"description": "Request id, also in logs", "schema": {"type": "string"}}}
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
@@ -304,15 +308,16 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
                 response["content"] = {content_type: {"schema": schema}}
             out[str(status)] = response
         problem = _schema_of(Problem, components)
-        codes = set(spec.errors) | {429, 500}
-        if spec.role is not None:
-            codes |= {401, 403}
-        for status in sorted(codes):
+        by_status: dict[int, list[ProblemCode]] = {}
+        for code in (*spec.errors, *EVERY_ROUTE, *(PROTECTED if spec.role is not None else ())):
+            by_status.setdefault(code.status, []).append(code)
+        for status, codes in sorted(by_status.items()):
             headers = dict(_HEADER_REF)
             if status in (429, 503):
                 headers["Retry-After"] = {"description": "Seconds to wait", "schema": {"type": "string"}}
+            listed = ", ".join(f"`{c}`" for c in codes)
             out[str(status)] = {
-                "description": _DESCRIPTIONS.get(status, "Error"),
+                "description": f"{_DESCRIPTIONS.get(status, 'Error')}: {listed}",
                 "headers": headers,
                 "content": {"application/problem+json": {"schema": problem}},
             }

@@ -133,8 +133,23 @@ def _match(args: dict[str, str], name: str, pattern: re.Pattern[str], what: str)
 
 # ---- routes -------------------------------------------------------------------------------------
 
+# The problem codes of a route beyond those of every route (the OpenAPI description lists them).
+_POST_PACKET = (
+    ProblemCode.PACKET_INVALID,
+    ProblemCode.PAYLOAD_TOO_LARGE,
+    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+    ProblemCode.DB_UNAVAILABLE,
+)
+_API_READ = (ProblemCode.QUERY_INVALID, ProblemCode.DB_UNAVAILABLE, ProblemCode.QUERY_TIMEOUT)
+_EVENTS = (
+    ProblemCode.QUERY_INVALID,
+    ProblemCode.TOO_MANY_STREAMS,
+    ProblemCode.STREAMS_EXHAUSTED,
+    ProblemCode.SHUTTING_DOWN,
+)
 
-@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=(400, 413, 415, 503), body=Packet)
+
+@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=_POST_PACKET, body=Packet)
 async def post_packet() -> Response:
     """Store a sensor packet
 
@@ -244,7 +259,7 @@ async def _backlog(c: AppContext) -> Backlog | None:
     return b
 
 
-@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
+@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(ProblemCode.CONFIG_INVALID,))
 async def rereadenv() -> Response:
     """Re-read the configuration and apply it
 
@@ -264,7 +279,7 @@ async def rereadenv() -> Response:
     return json_response(result)
 
 
-@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=(400, 503), query=MessagesQuery)
+@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=_API_READ, query=MessagesQuery)
 async def messages() -> Response:
     """Query stored readings
 
@@ -376,7 +391,7 @@ def _etags(header: str | None) -> set[str]:
     return {t.strip().removeprefix("W/") for t in header.split(",")}
 
 
-@api(role="read", ok={200: (RejectPage, JSON)}, errors=(400, 503), query=RejectsQuery)
+@api(role="read", ok={200: (RejectPage, JSON)}, errors=_API_READ, query=RejectsQuery)
 async def rejects() -> Response:
     """Rejected packets with their reasons
 
@@ -423,7 +438,7 @@ async def packet_schema() -> Response:
 @api(
     role="read",
     ok={200: (None, "text/event-stream")},
-    errors=(400, 503),
+    errors=_EVENTS,
     query=EventsQuery,
     headers=EventsHeaders,
     query_token=True,
