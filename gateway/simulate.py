@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from gateway.errors import SimulateError
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound, MqttBridge
 from gateway.settings import MqttSettings
@@ -60,10 +61,6 @@ INVALID_KINDS: tuple[str, ...] = (
 """Every way the simulator breaks a packet; each one is refused by ``gateway.packets.parse_packet``."""
 
 DEFAULT_TOPIC_TEMPLATE = "sensors/{device_id}/data"
-
-
-class SimulateError(Exception):
-    """The simulator could not connect or lost its broker connection."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from gateway import metrics
+from gateway.errors import ApiError, ProblemCode
 from gateway.http.auth import Role
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
 from gateway.http.fast import ADMITTED
 from gateway.http.gate import Admission, Gate
 from gateway.http.openapi import ApiSpec, spec_of
@@ -58,8 +58,7 @@ class _Hooks:
         # (The 429 then closes the connection, see after.)
         if admitted.wait > 0:
             raise ApiError(
-                429,
-                "rate_limited",
+                ProblemCode.RATE_LIMITED,
                 f"rate limit is {http.rate_limit}",
                 headers={"Retry-After": retry_after_header(admitted.wait)},
             )
@@ -122,13 +121,12 @@ def _authorize(http: HttpSettings, admitted: Admission, role: Role) -> None:
         detail = "send an API key in X-API-Key or Authorization: Bearer"
         if not http.api_keys:
             detail += " (no API keys are configured: see `gateway apikey new`)"
-        raise ApiError(401, "auth_missing", detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
+        raise ApiError(ProblemCode.AUTH_MISSING, detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
     if principal is None:
         raise ApiError(
-            401,
-            "auth_invalid",
+            ProblemCode.AUTH_INVALID,
             "the API key is not valid",
             headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
         )
     if not principal.may(role):
-        raise ApiError(403, "forbidden", f"this needs the {role} role; the key has {principal.role}")
+        raise ApiError(ProblemCode.FORBIDDEN, f"this needs the {role} role; the key has {principal.role}")
