@@ -36,7 +36,7 @@ from typing import TextIO
 import trio
 
 from gateway.apikeys import new_key
-from gateway.errors import GatewayError
+from gateway.errors import DemoError
 
 ROUND_SECONDS = 600.0
 """One simulator run: it keeps per-message figures for its summary, so a long demo runs in rounds."""
@@ -46,10 +46,6 @@ STOP_TIMEOUT = 10.0
 
 READY_TIMEOUT = 30.0
 """Seconds the broker and the gateway each have to start answering."""
-
-
-class DemoError(GatewayError):
-    """The demo could not start (no broker available, a child that would not start)."""
 
 
 @dataclass(frozen=True)

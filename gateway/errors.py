@@ -25,6 +25,8 @@ raises it → who catches it, and what follows::
     │                          backoff, counted per action)
     ├── ComponentExited        supervisor, a run() that returned uncancelled → supervisor (restart)
     ├── SimulateError          simulate: bad --url, no broker → simulate.main (exit 1)
+    ├── DemoError              demo: no broker installed, a child that would not start or stopped
+    │                          → demo.main (exit 1, with the end of that child's log)
     └── ApiError               http/: routes, request hooks, SSE limits → http.errors (the problem
                                response of its ``code``)
 
@@ -216,6 +218,10 @@ class ComponentExited(GatewayError):
 
 class SimulateError(GatewayError):
     """The simulator could not connect or lost its broker connection."""
+
+
+class DemoError(GatewayError):
+    """``gateway demo`` could not start, or one of its children stopped by itself."""
 
 
 class ApiError(GatewayError):
