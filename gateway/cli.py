@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,16 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apikey", help="API keys")
     ak = p.add_subparsers(dest="apikey_command", required=True)
-    new = ak.add_parser("new", help="print a new random key once, and its API_KEYS entry")
-    new.add_argument("--name", required=True)
-    new.add_argument("--role", required=True, choices=["read", "write", "admin"])
+    new = ak.add_parser("new", help="print a new random key once, and the API_KEYS line that admits it")
+    new.add_argument(
+        "--name",
+        required=True,
+        help="who the key is for (1-64 of A-Z a-z 0-9 . _ -): it names the caller in logs and metrics",
+    )
+    new.add_argument(
+        "--role", required=True, choices=["read", "write", "admin"], help="read < write (POST /packets) < admin"
+    )
+    env_opt(new)
 
     p = sub.add_parser("secrets", help="secrets encrypted at rest in .env (enc:...)")
     sc = p.add_subparsers(dest="secrets_command", required=True)
@@ -123,8 +131,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if command == "check-config":
         settings = _load(args)
-        width = max(len(k) for k in settings.masked())
-        for key, value in settings.masked().items():
+        rows = settings.masked()
+        # Not a setting of the gateway but of how it reads them: shown so a user sees which key file
+        # decrypts the enc: values (a path, never the key).
+        rows["SECRETS_KEY_FILE"] = _env_file_value(args, "SECRETS_KEY_FILE") or ""
+        width = max(len(k) for k in rows)
+        for key, value in rows.items():
             print(f"{key.ljust(width)}  {value}")
         print("configuration ok", file=sys.stderr)
         return EXIT_OK
@@ -140,16 +152,40 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return demo.main(args)
     if command == "apikey":
-        from gateway.apikeys import new_key
-
-        key, entry = new_key(args.name, args.role)
-        print(f"key:   {key}")
-        print(f"entry: {entry}")
-        print("Store the key now: it is not shown again. Add the entry to API_KEYS (comma-separated).", file=sys.stderr)
-        return EXIT_OK
+        return _apikey_new(args)
     if command == "secrets":
         return _secrets(args)
     raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
+
+
+def _env_file_value(args: argparse.Namespace, variable: str) -> str | None:
+    """``variable`` as the gateway would read it: the environment over ``--env-file``/``./.env``."""
+    from dotenv import dotenv_values
+
+    if variable in os.environ:
+        return os.environ[variable]
+    path = Path(args.env_file or ".env")
+    return dotenv_values(path).get(variable) if path.is_file() else None
+
+
+def _apikey_new(args: argparse.Namespace) -> int:
+    """Print a new key once, and the whole ``API_KEYS=`` line to put in ``.env``: the existing
+    entries (from the environment or the env file) with the new one added."""
+    from gateway.apikeys import new_key
+
+    try:
+        key, entry = new_key(args.name, args.role)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    existing = [e.strip() for e in (_env_file_value(args, "API_KEYS") or "").split(",") if e.strip()]
+    print(f"key:   {key}")
+    print(f"entry: {entry}")
+    print(f"API_KEYS={','.join([*existing, entry])}")
+    where = args.env_file or ".env"
+    how = "replace the API_KEYS line in" if existing else "append the API_KEYS line to"
+    print(f"Store the key now: it is not shown again. Then {how} {where} and reload (SIGHUP).", file=sys.stderr)
+    return EXIT_OK
 
 
 def _secrets(args: argparse.Namespace) -> int:
