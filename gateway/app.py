@@ -46,6 +46,7 @@ from gateway.rules import load_rules
 from gateway.settings import Settings, known_variables, load_settings, url_secrets
 from gateway.store import open_store
 from gateway.store.base import InsertOutcome, NewMessage, Store
+from gateway.store.single import single_instance
 from gateway.supervisor import Component, Supervisor
 from gateway.systemd import Notifier
 from gateway.wake import Nudge
@@ -414,7 +415,8 @@ def run_gateway(settings: Settings, env_file: str | None = None) -> None:
     if settings.database.kind == "sqlite":
         Path(settings.database.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        trio.run(serve, settings, env_file)
+        with single_instance(settings.database):  # SQLite: refuses a second gateway on the file
+            trio.run(serve, settings, env_file)
     except (ConfigError, RuleError) as exc:
         log.error("configuration error: %s", exc)
         raise
