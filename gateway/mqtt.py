@@ -253,6 +253,7 @@ class _Connection:
     room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
     paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
+    heard_at: float = field(default_factory=time.monotonic)  # last bytes read (keepalive: _housekeeping)
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -680,6 +681,8 @@ class MqttBridge:
                 # Set by any ack since the last wait (also one that came while we handed over).
                 await conn.room.wait()
                 conn.room = trio.Event()
+                # We did not read while the window was full: the keepalive clock starts again now.
+                conn.heard_at = time.monotonic()
                 continue
             if starved and not (link.eof or link.error):
                 if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
@@ -702,7 +705,7 @@ class MqttBridge:
                 if got:
                     conn.received_at = datetime.now(UTC)
                     # paho's keepalive counts received bytes; it does not see the publishes.
-                    client._last_bytes_received = time.monotonic()
+                    client._last_bytes_received = conn.heard_at = time.monotonic()
             else:
                 await trio.lowlevel.checkpoint()
             now, batch = conn.received_at, conn.batch
@@ -809,9 +812,22 @@ class MqttBridge:
             conn.lose("socket closed")
 
     async def _housekeeping(self, conn: _Connection) -> None:
+        ka, s = self.settings.keepalive, self.settings
         while True:
             await trio.sleep(1.0)
-            rc = conn.client.loop_misc()
+            # paho pings after a keepalive of silence and gives up a keepalive later (up to 2x
+            # keepalive for a frozen broker). Ping at half of it, give up after one keepalive of
+            # silence: a frozen broker is noticed within ~keepalive + 1 s. Not while our window is
+            # full: then we are not reading the socket, so silence says nothing about the broker.
+            client = conn.client
+            if conn.inflight < s.receive_maximum and conn.inflight_bytes < s.inflight_bytes:
+                idle = time.monotonic() - conn.heard_at
+                if idle >= ka:
+                    conn.lose(f"keepalive: nothing from the broker for {idle:.1f}s")
+                    return
+                if idle >= ka / 2 and client._ping_t == 0:
+                    client._send_pingreq()
+            rc = client.loop_misc()
             if rc != _SUCCESS:
                 conn.lose(f"keepalive: {paho.error_string(rc)}")
                 return
