@@ -46,6 +46,7 @@ from gateway.rules import load_rules
 from gateway.settings import Settings, known_variables, load_settings, url_secrets
 from gateway.store import open_store
 from gateway.store.base import InsertOutcome, NewMessage, Store
+from gateway.store.single import single_instance
 from gateway.supervisor import Component, Supervisor
 from gateway.systemd import Notifier
 from gateway.wake import Nudge
@@ -312,6 +313,11 @@ class Gateway:
                 log.error("cannot start: %s", refused)
             log.info("stopping")
             self.notifier.stopping()
+            if outcome == "started" and self.settings.mqtt.leaves_on_stop:
+                # Leaving for good (ops/SCALING.md): stop the broker's routing to us and commit
+                # what it still sends before the disconnect ends the session.
+                with trio.move_on_after(self.settings.supervisor.shutdown_timeout):
+                    await self.bridge.leave()
             with trio.move_on_after(self.settings.supervisor.shutdown_timeout * 2):
                 await self.front.stop()
                 await self.supervisor.stop()
@@ -414,7 +420,8 @@ def run_gateway(settings: Settings, env_file: str | None = None) -> None:
     if settings.database.kind == "sqlite":
         Path(settings.database.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        trio.run(serve, settings, env_file)
+        with single_instance(settings.database):  # SQLite: refuses a second gateway on the file
+            trio.run(serve, settings, env_file)
     except (ConfigError, RuleError) as exc:
         log.error("configuration error: %s", exc)
         raise

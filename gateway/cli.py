@@ -6,7 +6,8 @@ Exit codes (:func:`exit_code` is the one mapping; README, "Command line", docume
 - 1: any other fatal error (a bug; the traceback is in the log);
 - 2: invalid configuration (the message names the variable);
 - 3: the environment refused the gateway at start-up, in a way no retry fixes: credentials
-  refused by the database or broker, an unknown role or database, the HTTP address in use.
+  refused by the database or broker, an unknown role or database, the HTTP address in use, the
+  SQLite database held by another gateway (:mod:`gateway.store.single`).
   ``gateway.service`` lists it in ``RestartPreventExitStatus=`` so systemd does not loop.
 """
 
