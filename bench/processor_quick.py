@@ -62,7 +62,7 @@ async def _run_once(
         await nursery.start(hub.run)
         proc = Processor(
             proc_settings, store, Nudge(), ComponentHealth("processor"),
-            instance_id="bench", on_events=hub.notify,
+            instance_id="bench", on_committed=hub.committed,
         )
         received = 0
         done_sse = trio.Event()
