@@ -158,6 +158,7 @@ class Event:
     ``json``: ``data`` as compact JSON when known (as stored); ``frame``: the whole SSE frame,
     when the hub built it once for all its subscribers (:func:`gateway.sse.framed`);
     ``message_id``: the message whose processing appended it (None for alerts and the like).
+    The stores build events positionally: on the hot path a keyword costs ~0.3 µs per event.
     """
 
     id: int

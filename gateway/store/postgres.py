@@ -585,7 +585,7 @@ class PostgresStore:
         out = []
         for r in rows:
             raw = r[2].encode()  # the text as stored: parsed once, and reused for the SSE frame
-            out.append(Event(r[0], r[1], loads(raw), r[3], r[4], raw, message_id=r[5]))
+            out.append(Event(r[0], r[1], loads(raw), r[3], r[4], raw, None, r[5]))
         return out
 
     async def event_bounds(self) -> tuple[int, int]:
@@ -879,7 +879,7 @@ async def _commit(
     if len(kept) != len(appended):
         raise StoreCorrupt(f"{len(kept)} events to append, {len(appended)} appended")
     stored = [
-        Event(r[1], e.type, e.data, r[2], e.device_id, raw, message_id=e.message_id)
+        Event(r[1], e.type, e.data, r[2], e.device_id, raw, None, e.message_id)
         for r, (e, raw) in zip(appended, kept, strict=True)
     ]
     return owned, stored

@@ -445,7 +445,7 @@ class SqliteStore:
         out = []
         for r in rows:
             raw = r[2].encode()
-            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw, message_id=r[5]))
+            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw, None, r[5]))
         return out
 
     async def event_bounds(self) -> tuple[int, int]:
@@ -686,7 +686,7 @@ def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
     if after != before + len(events):
         raise StoreCorrupt(f"event ids not consecutive: {before} + {len(events)} != {after}")
     return [
-        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw, message_id=e.message_id)
+        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw, None, e.message_id)
         for n, (e, raw) in enumerate(zip(events, encoded, strict=True))
     ]
 
