@@ -250,8 +250,8 @@ class Processor:
             log.warning("lease lost for some messages claimed=%d still_ours=%d", len(work), len(stored))
         metrics.PROCESSOR_PROCESSED.inc(len(processed))
         self.processed += len(processed)
-        # In claim order, which is id order: each message's events were appended in turn.
-        appended = [ev for w in done for ev in stored.get(w.message.id, ())]
+        # Keyed in the order given (claim order), so this is id order: events were appended in turn.
+        appended = [ev for mine in stored.values() for ev in mine]
         for kind, count in Counter(ev.type for ev in appended).items():
             metrics.EVENTS_APPENDED.labels(kind).inc(count)
         if appended and self._on_committed is not None:
