@@ -647,7 +647,7 @@ async def store_stages(
             with cw:
                 stored = await store.complete(proc.owner, ids, [], new_events, publishes)
             assert len(got) == BATCH and len(stored) == BATCH
-            claimed, events = got, stored
+            claimed, events = got, [e for mine in stored.values() for e in mine]
             # The outbox publisher's side of the same rows: lease them, then delete them on PUBACK.
             with ow:
                 leased = await store.claim_outbox("bench-outbox", 1000, 60.0)

@@ -328,8 +328,13 @@ async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_ur
         async with hub.subscribe(last_event_id=None, types=packets, device_id=None) as sub:
             for i, (st, nudge) in enumerate([(a, nudge_a), (b, nudge_b)]):
                 proc = Processor(
-                    proc_settings, st, nudge, ComponentHealth(f"p{i}"),
-                    instance_id=f"inst-{i}", rules=None, on_events=hub.notify if st is a else None,
+                    proc_settings,
+                    st,
+                    nudge,
+                    ComponentHealth(f"p{i}"),
+                    instance_id=f"inst-{i}",
+                    rules=None,
+                    on_committed=hub.committed if st is a else None,
                 )
                 await nursery.start(proc.run)
             for start in range(0, total, 500):
