@@ -282,7 +282,7 @@ def test_timestamps_rfc3339_with_a_zone_or_epoch(timestamp: Any, expected: datet
         ({"measurements": {}}, ["measurements"], "too_short"),
         ({"measurements": {f"m{i}": 1 for i in range(65)}}, ["measurements"], "too_long"),
         ({"measurements": {"bad name": 1}}, ["measurements", "bad name"], "string_pattern_mismatch"),
-        ({"measurements": {"t": "1"}}, ["measurements", "t"], None),  # not a number
+        ({"measurements": {"t": "1"}}, ["measurements", "t"], "number_type"),  # not a number
         ({"status": "fine"}, ["status"], "literal_error"),
         ({"battery": 101}, ["battery"], "less_than_equal"),
         ({"battery": -1}, ["battery"], "greater_than_equal"),
@@ -392,3 +392,12 @@ def test_the_schema_and_the_parser_agree(change: dict[str, Any]) -> None:
     except PacketInvalid:
         accepted = False
     assert jsonschema_rs.validator_for(packet_json_schema()).is_valid(packet) is accepted
+
+
+def test_a_non_numeric_measurement_is_one_error_not_one_per_union_branch() -> None:
+    reason, errors = _refusal({**CONTRACT_EXAMPLE, "measurements": {"t": "hot", "h": True, "p": 1013.2}})
+    assert reason == "schema"
+    assert errors == [
+        {"loc": ["measurements", "t"], "msg": "must be a number", "type": "number_type"},
+        {"loc": ["measurements", "h"], "msg": "must be a number", "type": "number_type"},
+    ]
