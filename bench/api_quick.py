@@ -161,7 +161,7 @@ def serve_gateway(workdir: Path, ingest_rate: int) -> None:
                 next_tick = trio.current_time()
                 while True:
                     await store.write_batch(batch(per_tick), [])
-                    ctx.live.invalidate()
+                    ctx.pages.invalidate()
                     next_tick += 0.02
                     await trio.sleep_until(next_tick)
 

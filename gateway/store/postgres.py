@@ -43,12 +43,13 @@ import trio_asyncio
 
 from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import Deduped, json_text
-from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, reject_page
+from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
     Backlog,
     Event,
@@ -68,7 +69,6 @@ from gateway.store.base import (
     PublishFailure,
     StoredMessage,
     StoredReject,
-    StoreHealth,
 )
 
 log = logging.getLogger(__name__)
@@ -234,10 +234,12 @@ SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NULL),
 
 
 @asynccontextmanager
-async def open_postgres(settings: DatabaseSettings) -> AsyncIterator[PostgresStore]:
+async def open_postgres(
+    settings: DatabaseSettings, health: ComponentHealth | None = None
+) -> AsyncIterator[PostgresStore]:
     """Open the trio-asyncio loop and yield a store bound to it (call ``run()`` to connect)."""
     async with trio_asyncio.open_loop() as loop:
-        yield PostgresStore(settings, loop)
+        yield PostgresStore(settings, loop, health)
 
 
 class PostgresStore:
@@ -245,13 +247,13 @@ class PostgresStore:
 
     kind = "postgres"
 
-    def __init__(self, settings: DatabaseSettings, loop: Any) -> None:
+    def __init__(self, settings: DatabaseSettings, loop: Any, health: ComponentHealth | None = None) -> None:
         self._settings = settings
         self._loop = loop
         self._pool: _Pool | None = None  # once run() connected
         # API reads take at most half the pool: writes and the processor always find a connection.
         self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
-        self.health = StoreHealth()
+        self.health = new_health(health)
         # Reconnects and health checks: full jitter, so instances that lost the database together
         # do not come back together.
         self._retry = Backoff(settings.retry_min, max(settings.retry_min, settings.retry_max), jitter="full")
@@ -356,9 +358,6 @@ class PostgresStore:
             else:
                 attempt = 0
                 delay = HEALTH_INTERVAL
-            pool = self._pool
-            if pool is not None:
-                self.health.extra = {"pool_size": pool.size, "pool_idle": pool.idle_size}
             await trio.sleep(delay)
 
     def _set_ok(self) -> None:
@@ -641,8 +640,11 @@ class PostgresStore:
             conn: Any = None
             lost = trio.Event()
             try:
-                # asyncpg's own connect timeout (cancelling a connect from Trio could hang).
-                conn = await self._aio(asyncpg.connect)(s.url.get_secret_value(), timeout=s.connect_timeout)
+                # Shielded, bounded by asyncpg's own connect timeout: cancelled halfway (a stop right
+                # after a refusal), asyncpg leaves a future nobody reads, which trio-asyncio raises
+                # when the loop closes.
+                with trio.CancelScope(shield=True):
+                    conn = await self._aio(asyncpg.connect)(s.url.get_secret_value(), timeout=s.connect_timeout)
                 # Listener callbacks run on the Trio thread: they only call ours.
                 await self._aio(conn.add_listener)("gateway_messages", self._listener(on_message))
                 await self._aio(conn.add_listener)("gateway_events", self._listener(on_event))
@@ -941,14 +943,6 @@ class _Pool:
         self._open: dict[Conn, int] = {}  # connection -> its backend's pid
         self.pids: set[int] = set()  # of the open connections' backends (NOTIFY senders)
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return len(self._open)
-
-    @property
-    def idle_size(self) -> int:
-        return len(self._idle)
 
     def put(self, conn: Conn) -> None:
         """Add a new idle connection."""
