@@ -239,7 +239,19 @@ async def open_postgres(
 ) -> AsyncIterator[PostgresStore]:
     """Open the trio-asyncio loop and yield a store bound to it (call ``run()`` to connect)."""
     async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_loop_exception)
         yield PostgresStore(settings, loop, health)
+
+
+def _loop_exception(loop: Any, context: dict[str, Any]) -> None:
+    """asyncpg cancelled halfway through a connect (a stop while it retries, e.g. right after a
+    refusal) leaves a future with a ConnectionError nobody reads: nobody lost anything, so it is
+    logged at DEBUG. Anything else goes to trio-asyncio's handler, which raises it in the loop."""
+    exc = context.get("exception")
+    if context.get("message") == "Future exception was never retrieved" and isinstance(exc, ConnectionError):
+        log.debug("unread asyncpg connection error (a cancelled connect): %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 class PostgresStore:
@@ -640,11 +652,8 @@ class PostgresStore:
             conn: Any = None
             lost = trio.Event()
             try:
-                # Shielded, bounded by asyncpg's own connect timeout: cancelled halfway (a stop right
-                # after a refusal), asyncpg leaves a future nobody reads, which trio-asyncio raises
-                # when the loop closes.
-                with trio.CancelScope(shield=True):
-                    conn = await self._aio(asyncpg.connect)(s.url.get_secret_value(), timeout=s.connect_timeout)
+                # asyncpg's own connect timeout (cancelling a connect from Trio could hang).
+                conn = await self._aio(asyncpg.connect)(s.url.get_secret_value(), timeout=s.connect_timeout)
                 # Listener callbacks run on the Trio thread: they only call ours.
                 await self._aio(conn.add_listener)("gateway_messages", self._listener(on_message))
                 await self._aio(conn.add_listener)("gateway_events", self._listener(on_event))
