@@ -316,7 +316,7 @@ async def test_hot_reload_rules(store: Store) -> None:
                 '[[rule]]\nname = "hot"\nwhen = {field = "measurements.temperature", op = ">", value = 30}\n'
                 'actions = [{type = "sse", event = "alert", fields = ["device_id"]}, '
                 '{type = "mqtt", subtopic = "alerts", payload = {t = "{measurements.temperature}"}}]'
-            )
+            ),
         )
         ids = await insert(store, new_messages(1, start=50, measurements={"temperature": 35.0}))
         ids += await insert(store, new_messages(1, start=51, measurements={"temperature": 25.0}))
@@ -476,8 +476,9 @@ def test_batch_shrinks_so_scripts_fit_in_the_lease(tmp_path: Path, caplog: pytes
         ComponentHealth("p"), instance_id="t", rules=default_rules(),
     )
     assert proc._batch_limit == 500
-    proc.reconfigure(settings(lease_seconds=30.0, batch_size=500), rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
+    same = settings(lease_seconds=30.0, batch_size=500)
+    proc.reconfigure(same, rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
     assert proc._batch_limit == 16
-    proc.reconfigure(settings(lease_seconds=30.0, batch_size=500), rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
+    proc.reconfigure(same, rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
     assert proc._batch_limit == 4
     assert any("raise PROCESSOR_LEASE" in r.getMessage() for r in caplog.records)
