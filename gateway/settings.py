@@ -365,7 +365,8 @@ class IngestSettings(_Component):
 class ProcessorSettings(_Component):
     """The processor loop, its rules and retry policy."""
 
-    # Applied from the next batch on (the rules file is read again at every reload).
+    # Applied from the next batch on (the rules file is read again at every reload); the backoff
+    # while the database is down keeps its RETRY bounds until the processor restarts.
     LIVE = frozenset(
         {
             "interval",
