@@ -57,6 +57,10 @@ migrate *ARGS: bootstrap
 check-config *ARGS: bootstrap
     "{{bin}}/gateway" check-config {{ARGS}}
 
+# the whole thing in one command: a throwaway broker, the gateway on SQLite, 20 simulated sensors; prints the dashboard link (Ctrl-C stops it)
+demo *ARGS: bootstrap
+    "{{bin}}/gateway" demo {{ARGS}}
+
 # a fleet of virtual sensors (e.g. just simulate --devices 50 --rate 200 --duration 60)
 simulate *ARGS: bootstrap
     "{{bin}}/gateway" simulate {{ARGS}}

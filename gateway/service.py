@@ -103,6 +103,11 @@ class Gateway:
                 log.error("cannot start: %s", refused)
             log.info("stopping")
             self.notifier.stopping()
+            if outcome == "started" and self.settings.mqtt.leaves_on_stop:
+                # Leaving for good (ops/SCALING.md): stop the broker's routing to us and commit
+                # what it still sends before the disconnect ends the session.
+                with trio.move_on_after(self.settings.supervisor.shutdown_timeout):
+                    await self.bridge.leave()
             with trio.move_on_after(self.settings.supervisor.shutdown_timeout * 2):
                 await self.front.stop()
                 await self.supervisor.stop()

@@ -258,6 +258,12 @@ class MqttSettings(_Component):
             return f"$share/{self.share_group}/{self.subscribe_topic}"
         return self.subscribe_topic
 
+    @property
+    def leaves_on_stop(self) -> bool:
+        """MQTT 5 with ``MQTT_SESSION_EXPIRY=0``: the session ends at the disconnect, so a
+        graceful stop first unsubscribes and drains (nothing in flight dies with the session)."""
+        return self.protocol == "5" and self.session_expiry == 0
+
 
 class ApiKey(BaseModel):
     """One ``API_KEYS`` entry: a name, a role and the SHA-256 of the key (never the key)."""

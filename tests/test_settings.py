@@ -104,6 +104,14 @@ def test_share_group_subscription() -> None:
     assert s.mqtt.tls and s.mqtt.port == 8883
 
 
+def test_only_an_mqtt5_session_that_ends_at_the_disconnect_leaves_on_stop() -> None:
+    """MQTT_SESSION_EXPIRY=0 (the removal procedure of ops/SCALING.md) makes a stop unsubscribe
+    and drain first; a persistent session, or 3.1.1 (no expiry), keeps its subscription."""
+    assert load_settings(None, {"MQTT_SESSION_EXPIRY": "0"}).mqtt.leaves_on_stop
+    assert not load_settings(None, {}).mqtt.leaves_on_stop
+    assert not load_settings(None, {"MQTT_SESSION_EXPIRY": "0", "MQTT_PROTOCOL": "3.1.1"}).mqtt.leaves_on_stop
+
+
 def test_env_example_documents_every_variable_and_loads() -> None:
     root = Path(__file__).resolve().parents[1]
     example = root / ".env.example"

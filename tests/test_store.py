@@ -272,14 +272,13 @@ async def test_migrations_idempotent(store: Store) -> None:
 
 async def test_migrate_without_run(store_settings: DatabaseSettings) -> None:
     """``migrate()`` / ``migration_status()`` work on a store that is not running (the CLI)."""
-    from gateway.store import migrate
-
-    before = await migrate.migration_status(store_settings)
-    assert before and all(m.applied_at is None for m in before)
-    applied = await migrate.migrate(store_settings)
-    assert [m.version for m in applied] == [m.version for m in before]
-    assert await migrate.migrate(store_settings) == []
-    after = await migrate.migration_status(store_settings)
+    async with open_store(store_settings) as store:
+        before = await store.migration_status()
+        assert before and all(m.applied_at is None for m in before)
+        applied = await store.migrate()
+        assert [m.version for m in applied] == [m.version for m in before]
+        assert await store.migrate() == []
+        after = await store.migration_status()
     assert all(m.applied_at is not None for m in after)
 
 

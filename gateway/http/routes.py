@@ -15,11 +15,10 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
-from gateway.errors import StoreError
+from gateway.errors import ApiError, ProblemCode, StoreError
 from gateway.http.auth import Principal
 from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
 from gateway.http.openapi import (
     CURSOR_PATTERN,
     EVENT_TYPE_PATTERN,
@@ -84,7 +83,7 @@ def _now() -> str:
 
 
 def _bad(param: str, detail: str) -> ApiError:
-    return ApiError(400, "query_invalid", f"{param}: {detail}", parameter=param)
+    return ApiError(ProblemCode.QUERY_INVALID, f"{param}: {detail}", parameter=param)
 
 
 def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
@@ -133,8 +132,23 @@ def _match(args: dict[str, str], name: str, pattern: re.Pattern[str], what: str)
 
 # ---- routes -------------------------------------------------------------------------------------
 
+# The problem codes of a route beyond those of every route (the OpenAPI description lists them).
+_POST_PACKET = (
+    ProblemCode.PACKET_INVALID,
+    ProblemCode.PAYLOAD_TOO_LARGE,
+    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+    ProblemCode.DB_UNAVAILABLE,
+)
+_API_READ = (ProblemCode.QUERY_INVALID, ProblemCode.DB_UNAVAILABLE, ProblemCode.QUERY_TIMEOUT)
+_EVENTS = (
+    ProblemCode.QUERY_INVALID,
+    ProblemCode.TOO_MANY_STREAMS,
+    ProblemCode.STREAMS_EXHAUSTED,
+    ProblemCode.SHUTTING_DOWN,
+)
 
-@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=(400, 413, 415, 503), body=Packet)
+
+@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=_POST_PACKET, body=Packet)
 async def post_packet() -> Response:
     """Store a sensor packet
 
@@ -146,12 +160,12 @@ async def post_packet() -> Response:
     limit = min(c.settings.http.max_body, MAX_PACKET_BYTES)
     mimetype = request.mimetype
     if mimetype != JSON and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
-        raise ApiError(415, "unsupported_media_type", "send the packet as application/json")
+        raise ApiError(ProblemCode.UNSUPPORTED_MEDIA_TYPE, "send the packet as application/json")
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+        raise ApiError(ProblemCode.PAYLOAD_TOO_LARGE, f"a packet is at most {limit} bytes")
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     if len(body) > limit:
-        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+        raise ApiError(ProblemCode.PAYLOAD_TOO_LARGE, f"a packet is at most {limit} bytes")
     # The ingest path of MQTT batches, with a batch of one: validation, storing (a packet the
     # database refuses becomes an `unstorable` reject), metrics. The database down: 503.
     posted = Posted(body, datetime.now(UTC))
@@ -160,7 +174,7 @@ async def post_packet() -> Response:
     if stored.rejects:
         reject = stored.rejects[0]
         raise ApiError(
-            400, "packet_invalid", f"packet refused: {reject.reason}", reason=reject.reason, errors=reject.errors
+            ProblemCode.PACKET_INVALID, f"packet refused: {reject.reason}", reason=reject.reason, errors=reject.errors
         )
     message, outcome = stored.messages[0], stored.outcomes[0]
     if outcome.duplicate:
@@ -216,7 +230,7 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
     return 503 if status == "starting" else 200, dumps(body)
 
 
-@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
+@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(ProblemCode.CONFIG_INVALID,))
 async def rereadenv() -> Response:
     """Re-read the configuration and apply it
 
@@ -236,7 +250,7 @@ async def rereadenv() -> Response:
     return json_response(result)
 
 
-@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=(400, 503), query=MessagesQuery)
+@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=_API_READ, query=MessagesQuery)
 async def messages() -> Response:
     """Query stored readings
 
@@ -348,7 +362,7 @@ def _etags(header: str | None) -> set[str]:
     return {t.strip().removeprefix("W/") for t in header.split(",")}
 
 
-@api(role="read", ok={200: (RejectPage, JSON)}, errors=(400, 503), query=RejectsQuery)
+@api(role="read", ok={200: (RejectPage, JSON)}, errors=_API_READ, query=RejectsQuery)
 async def rejects() -> Response:
     """Rejected packets with their reasons
 
@@ -395,7 +409,7 @@ async def packet_schema() -> Response:
 @api(
     role="read",
     ok={200: (None, "text/event-stream")},
-    errors=(400, 503),
+    errors=_EVENTS,
     query=EventsQuery,
     headers=EventsHeaders,
     query_token=True,
@@ -423,7 +437,7 @@ async def events() -> Response:
     device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
     owner = streams()
     if not owner.ready:
-        raise ApiError(503, "shutting_down", "the server is stopping", headers={"Retry-After": "1"})
+        raise ApiError(ProblemCode.SHUTTING_DOWN, "the server is stopping", headers={"Retry-After": "1"})
     http = c.settings.http
     principal = g.get("principal")
     slot = owner.reserve(
