@@ -300,6 +300,16 @@ class MqttBridge:
 
     # ----------------------------------------------------------------------------------- public
 
+    def reconfigure(self, settings: MqttSettings) -> None:
+        """Use ``settings`` from the next connection on (the app restarts :meth:`run` to reconnect).
+
+        ``outbound_queue`` sizes the queue made here: it applies with the next process.
+        """
+        self.settings = settings
+        self._device_level = settings.device_level
+        self._stable_after = max(5.0, 2 * settings.reconnect_max)
+        self._set_detail()
+
     async def run(
         self,
         inbound: trio.MemorySendChannel[list[Inbound]],

@@ -141,11 +141,16 @@ class Processor:
         """The rules in force."""
         return self._rules
 
-    def set_rules(self, rules: RuleSet) -> None:
-        """Use ``rules`` from the next batch on (hot reload; a batch in flight keeps the old set)."""
-        self._rules = rules
-        self._batch_limit = self._limit_for(rules)
-        log.info("processor rules replaced rules=%d batch_limit=%d", len(rules), self._batch_limit)
+    def reconfigure(self, settings: ProcessorSettings, rules: RuleSet | None = None) -> None:
+        """Use ``settings`` (and ``rules``, when given) from the next batch on; a batch in flight
+        keeps the old ones. A new interval takes effect at once."""
+        self._settings = settings
+        if rules is not None:
+            self._rules = rules
+        self._batch_limit = self._limit_for(self._rules)
+        self._interval = settings.interval
+        self._nudge.set()
+        log.info("processor reconfigured rules=%d batch_limit=%d", len(self._rules), self._batch_limit)
 
     def _limit_for(self, rules: RuleSet) -> int:
         """Messages to claim per batch: fewer when scripts could otherwise outlast the lease.
@@ -172,13 +177,6 @@ class Processor:
             )
         rounds = max(1, int(budget // worst))
         return max(1, min(s.batch_size, rounds * _SCRIPTS_AT_ONCE))
-
-    def set_interval(self, seconds: float) -> None:
-        """Change the idle interval; takes effect at once."""
-        if not seconds > 0:
-            raise ValueError("interval must be > 0")
-        self._interval = seconds
-        self._nudge.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Process until cancelled: at every nudge and every interval, drain the backlog.

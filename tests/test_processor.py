@@ -187,8 +187,8 @@ async def test_wakes_on_interval_and_at_once_when_nudged(
             nudge.set()
             await wait_until(lambda: all_processed(store, ids), seconds=30, step=0.01)
             assert trio.current_time() - t1 < 0.5
-            # set_interval takes effect at once.
-            proc.set_interval(2.0)
+            # A new interval takes effect at once.
+            proc.reconfigure(settings(interval=2.0))
             t2 = trio.current_time()
             ids = await insert(store, new_messages(1, start=20))
             await wait_until(lambda: all_processed(store, ids), seconds=30, step=0.25)
@@ -319,12 +319,13 @@ async def test_hot_reload_rules(store: Store) -> None:
         ids = await insert(store, new_messages(2))
         proc._nudge.set()
         await wait_until(lambda: all_processed(store, ids))
-        proc.set_rules(
+        proc.reconfigure(
+            settings(),
             parse_rules(
                 '[[rule]]\nname = "hot"\nwhen = {field = "measurements.temperature", op = ">", value = 30}\n'
                 'actions = [{type = "sse", event = "alert", fields = ["device_id"]}, '
                 '{type = "mqtt", subtopic = "alerts", payload = {t = "{measurements.temperature}"}}]'
-            )
+            ),
         )
         ids = await insert(store, new_messages(1, start=50, measurements={"temperature": 35.0}))
         ids += await insert(store, new_messages(1, start=51, measurements={"temperature": 25.0}))
@@ -516,8 +517,9 @@ def test_batch_shrinks_so_scripts_fit_in_the_lease(tmp_path: Path, caplog: pytes
         rules=default_rules(),
     )
     assert proc._batch_limit == 500
-    proc.set_rules(rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
+    same = settings(lease_seconds=30.0, batch_size=500)
+    proc.reconfigure(same, rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
     assert proc._batch_limit == 16
-    proc.set_rules(rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
+    proc.reconfigure(same, rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
     assert proc._batch_limit == 4
     assert any("raise PROCESSOR_LEASE" in r.getMessage() for r in caplog.records)

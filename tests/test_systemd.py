@@ -176,3 +176,24 @@ async def test_watchdog_without_systemd_just_waits(autojump_clock: trio.testing.
         async with trio.open_nursery() as nursery:
             await nursery.start(n.run_watchdog)
     assert scope.cancelled_caught
+
+
+async def test_status_line_follows_health_and_is_sent_on_change_only(
+    manager: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    from gateway.health import Health
+
+    sock, path = manager
+    health = Health()
+    n = Notifier({"NOTIFY_SOCKET": path})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.run_status, health.summary)
+        await trio.sleep(5.5)  # nothing changed: one line, not six
+        assert _drain(sock) == ["STATUS=degraded; mqtt starting; db starting; backlog ?"]
+        for name in ("mqtt", "database", "processor"):
+            health.component(name).set("ok")
+        health.component("processor").detail["backlog"] = 3
+        await trio.sleep(1.0)
+        assert _drain(sock) == ["STATUS=ok; mqtt ok; db ok; backlog 3"]
+        nursery.cancel_scope.cancel()
+    n.close()

@@ -46,7 +46,7 @@ from gateway.packets import (
     Packet,
     packet_json_schema,
 )
-from gateway.store.base import Backlog, MessageQuery
+from gateway.store.base import MessageQuery
 
 log = logging.getLogger("gateway.http")
 
@@ -58,7 +58,6 @@ _TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
 PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
-BACKLOG_EVERY = 1.0  # seconds /ping reuses the backlog figures: monitors poll, the database needn't
 
 
 def ctx() -> AppContext:
@@ -181,7 +180,8 @@ async def post_packet() -> Response:
     if outcome.duplicate:
         return json_response({"id": outcome.id, "duplicate": True}, 200)
     reading = message.to_json(outcome.id)
-    c.live.stored([reading])
+    c.pages.clear()  # read-your-writes: the next page read shows it
+    c.latest.remember([reading])
     c.on_commit()
     # Publishing goes through the processor, woken just now by on_commit: one path for every
     # reading, carrying the event id: the processor writes the publish to the outbox in the commit
@@ -206,13 +206,13 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
     """``/ping``'s status code and JSON body (also served by the raw route, gateway.http.fast).
 
     Reads memory only, but for the backlog (keys only), which comes from the database at most
-    once a second (:func:`_backlog`).
+    once a second (``c.backlog``, a :class:`~gateway.http.memo.Memo`).
     """
     status = c.health.overall
     body: dict[str, Any] = {"status": status, "time": _now()}
     if principal is not None:
         backlog: dict[str, Any] | None = None
-        b = await _backlog(c)
+        b = await c.backlog.get(c.store.backlog)  # at most once a second whatever the request rate
         if b is None:
             if status == "ok":
                 body["status"] = "degraded"
@@ -225,38 +225,9 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
             components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
             sse_clients=int(getattr(c.hub, "clients", 0)),
-            devices=c.live.devices,
+            devices=c.latest.devices,
         )
     return 503 if status == "starting" else 200, dumps(body)
-
-
-async def _backlog(c: AppContext) -> Backlog | None:
-    """The store's backlog (None: the store failed), read at most once a second whatever the
-    request rate.
-
-    One request reads it; requests meanwhile get the previous figures (or, before the first one,
-    wait for that read). A failure is kept for the second too.
-    """
-    live = c.live
-    while True:
-        cached = live.backlog
-        if cached is not None and (time.monotonic() - cached[0] < BACKLOG_EVERY or live.backlog_reading is not None):
-            return cast(Backlog | None, cached[1])
-        if live.backlog_reading is None:
-            break
-        await live.backlog_reading.wait()
-    live.backlog_reading = done = trio.Event()
-    try:
-        b: Backlog | None
-        try:
-            b = await c.store.backlog()
-        except StoreError:
-            b = None
-        live.backlog = (time.monotonic(), b)
-    finally:  # cancelled too: whoever waits reads it themselves
-        live.backlog_reading = None
-        done.set()
-    return b
 
 
 @api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(ProblemCode.CONFIG_INVALID,))
@@ -337,41 +308,41 @@ async def page_of(c: AppContext, query: MessageQuery, tasks: trio.Nursery | None
     page nobody has is read once however many requests ask for it at the same time. Raises
     ValueError for a malformed cursor, StoreError when the read fails.
     """
-    live = c.live
+    pages = c.pages
     while True:
-        cached, refresh = live.lookup(query)
+        cached, refresh = pages.lookup(query)
         if cached is not None:
             if refresh:
                 # Registered now, not when the task starts: the next requests see it under way.
-                rebuild = live.begin(query)
+                rebuild = pages.begin(query)
                 try:
                     if tasks is None:  # not served by gateway.http.serve (no task owner): inline
                         await _rebuild(c, query, rebuild)
                     else:
                         tasks.start_soon(_rebuild, c, query, rebuild)
                 except RuntimeError:  # the server is stopping: no rebuild
-                    live.end(query, rebuild)
+                    pages.end(query, rebuild)
             return cached
-        pending = live.building(query)
+        pending = pages.building(query)
         if pending is None:
-            return await _build(c, query, live.begin(query))
+            return await _build(c, query, pages.begin(query))
         await pending.done.wait()
-        if live.building(query) is None and live.get(query) is None:
+        if pages.building(query) is None and pages.get(query) is None:
             # That read failed or came too late to be cached: read ourselves.
-            return await _build(c, query, live.begin(query))
+            return await _build(c, query, pages.begin(query))
 
 
 async def _build(c: AppContext, query: MessageQuery, build: Build) -> CachedBody:
-    """Read the page (``build``: registered with ``live.begin``), encode it once and cache it."""
-    live = c.live
+    """Read the page (``build``: registered with ``pages.begin``), encode it once and cache it."""
+    pages = c.pages
     try:
         page = await c.store.query_messages(query)
         items = [m.to_json() for m in page.items]
         body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
         text = dumps(body)  # one encoding per page, served from the cache until it expires
-        return live.put(query, build.generation, text, started=build.started)
+        return pages.put(query, build.generation, text, started=build.started)
     finally:
-        live.end(query, build)
+        pages.end(query, build)
 
 
 async def _rebuild(c: AppContext, query: MessageQuery, build: Build) -> None:
@@ -422,7 +393,7 @@ async def latest() -> Response:
     Kept in memory since start, from packets stored through this instance.
     """
     _args(frozenset())
-    return json_response({"devices": ctx().live.latest()})
+    return json_response({"devices": ctx().latest.latest()})
 
 
 @api(role=None, ok={200: (JsonSchemaDoc, "application/schema+json")})

@@ -18,6 +18,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import trio
 
+from gateway.health import ComponentHealth
+
 Source = Literal["mqtt", "api"]
 # Tables with a retention period (messages: only processed ones are removed).
 PruneTable = Literal["events", "rejects", "messages"]
@@ -290,22 +292,12 @@ class Migration:
     applied_at: datetime | None = None
 
 
-@dataclass
-class StoreHealth:
-    """Connection state for /ping and metrics."""
-
-    state: Literal["starting", "ok", "degraded"] = "starting"
-    last_error: str | None = None
-    refused: bool = False  # last_error is one no retry fixes (see errors.StoreAccessRefused)
-    reconnects: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class Store(Protocol):
     """What the gateway needs from a database. All methods may raise StoreUnavailable."""
 
     kind: str
-    health: StoreHealth
+    health: ComponentHealth
+    """The store's own record (``database``): it sets it itself (``reconnects`` in ``detail``)."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (retrying with backoff), apply migrations, report started, keep the connection

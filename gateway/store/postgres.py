@@ -43,12 +43,13 @@ import trio_asyncio
 
 from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import Deduped, by_message, json_text, require_messages
-from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, reject_page
+from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
     Backlog,
     CompletionPublishes,
@@ -70,7 +71,6 @@ from gateway.store.base import (
     PublishFailure,
     StoredMessage,
     StoredReject,
-    StoreHealth,
 )
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,24 @@ SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NULL),
 
 
 @asynccontextmanager
-async def open_postgres(settings: DatabaseSettings) -> AsyncIterator[PostgresStore]:
+async def open_postgres(
+    settings: DatabaseSettings, health: ComponentHealth | None = None
+) -> AsyncIterator[PostgresStore]:
     """Open the trio-asyncio loop and yield a store bound to it (call ``run()`` to connect)."""
     async with trio_asyncio.open_loop() as loop:
-        yield PostgresStore(settings, loop)
+        loop.set_exception_handler(_loop_exception)
+        yield PostgresStore(settings, loop, health)
+
+
+def _loop_exception(loop: Any, context: dict[str, Any]) -> None:
+    """asyncpg cancelled halfway through a connect (a stop while it retries, e.g. right after a
+    refusal) leaves a future with a ConnectionError nobody reads: nobody lost anything, so it is
+    logged at DEBUG. Anything else goes to trio-asyncio's handler, which raises it in the loop."""
+    exc = context.get("exception")
+    if context.get("message") == "Future exception was never retrieved" and isinstance(exc, ConnectionError):
+        log.debug("unread asyncpg connection error (a cancelled connect): %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 class PostgresStore:
@@ -248,13 +262,13 @@ class PostgresStore:
 
     kind = "postgres"
 
-    def __init__(self, settings: DatabaseSettings, loop: Any) -> None:
+    def __init__(self, settings: DatabaseSettings, loop: Any, health: ComponentHealth | None = None) -> None:
         self._settings = settings
         self._loop = loop
         self._pool: _Pool | None = None  # once run() connected
         # API reads take at most half the pool: writes and the processor always find a connection.
         self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
-        self.health = StoreHealth()
+        self.health = new_health(health)
         # Reconnects and health checks: full jitter, so instances that lost the database together
         # do not come back together.
         self._retry = Backoff(settings.retry_min, max(settings.retry_min, settings.retry_max), jitter="full")
@@ -359,9 +373,6 @@ class PostgresStore:
             else:
                 attempt = 0
                 delay = HEALTH_INTERVAL
-            pool = self._pool
-            if pool is not None:
-                self.health.extra = {"pool_size": pool.size, "pool_idle": pool.idle_size}
             await trio.sleep(delay)
 
     def _set_ok(self) -> None:
@@ -947,14 +958,6 @@ class _Pool:
         self._open: dict[Conn, int] = {}  # connection -> its backend's pid
         self.pids: set[int] = set()  # of the open connections' backends (NOTIFY senders)
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return len(self._open)
-
-    @property
-    def idle_size(self) -> int:
-        return len(self._idle)
 
     def put(self, conn: Conn) -> None:
         """Add a new idle connection."""

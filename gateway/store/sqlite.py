@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import trio
 
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import Deduped, by_message, json_text, now_utc, require_messages, ts_parse, ts_text
-from gateway.store._query import SQLITE, PageRead, mark_degraded, mark_ok, message_page, reject_page
+from gateway.store._query import SQLITE, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
     Backlog,
     CompletionPublishes,
@@ -52,7 +53,6 @@ from gateway.store.base import (
     PublishFailure,
     StoredMessage,
     StoredReject,
-    StoreHealth,
 )
 
 T = TypeVar("T")
@@ -141,7 +141,7 @@ class SqliteStore:
 
     kind = "sqlite"
 
-    def __init__(self, settings: DatabaseSettings) -> None:
+    def __init__(self, settings: DatabaseSettings, health: ComponentHealth | None = None) -> None:
         self._settings = settings
         self._path = settings.sqlite_path
         self._conn: sqlite3.Connection | None = None
@@ -149,7 +149,7 @@ class SqliteStore:
         self._deadline = math.inf
         self._readers: list[_Reader] = []  # idle reader connections
         self._read_limiter = trio.CapacityLimiter(_READERS)
-        self.health = StoreHealth()
+        self.health = new_health(health)
 
     # -- lifecycle -----------------------------------------------------------------------
 
