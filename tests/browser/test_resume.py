@@ -19,7 +19,7 @@ def test_gateway_restart_resumes_with_no_gap(page: Any, own_stack: Stack, shot: 
     own_stack.restart_gateway()  # SIGTERM, then start again on the same port and database
     conn = page.locator("#conn")
     expect(conn).to_have_attribute("data-state", "resumed", timeout=60_000)
-    expect(conn).to_contain_text("resumed after event #")
+    expect(conn).to_contain_text("The gateway restarted; resumed after event #")
     # Events keep coming after the restart (the simulator publishes on; the broker kept them).
     page.wait_for_function("n => window.gatewayDashboard.eventIds.length >= n + 10", arg=before, timeout=60_000)
     ids = page.evaluate("window.gatewayDashboard.eventIds")

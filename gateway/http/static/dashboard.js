@@ -596,7 +596,7 @@
       v.series.get(name).push([t, value]);
     }
     v.readings.unshift(r);
-    v.readings.length = Math.min(v.readings.length, 20);
+    v.readings.length = Math.min(v.readings.length, 10);
   }
 
   function drawDevice() {
@@ -660,16 +660,20 @@
     if (state.lastEventId !== null) q.set("last_event_id", state.lastEventId);
     const source = new EventSource("/api/v1/events?" + q);
     state.source = source;
-    source.onopen = () => {
-      if (state.dropped) {
-        debug.resumes++;
-        say("resumed", (state.restarted ? "The gateway restarted; resumed" : "Reconnected; resumed") +
-          " after event #" + state.droppedAfterId + " at " + clock(nowMs()) + ", missed events replayed.");
-        state.dropped = false;
-        state.restarted = false;
-      } else if ($("conn").dataset.state !== "resumed") {
-        say("live", "Live: following events as they happen.");
+    source.onopen = async () => {
+      if (!state.dropped) {
+        if ($("conn").dataset.state !== "resumed") say("live", "Live: following events as they happen.");
+        return;
       }
+      // Back after a drop: the gateway replays every event after the last id we had. Ask /ping
+      // first, so the sentence can say whether the gateway restarted (its uptime went down).
+      state.dropped = false;
+      const after = state.droppedAfterId;
+      await pollPing();
+      debug.resumes++;
+      say("resumed", (state.restarted ? "The gateway restarted; resumed" : "Reconnected; resumed") +
+        (after === null ? "" : " after event #" + after) + " at " + clock(nowMs()) + ", missed events replayed.");
+      state.restarted = false;
     };
     source.onerror = () => {
       if (state.source !== source) return;
