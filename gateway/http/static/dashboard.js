@@ -61,13 +61,15 @@
   /** The gateway's "now" in milliseconds (the browser clock corrected by /ping's time). */
   const nowMs = () => Date.now() + state.clockOffsetMs;
 
+  const NBSP = "\u00a0"; // between a number and its unit: never split over two lines
+
   /** "3 s", "4 min", "2 h 5 min", "3 d 4 h": a duration in words. */
   function duration(seconds) {
     const s = Math.max(0, Math.round(seconds));
-    if (s < 60) return s + " s";
-    if (s < 3600) return Math.floor(s / 60) + " min";
-    if (s < 86400) return Math.floor(s / 3600) + " h " + (Math.floor(s / 60) % 60) + " min";
-    return Math.floor(s / 86400) + " d " + (Math.floor(s / 3600) % 24) + " h";
+    if (s < 60) return s + NBSP + "s";
+    if (s < 3600) return Math.floor(s / 60) + NBSP + "min";
+    if (s < 86400) return Math.floor(s / 3600) + NBSP + "h " + (Math.floor(s / 60) % 60) + NBSP + "min";
+    return Math.floor(s / 86400) + NBSP + "d " + (Math.floor(s / 3600) % 24) + NBSP + "h";
   }
   const ago = (ms) => duration((nowMs() - ms) / 1000) + " ago";
 
@@ -172,8 +174,9 @@
     try {
       ping = await get("/api/v1/ping");
     } catch (err) {
-      setPill($("gateway-status"), "unreachable", "error");
-      $("gateway-summary").textContent = "no answer from the gateway";
+      const unreachable = err.status === 0;
+      setPill($("gateway-status"), unreachable ? "unreachable" : "HTTP " + err.status, "error");
+      $("gateway-summary").textContent = unreachable ? "no answer from the gateway" : err.code;
       if (state.key) reportError(err);
       return;
     }
@@ -195,7 +198,7 @@
       pushWindow(state.backlog, [t, ping.backlog.count], HEALTH_WINDOW_S);
       $("backlog-now").textContent = nf.format(ping.backlog.count) + " waiting";
       $("backlog-line").textContent = "Processor backlog " + plural(ping.backlog.count, "message") +
-        ", oldest " + nf1.format(ping.backlog.lag_seconds) + " s" +
+        ", oldest " + nf1.format(ping.backlog.lag_seconds) + NBSP + "s" +
         (ping.backlog.dead ? ", " + plural(ping.backlog.dead, "dead message") : "");
     } else {
       $("backlog-line").textContent = "Backlog unknown: the database does not answer.";
@@ -228,7 +231,7 @@
       for (const [k, v] of Object.entries(c)) {
         if (["state", "since", "cause", "last_error"].includes(k)) continue;
         if (typeof v === "number" && v !== 0) {
-          words.push(k.endsWith("_seconds") ? label(k.slice(0, -8)) + " " + nf1.format(v) + " s" : label(k) + " " + nf.format(v));
+          words.push(k.endsWith("_seconds") ? label(k.slice(0, -8)) + " " + nf1.format(v) + NBSP + "s" : label(k) + " " + nf.format(v));
         }
         if (v === false) words.push("not " + label(k));
       }
