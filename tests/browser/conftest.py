@@ -26,9 +26,10 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
-    """One headless chromium for the session."""
+    """One headless chromium for these tests, closed after them (Playwright's event loop must not
+    outlive them into the rest of the suite, which runs trio and trio-asyncio)."""
     chromium = shutil.which("chromium")
     if chromium is None:
         _unavailable("no chromium on PATH (apt-get install chromium)")
