@@ -345,16 +345,21 @@
   function device(id) {
     let d = state.devices.get(id);
     if (!d) {
-      d = { latest: null, lastSeenMs: 0, series: new Map(), card: null };
+      d = { latest: null, lastSeenMs: 0, series: new Map(), ids: new Map(), card: null };
       state.devices.set(id, d);
     }
     return d;
   }
 
-  /** Take one reading (from REST or SSE) into the fleet state; older readings only extend series. */
+  /**
+   * Take one reading (from REST or SSE) into the fleet state; older readings only extend series.
+   * The stream opens before the REST reads, so a reading may come both ways: its id counts once.
+   */
   function takeReading(r) {
     const d = device(r.device_id);
     const t = Date.parse(r.timestamp) / 1000;
+    if (d.ids.has(r.id)) return;
+    d.ids.set(r.id, t);
     const seen = Date.parse(r.received_at);
     if (!d.latest || seen >= d.lastSeenMs) {
       d.latest = r;
@@ -379,6 +384,7 @@
         while (i < s.length && s[i][0] < from) i++;
         if (i) s.splice(0, i);
       }
+      for (const [id, t] of d.ids) if (t < from) d.ids.delete(id);
     }
   }
 
@@ -562,6 +568,7 @@
     const v = state.view;
     v.deviceId = id;
     v.series = new Map();
+    v.seen = new Set(); // reading ids shown: the stream and the REST read may both bring one
     v.readings = [];
     v.charts.forEach((c) => c.destroy());
     v.charts = new Map();
@@ -579,7 +586,13 @@
       return;
     }
     if (v.deviceId !== id) return; // the user went elsewhere meanwhile
-    result.items.reverse().forEach(addToDeviceView);
+    // Live readings that came while we read are in already: merge in time order.
+    const live = v.readings.slice().reverse();
+    v.series = new Map();
+    v.seen = new Set();
+    v.readings = [];
+    const merged = result.items.reverse().concat(live.filter((r) => !result.items.some((x) => x.id === r.id)));
+    merged.sort((a, b) => Date.parse(a.timestamp) - Date.parse(b.timestamp)).forEach(addToDeviceView);
     $("device-note").textContent = result.items.length === 0
       ? "No readings in the last " + duration(v.windowS) + "."
       : plural(result.items.length, "reading") + " in the last " + duration(v.windowS) +
@@ -591,6 +604,8 @@
   /** Add a reading of the device shown (oldest first) to its chart series and table. */
   function addToDeviceView(r) {
     const v = state.view;
+    if (v.seen.has(r.id)) return;
+    v.seen.add(r.id);
     const t = Date.parse(r.timestamp) / 1000;
     const values = Object.assign({}, r.measurements);
     if (r.battery !== null && r.battery !== undefined) values.battery = r.battery;
@@ -769,16 +784,26 @@
     state.lastEventId = null;
     say("checking", "Checking the key…");
     try {
-      await loadFleet(); // also proves the key: a refused one ends here
+      await get("/api/v1/latest"); // proves the key: a refused one ends here
     } catch (err) {
-      reportError(err);
-      state.key = "";
-      route();
-      every(PING_EVERY_MS, pollPing);
+      if (reportError(err)) {
+        state.key = "";
+        route();
+        every(PING_EVERY_MS, pollPing);
+      } else {
+        // Not the key's fault (the gateway is down or starting): try again.
+        state.timers.push(setTimeout(() => connect(key), 3000));
+      }
       return;
     }
-    route();
+    // The stream first, then what is stored: nothing falls between the two (ids dedupe).
     openStream();
+    try {
+      await loadFleet();
+    } catch (err) {
+      reportError(err);
+    }
+    route();
     every(PING_EVERY_MS, pollPing);
     every(METRICS_EVERY_MS, pollMetrics);
     every(REJECTS_EVERY_MS, pollRejects);
