@@ -75,11 +75,6 @@ class Stack:
             stderr=open(self.directory / "simulate.log", "ab"),  # noqa: SIM115 - the child keeps it
         )
 
-    def restart_gateway(self) -> None:
-        """Stop the gateway (SIGTERM) and start it again on the same port and database."""
-        self.gateway.stop()
-        self.gateway.start()
-
     def wait_stored(self, count: int, timeout: float = 30.0) -> None:
         """Wait until the gateway has stored at least ``count`` readings."""
         deadline = time.monotonic() + timeout

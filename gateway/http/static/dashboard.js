@@ -41,6 +41,7 @@
     dropped: false, // the stream was lost and has not reopened yet
     droppedAfterId: null,
     restarted: false, // /ping's uptime went down while the stream was away
+    unansweredSince: null, // when /ping first failed to answer (null: it answers)
     uptime: null,
     timers: [],
     ingest: { prev: null, points: [] }, // [tSeconds, stored/s, rejected/s]
@@ -177,9 +178,16 @@
       const unreachable = err.status === 0;
       setPill($("gateway-status"), unreachable ? "unreachable" : "HTTP " + err.status, "error");
       $("gateway-summary").textContent = unreachable ? "no answer from the gateway" : err.code;
+      // What the health panel shows is now only the last known state: say so, and since when.
+      if (state.unansweredSince === null) state.unansweredSince = nowMs();
+      $("components-panel").classList.add("outdated");
+      $("backlog-line").textContent = "No answer from the gateway since " + clock(state.unansweredSince) +
+        ": the states above are the last known.";
       if (state.key) reportError(err);
       return;
     }
+    state.unansweredSince = null;
+    $("components-panel").classList.remove("outdated");
     state.clockOffsetMs = Date.parse(ping.time) - Date.now();
     setPill($("gateway-status"), ping.status, ping.status);
     if (ping.components === undefined) {
@@ -463,7 +471,10 @@
           row.dataset.measure = name;
           row.appendChild(el("span", "name", label(name)));
           row.appendChild(el("span", "value"));
-          row.appendChild(el("canvas"));
+          const canvas = el("canvas");
+          canvas.setAttribute("role", "img");
+          canvas.setAttribute("aria-label", label(name) + " over the last " + duration(SPARK_WINDOW_S));
+          row.appendChild(canvas);
           box.appendChild(row);
         }
         row.replaceChild(valueNode(name, r.measurements[name]), row.querySelector(".value"));
@@ -478,10 +489,12 @@
     const ratio = window.devicePixelRatio || 1;
     const w = canvas.clientWidth || 120;
     const h = canvas.clientHeight || 34;
-    canvas.width = w * ratio;
-    canvas.height = h * ratio;
+    if (canvas.width !== w * ratio || canvas.height !== h * ratio) {
+      canvas.width = w * ratio; // the backing store, in device pixels (sharp on HiDPI screens)
+      canvas.height = h * ratio;
+    }
     const g = canvas.getContext("2d");
-    g.scale(ratio, ratio);
+    g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.clearRect(0, 0, w, h);
     if (points.length < 2) return;
     // The window, or less while a device is new (at least a minute): its line fills the box.
@@ -522,7 +535,7 @@
         x: { time: true, range: () => { const t = nowMs() / 1000; return [t - windowS(), t]; } },
       },
       axes: [
-        Object.assign({}, axis, { size: small ? 26 : 40, space: small ? 60 : 80 }),
+        Object.assign({}, axis, { size: small ? 26 : 40, space: small ? 45 : 80 }),
         // Wide enough for the longest tick label ("1,002.25"), whatever the values.
         Object.assign({}, axis, {
           size: (u, values) => 14 + 7 * Math.max(3, ...(values || []).map((v) => String(v).length)),
