@@ -18,6 +18,7 @@ import pytest
 from tests.browser.stack import Stack
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+WAIT_MS = 20_000  # how long any wait on the page may take (generous: the box may be loaded)
 
 
 def _unavailable(why: str) -> None:
@@ -37,6 +38,9 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _unavailable("playwright is not installed (the dev extras)")
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)  # each `expect` waits for its condition up to this long
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
@@ -49,7 +53,7 @@ def browser() -> Iterator[Any]:
 def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh page (its own context: no sessionStorage shared between tests) of 1360 by 900."""
     context = browser.new_context(viewport={"width": 1360, "height": 900})
-    context.set_default_timeout(30_000)
+    context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -163,7 +163,8 @@
       say("refused", "This key lacks the read role (" + err.code + "): use a read, write or admin key.");
       return true;
     }
-    if (err.status === 429) say("reconnecting", "Rate limited by the gateway (" + err.code + "); retrying.");
+    if (err.status === 429) say("reconnecting", "Rate limited by the gateway (" + err.code + "); retrying…");
+    else if (err.status === 503) say("reconnecting", "The gateway is starting, stopping or busy (" + err.code + "); retrying…");
     else if (err.status === 0) say("reconnecting", "The gateway does not answer; retrying…");
     else say("error", "Gateway error " + err.status + " (" + err.code + "): " + err.message);
     return false;
