@@ -224,3 +224,12 @@ def test_help_explains_the_topic_template() -> None:
     add_arguments(parser)
     text = parser.format_help()
     assert "{device_id}" in text and "sensors/{device_id}/data" in text
+
+
+def test_malformed_packets_rotate_over_the_fleet() -> None:
+    fleet = Fleet(20, invalid_ratio=0.05, seed=2)
+    packets = [fleet.next_packet() for _ in range(2000)]
+    good = {p.device_id for p in packets if p.valid}
+    bad = {p.device_id for p in packets if not p.valid}
+    assert len(good) == 20  # every device also sends good readings
+    assert len(bad) == 20  # and the bad ones do not all come from one device

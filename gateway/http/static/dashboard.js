@@ -841,6 +841,14 @@
     if (key) connect(key);
   });
 
+  // A link with the key in its fragment (`gateway demo` prints one: #key=...) signs in at once.
+  // The fragment never reaches the server or its logs; it is taken out of the address bar so the
+  // key is not left in the history or shared with a copied link.
+  const fromLink = location.hash.match(/^#key=([A-Za-z0-9_\-]+)$/);
+  if (fromLink) {
+    sessionStorage.setItem("gateway-key", fromLink[1]);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   const saved = sessionStorage.getItem("gateway-key") || "";
   $("key").value = saved;
   if (saved) {
