@@ -134,6 +134,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Not a setting of the gateway but of how it reads them: shown so a user sees which key file
         # decrypts the enc: values (a path, never the key).
         rows["SECRETS_KEY_FILE"] = _env_file_value(args, "SECRETS_KEY_FILE") or ""
+        if settings.database.kind == "sqlite":
+            path = settings.database.sqlite_path
+            # The resolved file: sqlite:///relative is relative to the working directory.
+            rows["DATABASE_URL"] += f"  (file {path.resolve()}{'' if path.parent.is_dir() else ', directory missing'})"
         width = max(len(k) for k in rows)
         for key, value in rows.items():
             print(f"{key.ljust(width)}  {value}")
@@ -185,7 +189,7 @@ def _serve(settings: Settings, env_file: str | None) -> int:
     setup_logging(settings.log, secret_values(settings))
     _tune_gc()
     if settings.database.kind == "sqlite":
-        settings.database.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        _make_sqlite_dir(settings.database.sqlite_path)
     try:
         with single_instance(settings.database):  # SQLite: refuses a second gateway on the file
             trio.run(serve, settings, env_file)
@@ -199,6 +203,18 @@ def _serve(settings: Settings, env_file: str | None) -> int:
             log.critical("fatal error", exc_info=True)
         return _fail(exc)  # StartupRefused: the gateway logged its cause
     return EXIT_OK
+
+
+def _make_sqlite_dir(path: Path) -> None:
+    """Create the SQLite file's directory, saying so: a mistyped DATABASE_URL must not create a
+    directory somewhere unexpected without a word (``sqlite:///data/x.db`` is relative to the
+    working directory; ``sqlite:////var/lib/gateway/x.db``, four slashes, is absolute)."""
+    parent = path.parent
+    if parent.is_dir():
+        return
+    kind = "absolute" if path.is_absolute() else f"relative to the working directory {Path.cwd()}"
+    log.warning("creating the database directory %s (DATABASE_URL path %s is %s)", parent.resolve(), path, kind)
+    parent.mkdir(parents=True, exist_ok=True)
 
 
 def _env_file_value(args: argparse.Namespace, variable: str) -> str | None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GATEWAY = [sys.executable, "-m", "gateway"]
 
 
@@ -135,3 +137,22 @@ def test_check_config_lists_the_secrets_key_file(tmp_path: Path) -> None:
     res = _run(["check-config"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert any(line.split() == ["SECRETS_KEY_FILE", "/etc/gateway/secrets.key"] for line in res.stdout.splitlines())
+
+
+def test_a_missing_sqlite_directory_is_created_with_a_warning_and_check_config_shows_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from gateway.cli import _make_sqlite_dir
+
+    with caplog.at_level(logging.WARNING, logger="gateway.cli"):
+        _make_sqlite_dir(tmp_path / "new" / "gateway.db")
+        _make_sqlite_dir(tmp_path / "new" / "gateway.db")  # exists now: nothing said
+    assert (tmp_path / "new").is_dir()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"creating the database directory {tmp_path / 'new'} (DATABASE_URL path {tmp_path / 'new' / 'gateway.db'}"
+        " is absolute)"
+    ]
+    res = _run(["check-config"], tmp_path, env={"DATABASE_URL": "sqlite:///data/gw.db"})
+    assert f"(file {tmp_path.resolve() / 'data' / 'gw.db'}, directory missing)" in res.stdout
