@@ -86,3 +86,21 @@ def report(acc: Accounting, path: Path = REPORT) -> Accounting:
     tmp.write_text(json.dumps(lines, indent=2) + "\n")
     tmp.replace(path)
     return acc
+
+
+def table(path: Path = REPORT) -> str:
+    """The report as a Markdown table (the README's reliability section is made from it)."""
+    head = "| scenario | sent | acked | stored | lost | duplicated | recovery s | notes |\n" + "|---" * 8 + "|"
+    rows = []
+    for x in json.loads(path.read_text()):
+        rec = "-" if x.get("recovery_s") is None else f"{x['recovery_s']:.2f}"
+        notes = ", ".join(f"{k}={v}" for k, v in (x.get("notes") or {}).items())
+        rows.append(
+            f"| {x['scenario']} | {x['sent']} | {x['acked']} | {x['stored']} | {x['lost']} | {x['duplicated']} "
+            f"| {rec} | {notes} |"
+        )
+    return "\n".join([head, *rows])
+
+
+if __name__ == "__main__":
+    print(table())
