@@ -24,6 +24,7 @@ from tests.support.mqtt import MosquittoServer
 pytestmark = pytest.mark.slow
 
 MEMORY_BUDGET_MB = 50
+SEND_TIMEOUT = 2
 
 
 async def _until(predicate: object, limit: float) -> None:
@@ -122,7 +123,11 @@ async def test_client_that_stops_reading_is_cut(mosquitto: MosquittoServer, tmp_
     gw = Gateway(
         tmp_path / "gw",
         gateway_env(
-            tmp_path / "gw", mqtt_url=mosquitto.url, db_url=db_url, client_id="gw-sse-stuck", SSE_SEND_TIMEOUT="2"
+            tmp_path / "gw",
+            mqtt_url=mosquitto.url,
+            db_url=db_url,
+            client_id="gw-sse-stuck",
+            SSE_SEND_TIMEOUT=str(SEND_TIMEOUT),
         ),
     )
     batch = readings("sse-stuck", 10_000, devices=10)
@@ -144,6 +149,9 @@ async def test_client_that_stops_reading_is_cut(mosquitto: MosquittoServer, tmp_
             _, peak = _rss(gw.proc.pid)
             stuck_total = await trio.to_thread.run_sync(gw.metric, "gateway_sse_stuck_total")
             nursery.cancel_scope.cancel()
+        # The stream is over; the blocked write is ended by the kernel (TCP_USER_TIMEOUT, the send
+        # timeout of zero window). Reading now would reopen the window, so give it time first.
+        await trio.sleep(2 * SEND_TIMEOUT + 2)
         closed = await trio.to_thread.run_sync(_closed_by_server, stuck)
     finally:
         stuck.close()
