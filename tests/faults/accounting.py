@@ -92,7 +92,10 @@ def table(path: Path = REPORT) -> str:
     """The report as a Markdown table (the README's reliability section is made from it)."""
     head = "| scenario | sent | acked | stored | lost | duplicated | recovery s | notes |\n" + "|---" * 8 + "|"
     rows = []
-    for x in json.loads(path.read_text()):
+    lines = json.loads(path.read_text())
+    # By scenario number (the names start with it), then in the order they ran.
+    lines.sort(key=lambda x: int(x["scenario"].split()[0]) if x["scenario"].split()[0].isdigit() else 999)
+    for x in lines:
         rec = "-" if x.get("recovery_s") is None else f"{x['recovery_s']:.2f}"
         notes = ", ".join(f"{k}={v}" for k, v in (x.get("notes") or {}).items())
         rows.append(
