@@ -54,6 +54,12 @@ test *ARGS: bootstrap
 test-fast *ARGS: bootstrap
     "{{bin}}/python" -m pytest -q -m "not slow" {{ARGS}}
 
+# the fault suite alone (also part of `just test`): one accounting line per scenario, printed and written to tests/faults/report.json, then the table
+test-faults *ARGS: bootstrap
+    rm -f tests/faults/report.json
+    "{{bin}}/python" -m pytest -q -p no:cacheprovider tests/faults {{ARGS}}
+    "{{bin}}/python" -m tests.faults.accounting
+
 # ruff and mypy --strict on gateway/
 lint: bootstrap
     "{{bin}}/ruff" check gateway tests bench

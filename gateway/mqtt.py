@@ -254,6 +254,7 @@ class _Connection:
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
     paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
     heard_at: float = field(default_factory=time.monotonic)  # last bytes read (keepalive: _housekeeping)
+    waiting_since: float | None = None  # since when the reader waits for the socket (None: busy elsewhere)
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -691,8 +692,6 @@ class MqttBridge:
                 # Set by any ack since the last wait (also one that came while we handed over).
                 await conn.room.wait()
                 conn.room = trio.Event()
-                # We did not read while the window was full: the keepalive clock starts again now.
-                conn.heard_at = time.monotonic()
                 continue
             if starved and not (link.eof or link.error):
                 if not await self._read_burst(conn, decoder):
@@ -728,11 +727,14 @@ class MqttBridge:
         if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
             await trio.lowlevel.checkpoint()
         else:
+            conn.waiting_since = time.monotonic()  # silence counts only while we wait to read
             try:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 conn.lose("socket closed")
                 return False
+            finally:
+                conn.waiting_since = None
         got = 0
         while got < _READ_BURST:
             data = link.read()
@@ -844,16 +846,17 @@ class MqttBridge:
             conn.lose("socket closed")
 
     async def _housekeeping(self, conn: _Connection) -> None:
-        ka, s = self.settings.keepalive, self.settings
+        ka = self.settings.keepalive
         while True:
             await trio.sleep(1.0)
             # paho pings after a keepalive of silence and gives up a keepalive later (up to 2x
             # keepalive for a frozen broker). Ping at half of it, give up after one keepalive of
-            # silence: a frozen broker is noticed within ~keepalive + 1 s. Not while our window is
-            # full: then we are not reading the socket, so silence says nothing about the broker.
-            client = conn.client
-            if conn.inflight < s.receive_maximum and conn.inflight_bytes < s.inflight_bytes:
-                idle = time.monotonic() - conn.heard_at
+            # silence: a frozen broker is noticed within ~keepalive + 1 s. Silence counts only while
+            # the reader waits for the socket: when it is held back (window full, ingest blocked)
+            # it does not read, so silence then says nothing about the broker.
+            client, waiting = conn.client, conn.waiting_since
+            if waiting is not None:
+                idle = time.monotonic() - max(conn.heard_at, waiting)
                 if idle >= ka:
                     conn.lose(f"keepalive: nothing from the broker for {idle:.1f}s")
                     return

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 
 import trio
 
+from gateway import testhooks
+
 log = logging.getLogger("gateway.systemd")
 
 
@@ -34,6 +36,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self._address: str | bytes | None = _parse_address(env.get("NOTIFY_SOCKET", ""))
         self._watchdog_interval = _watchdog_interval(env)
+        self._hang_trigger = testhooks.hang_file(env) if self._watchdog_interval is not None else None
         self._sock: socket.socket | None = None
         self._failed_logged = False
 
@@ -110,6 +113,7 @@ class Notifier:
             await trio.sleep_forever()
             return
         while True:
+            testhooks.maybe_hang(self._hang_trigger)  # inert unless a test armed it
             self.watchdog()
             await trio.sleep(interval)
 

@@ -86,3 +86,24 @@ def report(acc: Accounting, path: Path = REPORT) -> Accounting:
     tmp.write_text(json.dumps(lines, indent=2) + "\n")
     tmp.replace(path)
     return acc
+
+
+def table(path: Path = REPORT) -> str:
+    """The report as a Markdown table (the README's reliability section is made from it)."""
+    head = "| scenario | sent | acked | stored | lost | duplicated | recovery s | notes |\n" + "|---" * 8 + "|"
+    rows = []
+    lines = json.loads(path.read_text())
+    # By scenario number (the names start with it), then in the order they ran.
+    lines.sort(key=lambda x: int(x["scenario"].split()[0]) if x["scenario"].split()[0].isdigit() else 999)
+    for x in lines:
+        rec = "-" if x.get("recovery_s") is None else f"{x['recovery_s']:.2f}"
+        notes = ", ".join(f"{k}={v}" for k, v in (x.get("notes") or {}).items())
+        rows.append(
+            f"| {x['scenario']} | {x['sent']} | {x['acked']} | {x['stored']} | {x['lost']} | {x['duplicated']} "
+            f"| {rec} | {notes} |"
+        )
+    return "\n".join([head, *rows])
+
+
+if __name__ == "__main__":
+    print(table())

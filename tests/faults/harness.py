@@ -383,3 +383,97 @@ class RawMqtt:
         with contextlib.suppress(OSError):
             self.sock.sendall(b"\xe0\x00")
         self.sock.close()
+
+
+# ----------------------------------------------------------------------------------------- SSE
+
+
+class SseEvent(NamedTuple):
+    """One event as a client saw it."""
+
+    id: int
+    type: str
+    data: Any
+
+
+class SseRecorder:
+    """An SSE client of ``GET /api/v1/events`` that records every event it reads.
+
+    ``last_event_id`` resumes after that id (the ``Last-Event-ID`` header). Run it in a nursery:
+    ``await nursery.start(rec.run)`` returns once the response headers came; cancel the nursery (or
+    the task) to cut the connection, as a client that goes away would.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str = "",
+        *,
+        last_event_id: int | None = None,
+        query: str = "",
+        reconnect: bool = False,
+    ) -> None:
+        self.url = f"{base_url}/api/v1/events{'?' + query if query else ''}"
+        self.key = key or READ_KEY
+        self.resume_from = last_event_id
+        self.reconnect = reconnect
+        self.events: list[SseEvent] = []
+        self.status: int | None = None
+        self.connections = 0
+        self.arrived: dict[str, float] = {}  # packet key -> time.monotonic() it arrived
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read events until the server ends the stream (or until cancelled). With ``reconnect``,
+        a stream that ends or breaks is opened again with ``Last-Event-ID``, as a browser does."""
+        started = False
+        while True:
+            try:
+                await self._stream(task_status if not started else trio.TASK_STATUS_IGNORED)
+            except (httpx.HTTPError, OSError):
+                if not self.reconnect:
+                    raise
+            started = True
+            if not self.reconnect:
+                return
+            await trio.sleep(0.2)
+
+    async def _stream(self, task_status: trio.TaskStatus[None]) -> None:
+        import json
+
+        headers = {"X-API-Key": self.key}
+        resume = self.last_id if self.last_id is not None else self.resume_from
+        if resume is not None:
+            headers["Last-Event-ID"] = str(resume)
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
+            client.stream("GET", self.url, headers=headers) as resp,
+        ):
+            self.status = resp.status_code
+            self.connections += 1
+            task_status.started()
+            fields: dict[str, str] = {}
+            async for line in resp.aiter_lines():
+                if line:
+                    name, _, value = line.partition(":")
+                    if name:
+                        fields[name] = fields.get(name, "") + value.removeprefix(" ")
+                    continue
+                if "id" in fields and "data" in fields:
+                    event = SseEvent(int(fields["id"]), fields.get("event", "message"), json.loads(fields["data"]))
+                    self.events.append(event)
+                    if event.type == "packet" and isinstance(event.data, dict):
+                        self.arrived[key_of(event.data.get("device_id", ""), event.data.get("seq"))] = time.monotonic()
+                fields = {}
+
+    @property
+    def last_id(self) -> int | None:
+        """The id of the last event read (None before the first)."""
+        return self.events[-1].id if self.events else None
+
+    def packet_keys(self) -> list[str]:
+        """The key of every ``packet`` event, in arrival order (repeats kept)."""
+        return [
+            key_of(e.data["device_id"], e.data.get("seq"))
+            for e in self.events
+            if e.type == "packet" and isinstance(e.data, dict)
+        ]

@@ -16,6 +16,7 @@ Run it in a nursery: ``port = await nursery.start(proxy.run)``. Runs until cance
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import struct
@@ -23,6 +24,7 @@ import struct
 import trio
 
 _CHUNK = 65536
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class FaultProxy:
@@ -95,52 +97,56 @@ class _Conn:
         for stream in (self.client, self.upstream):
             if stream is not None:
                 # SO_LINGER 0: close() sends a RST, so the peer sees a reset, not an orderly FIN.
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                with contextlib.suppress(OSError):
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._scope.cancel()
 
     async def run(self) -> None:
         with self._scope:
-            try:
-                if self.blackholed:
-                    await self._drain(self.client)
-                    return
+            if self.blackholed:
+                await self._drain(self.client)
+            else:
                 try:
                     self.upstream = await trio.open_tcp_stream(*self.proxy.target)
                 except OSError:
-                    return
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, self.client, self.upstream, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, self.upstream, self.client, nursery.cancel_scope)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+                    self.upstream = None
+                if self.upstream is not None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump, self.client, self.upstream, nursery.cancel_scope)
+                        nursery.start_soon(self._pump, self.upstream, self.client, nursery.cancel_scope)
         with trio.CancelScope(shield=True):
             for stream in (self.client, self.upstream):
                 if stream is not None:
                     await stream.aclose()
 
     async def _drain(self, src: trio.SocketStream) -> None:
-        while await src.receive_some(_CHUNK):
-            pass
+        with contextlib.suppress(*_BROKEN):
+            while await src.receive_some(_CHUNK):
+                pass
 
     async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
+        # Each side catches its own errors (a reset on either side ends the whole connection), so
+        # nothing escapes as an exception group.
         send, recv = trio.open_memory_channel[tuple[float, bytes]](math.inf)
 
         async def writer() -> None:
-            async for due, data in recv:
-                await trio.sleep_until(due)
-                if not self.blackholed:
-                    await dst.send_all(data)
+            try:
+                async for due, data in recv:
+                    await trio.sleep_until(due)
+                    if not self.blackholed:
+                        await dst.send_all(data)
+                await dst.send_eof()  # the reader saw EOF: pass the half-close on
+            except _BROKEN:
+                done.cancel()
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
-                async with send:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            async with send:
+                try:
                     while data := await src.receive_some(_CHUNK):
                         if self.proxy.blackholed:
                             self.blackholed = True
                         if not self.blackholed:
                             send.send_nowait((trio.current_time() + self.proxy.delay, data))
-                # EOF: the writer flushes what is due, then the half-close is passed on.
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            done.cancel()  # a reset on either side ends the whole connection
+                except _BROKEN:
+                    done.cancel()
