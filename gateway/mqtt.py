@@ -252,6 +252,7 @@ class _Connection:
     inflight_bytes: int = 0  # their payload bytes
     room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
+    published_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest PUBLISH batched
     paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
     heard_at: float = field(default_factory=time.monotonic)  # last bytes read (keepalive: _housekeeping)
     waiting_since: float | None = None  # since when the reader waits for the socket (None: busy elsewhere)
@@ -422,7 +423,9 @@ class MqttBridge:
             return False
         log.info("unsubscribed subscription=%s: draining what the broker holds for us", self.settings.subscription)
         while conn.lost is None:
-            quiet = (datetime.now(UTC) - conn.received_at).total_seconds()
+            # Quiet means no PUBLISH: PUBACKs for this instance's own outbox publishes keep coming
+            # (its processor still works the shared table) and must not hold the leave open.
+            quiet = (datetime.now(UTC) - conn.published_at).total_seconds()
             if conn.inflight == 0 and quiet >= LEAVE_QUIET:
                 log.info("drained: every message received is committed and acknowledged")
                 return True
@@ -759,7 +762,7 @@ class MqttBridge:
         """
         batch, now, gen, level = conn.batch, conn.received_at, conn.generation, self._device_level
         acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
-        size = 0
+        size, before = 0, len(batch)
         try:
             while len(batch) < room and size < room_bytes and conn.lost is None:
                 frame = decoder.next()
@@ -785,6 +788,8 @@ class MqttBridge:
         finally:
             if acks:
                 self._confirmed(conn, acks)
+            if len(batch) > before:
+                conn.published_at = now  # for leave(): when the broker last sent us a reading
         return False
 
     def _to_paho(self, conn: _Connection, frame: Frame | Publish) -> None:
