@@ -171,8 +171,8 @@ async def test_stream_ends_when_hub_drops_the_subscriber(api: ApiServer) -> None
         await add_events(api, ("packet", "d1"))
         assert (await stream.__anext__())["event"] == "packet"
         assert api.hub.clients == 1
-        for sub in list(api.hub._subscribers):
-            api.hub._drop(sub)  # what the hub does to a subscriber too slow to keep up
+        for member in list(api.hub._members):
+            api.hub._drop(member)  # what the hub does to a subscriber too slow to keep up
         with trio.fail_after(3):
             rest = [f async for f in stream]
         assert rest == []
