@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.health import Health
 from gateway.http.cache import LiveView
+from gateway.hub import Hub
 from gateway.publish import Publisher
 from gateway.settings import Settings
 from gateway.store.base import Store
@@ -29,7 +30,7 @@ class AppContext:
 
     settings: Settings
     store: Store
-    hub: Any
+    hub: Hub
     publisher: Publisher
     health: Health
     on_commit: Callable[[], None]
