@@ -8,11 +8,14 @@ venv := justfile_directory() / ".venv"
 bin := venv / "bin"
 
 # list recipes
+[private]
 default:
     @just --list
 
-# create .venv and (re)install the locked dependencies and the package when pyproject.toml or the lock changed
-bootstrap:
+# create .venv and (re)install what changed: the locked runtime dependencies and the package
+# (dev=0: what `run`, `demo`, `simulate` need), or also the dev tools (dev=1: tests, lint, bench)
+[private]
+bootstrap dev="1":
     #!/usr/bin/env bash
     set -euo pipefail
     cd "{{justfile_directory()}}"
@@ -20,19 +23,27 @@ bootstrap:
         "{{python}}" -m venv "{{venv}}"
         "{{bin}}/python" -m pip install -q --upgrade pip
     fi
-    stamp="{{venv}}/.deps-stamp"
-    want="$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -d' ' -f1)"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        echo "installing the locked dependencies and gateway into .venv"
+    dev_want="$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -d' ' -f1)"
+    run_want="$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
+    # The dev lock pins the runtime's versions (tests/test_lockfiles.py), so a current dev
+    # install is a current runtime install too.
+    if [ "$(cat "{{venv}}/.deps-stamp" 2>/dev/null)" = "$dev_want" ]; then exit 0; fi
+    if [ "{{dev}}" = "1" ]; then
+        echo "installing the locked dependencies, dev tools and gateway into .venv"
         "{{bin}}/python" -m pip install -q --require-hashes -r requirements-dev.lock
         # Anything pyproject.toml gained since the last `just lock` still installs (unpinned);
         # tests/test_lockfiles.py then fails until the lock is regenerated.
         "{{bin}}/python" -m pip install -q -e '.[dev]'
-        echo "$want" > "$stamp"
+        echo "$dev_want" > "{{venv}}/.deps-stamp"
+    elif [ "$(cat "{{venv}}/.deps-stamp-run" 2>/dev/null)" != "$run_want" ]; then
+        echo "installing the locked runtime dependencies and gateway into .venv (no dev tools)"
+        "{{bin}}/python" -m pip install -q --require-hashes -r requirements.lock
+        "{{bin}}/python" -m pip install -q --no-deps -e .
+        echo "$run_want" > "{{venv}}/.deps-stamp-run"
     fi
 
 # run the gateway (SQLite and the local broker by default; reads ./.env if present)
-run *ARGS: bootstrap
+run *ARGS: (bootstrap "0")
     "{{bin}}/gateway" serve {{ARGS}}
 
 # run the test suite with coverage of gateway/ (fails under 80%)
@@ -50,15 +61,19 @@ lint: bootstrap
     "{{bin}}/mypy" --strict gateway
 
 # apply pending database migrations (use `just migrate --status` to list them)
-migrate *ARGS: bootstrap
+migrate *ARGS: (bootstrap "0")
     "{{bin}}/gateway" migrate {{ARGS}}
 
 # validate and print the effective configuration, secrets masked
-check-config *ARGS: bootstrap
+check-config *ARGS: (bootstrap "0")
     "{{bin}}/gateway" check-config {{ARGS}}
 
+# the whole thing in one command: a throwaway broker, the gateway on SQLite, 20 simulated sensors; prints the dashboard link (Ctrl-C stops it)
+demo *ARGS: (bootstrap "0")
+    "{{bin}}/gateway" demo {{ARGS}}
+
 # a fleet of virtual sensors (e.g. just simulate --devices 50 --rate 200 --duration 60)
-simulate *ARGS: bootstrap
+simulate *ARGS: (bootstrap "0")
     "{{bin}}/gateway" simulate {{ARGS}}
 
 # all benchmarks (writes bench/results/*.json)

@@ -20,7 +20,7 @@ from bench.harness import table
 
 _LOOP = "(trio run loop: scheduling, I/O polling, thread hand-off)"
 _LOOP_LIBS = {"trio", "outcome", "sniffio", "attr", "attrs"}
-_LOOP_ROOTS = {("app", "run_gateway"), ("cli", "main"), ("__main__", "<module>")}
+_LOOP_ROOTS = {("cli", "_serve"), ("cli", "main"), ("__main__", "<module>")}
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 

@@ -20,6 +20,9 @@ Where a faster function lands under a known name it is measured instead of today
 
 A stage whose functions changed shape beyond these is reported as not measured, with the reason,
 rather than failing the run.
+
+Outside the sum, after the store rows: the SQLite write with ``synchronous=NORMAL`` instead of the
+shipped ``FULL``, and one reading per commit with each, so what durability costs stays measured.
 """
 
 from __future__ import annotations
@@ -527,6 +530,70 @@ async def sse_delivery(w: Watch, events: list[Any]) -> str:
 # The whole table
 
 
+async def ingest_metrics(w: Watch, i: int) -> str:
+    """Ingest's counters and histograms for one committed batch (``gateway.ingest.observe``)."""
+    from gateway.ingest import Stored, observe, to_records
+    from gateway.settings import IngestSettings
+    from gateway.store.base import InsertOutcome
+
+    batch = inbound_batch(payloads(f"im{i}-"))
+    messages, rejects = to_records(batch, IngestSettings.model_validate({}).max_payload)
+    stored = Stored(messages, [InsertOutcome(k + 1, False) for k in range(len(messages))], rejects)
+    with w:
+        observe(batch, stored, "mqtt")
+    return "gateway.ingest.observe"
+
+
+async def sqlite_durability(sqlite_dir: Path, batches: int, max_payload: int) -> list[Stage]:
+    """What SQLite's ``synchronous=FULL`` (shipped) costs against ``NORMAL``: batches of 500 and one
+    reading per commit (a trickle: each commit holds one reading). Context rows, not in the sum;
+    the cost is in the wall column (the fsync waits, this process's CPU hardly moves)."""
+    from gateway.store import sqlite as sqlite_store
+
+    shipped = sqlite_store._SYNCHRONOUS
+    out: list[Stage] = []
+    for sync in ("NORMAL", shipped):
+        sqlite_store._SYNCHRONOUS = sync  # read when the connection opens and after each lease
+        try:
+            out += await _durability_rows(sqlite_dir / f"durability-{sync.lower()}.db", sync, sync == shipped,
+                                          batches, max_payload)  # fmt: skip
+        finally:
+            sqlite_store._SYNCHRONOUS = shipped
+    return out
+
+
+async def _durability_rows(path: Path, sync: str, shipped: bool, batches: int, max_payload: int) -> list[Stage]:
+    from gateway.ingest import to_records
+    from gateway.settings import DatabaseSettings
+    from gateway.store import open_store
+
+    out: list[Stage] = []
+    settings = DatabaseSettings.model_validate({"DATABASE_URL": f"sqlite:///{path}"})
+    async with open_store(settings) as store, trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+
+        async def batch_of_500(w: Watch, i: int) -> None:
+            rows, _ = to_records(inbound_batch(payloads(f"dn{sync}{i}-")), max_payload)
+            with w:
+                await store.write_batch(rows, [])
+
+        async def one_per_commit(w: Watch, i: int) -> None:
+            rows, _ = to_records(inbound_batch(payloads(f"d1{sync}{i}-")), max_payload)
+            with w:
+                for row in rows:
+                    await store.write_batch([row], [])
+
+        if not shipped:
+            name, path_ = "store write (sqlite, synchronous=NORMAL)", "Store.write_batch of 500 (NORMAL: not shipped)"
+            out += await repeat(Stage("store_write_sqlite_normal", name, path_, counted=False), batch_of_500, batches)
+        label = f"synchronous={sync}" + (" (shipped)" if shipped else " (not shipped)")
+        row = Stage(f"store_trickle_sqlite_{sync.lower()}", f"store write, 1 per commit (sqlite, {sync})",
+                    f"Store.write_batch of 1 reading, {label}", counted=False)  # fmt: skip
+        out += await repeat(row, one_per_commit, batches)
+        nursery.cancel_scope.cancel()
+    return out
+
+
 async def store_stages(
     backend: str, url: str, batches: int, max_payload: int
 ) -> tuple[list[Stage], list[Any], list[Any], Any]:
@@ -580,7 +647,7 @@ async def store_stages(
             with cw:
                 stored = await store.complete(proc.owner, ids, [], new_events, publishes)
             assert len(got) == BATCH and len(stored) == BATCH
-            claimed, events = got, stored
+            claimed, events = got, [e for mine in stored.values() for e in mine]
             # The outbox publisher's side of the same rows: lease them, then delete them on PUBACK.
             with ow:
                 leased = await store.claim_outbox("bench-outbox", 1000, 60.0)
@@ -643,6 +710,7 @@ async def measure(*, pg_url: str | None, sqlite_dir: Path, quick: bool = False) 
 
     out += await repeat(Stage("rows", "validation + row building", "gateway.ingest.to_records"), rows, batches)
     out += await repeat(validation_row, validation, batches)
+    out += await repeat(Stage("ingest_metrics", "ingest metrics (per batch)"), ingest_metrics, batches)
 
     backends = [("sqlite", f"sqlite:///{sqlite_dir}/stages.db")]
     if pg_url is not None:
@@ -657,6 +725,7 @@ async def measure(*, pg_url: str | None, sqlite_dir: Path, quick: bool = False) 
     # Per stage, then per backend (SQLite above PostgreSQL).
     for k in range(len(by_backend["sqlite"])):
         out += [by_backend[b][k] for b, _ in backends]
+    out += await sqlite_durability(sqlite_dir, batches, max_payload)
     rows_for_rules = claimed["sqlite"]
 
     async def rules(w: Watch, i: int) -> str:
@@ -727,7 +796,8 @@ def stage_table(data: dict[str, Any]) -> str:
         else:
             rows.append([s["name"] + mark, s["cpu_us"], s["wall_us"], s["path"]])
     for backend, total in data["total_cpu_us"].items():
-        rows.append([f"sum of stages ({backend})", total, None, "the 'of which' rows are inside the row above them"])
+        note = "without the 'of which' rows (inside the row above them) and the synchronous/1 per commit ones"
+        rows.append([f"sum of stages ({backend})", total, None, note])
     return table(
         f"stage budget: µs per reading, median of batches of {data['batch']} (CPU of this process; wall for context)",
         ["stage", "CPU µs", "wall µs", "path measured"],

@@ -251,15 +251,28 @@ class Alerts:
         return changed
 
     async def _conditions(self, now: float) -> dict[str, bool | None]:
-        t = self._t
+        """Each alert's condition this round (None: unknown), and its detail in ``self._detail``."""
         components = self._health.as_dict()
         out: dict[str, bool | None] = {}
-
         mqtt = components.get("mqtt", {}).get("state")
         out["mqtt_disconnected"] = None if mqtt is None else mqtt != "ok"
         self._detail["mqtt_disconnected"] = {"state": mqtt}
-
         db_state = components.get("database", {}).get("state") or self._store.health.state
+        out |= await self._database_conditions(now, db_state)
+        out["disk_almost_full"] = self._disk_condition()
+        failed = _counter_sum(metrics.PROCESSOR_FAILED)
+        processed = _counter_sum(metrics.PROCESSOR_PROCESSED)
+        (d_failed, d_processed), _ = self._processing.add(now, (failed, processed))
+        out["processing_errors"] = self._error_condition("processing_errors", d_failed, d_failed + d_processed)
+        errors = _counter_sum(metrics.HTTP_REQUESTS, lambda labels: labels.get("status", "").startswith("5"))
+        requests = _counter_sum(metrics.HTTP_REQUESTS)
+        (d_errors, d_requests), _ = self._http.add(now, (errors, requests))
+        out["http_errors"] = self._error_condition("http_errors", d_errors, d_requests)
+        return out
+
+    async def _database_conditions(self, now: float, db_state: str | None) -> dict[str, bool | None]:
+        """``database_unavailable``, and the backlog's two alerts (unknown without the database)."""
+        t = self._t
         backlog: Backlog | None = None
         error: str | None = None
         with trio.move_on_after(t.check_timeout):
@@ -269,55 +282,44 @@ class Alerts:
             # (trio.Cancelled is a BaseException and passes through).
             except Exception as exc:
                 error = str(exc) if isinstance(exc, GatewayError) else type(exc).__name__
-        db_down = db_state != "ok" or backlog is None
-        out["database_unavailable"] = db_down
         self._detail["database_unavailable"] = {"state": db_state, **({"error": error} if error else {})}
-
         if backlog is None:
-            out["backlog_too_old"] = out["backlog_growing"] = None
-        else:
-            age = (self._clock() - backlog.oldest).total_seconds() if backlog.oldest else 0.0
-            out["backlog_too_old"] = age > t.backlog_max_age
-            self._detail["backlog_too_old"] = {
-                "age_seconds": round(age, 1),
-                "max_age_seconds": t.backlog_max_age,
-            }
-            (growth,), span = self._backlog.add(now, (float(backlog.count),))
-            out["backlog_growing"] = span >= t.backlog_window and growth >= t.backlog_growth
-            self._detail["backlog_growing"] = {
-                "backlog": backlog.count,
-                "growth": int(growth),
-                "window_seconds": round(span, 1),
-            }
+            return {"database_unavailable": True, "backlog_too_old": None, "backlog_growing": None}
+        age = (self._clock() - backlog.oldest).total_seconds() if backlog.oldest else 0.0
+        self._detail["backlog_too_old"] = {"age_seconds": round(age, 1), "max_age_seconds": t.backlog_max_age}
+        (growth,), span = self._backlog.add(now, (float(backlog.count),))
+        self._detail["backlog_growing"] = {
+            "backlog": backlog.count,
+            "growth": int(growth),
+            "window_seconds": round(span, 1),
+        }
+        return {
+            "database_unavailable": db_state != "ok",
+            "backlog_too_old": age > t.backlog_max_age,
+            "backlog_growing": span >= t.backlog_window and growth >= t.backlog_growth,
+        }
 
+    def _disk_condition(self) -> bool | None:
+        """``disk_almost_full`` (None without disk paths); also keeps the ``disk`` component's health."""
+        t = self._t
         # statvfs of a local filesystem takes microseconds: called inline rather than in a thread,
         # which would also let an autojump clock skip ahead in tests.
         ratios = disk_free_ratios(self._disk_paths)
         low = {path: round(r, 4) for path, r in ratios.items() if r < t.disk_min_free}
-        out["disk_almost_full"] = bool(low) if ratios else None
         self._detail["disk_almost_full"] = {
             "free_ratio": {p: round(r, 4) for p, r in ratios.items()},
             "min_free_ratio": t.disk_min_free,
         }
-        if ratios:
-            # At once, not after disk_for: /ping says "degraded" while there is still room to act.
-            disk = self._health.component("disk")
-            disk.detail["free_ratio"] = self._detail["disk_almost_full"]["free_ratio"]
-            if low:
-                disk.set("degraded", f"free space below DISK_MIN_FREE ({t.disk_min_free:g}): {low}")
-            else:
-                disk.set("ok")
-
-        failed = _counter_sum(metrics.PROCESSOR_FAILED)
-        processed = _counter_sum(metrics.PROCESSOR_PROCESSED)
-        (d_failed, d_processed), _ = self._processing.add(now, (failed, processed))
-        out["processing_errors"] = self._error_condition("processing_errors", d_failed, d_failed + d_processed)
-
-        errors = _counter_sum(metrics.HTTP_REQUESTS, lambda labels: labels.get("status", "").startswith("5"))
-        requests = _counter_sum(metrics.HTTP_REQUESTS)
-        (d_errors, d_requests), _ = self._http.add(now, (errors, requests))
-        out["http_errors"] = self._error_condition("http_errors", d_errors, d_requests)
-        return out
+        if not ratios:
+            return None
+        # At once, not after disk_for: /ping says "degraded" while there is still room to act.
+        disk = self._health.component("disk")
+        disk.detail["free_ratio"] = self._detail["disk_almost_full"]["free_ratio"]
+        if low:
+            disk.set("degraded", f"free space below DISK_MIN_FREE ({t.disk_min_free:g}): {low}")
+        else:
+            disk.set("ok")
+        return bool(low)
 
     def _error_condition(self, name: str, errors: float, total: float) -> bool:
         ratio = errors / total if total else 0.0

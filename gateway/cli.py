@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, migrate, check-config, simulate, apikey, secrets.
+"""The ``gateway`` command: serve, migrate, check-config, simulate, demo, apikey, secrets.
 
 Exit codes (:func:`exit_code` is the one mapping; README, "Command line", documents it):
 
@@ -6,14 +6,17 @@ Exit codes (:func:`exit_code` is the one mapping; README, "Command line", docume
 - 1: any other fatal error (a bug; the traceback is in the log);
 - 2: invalid configuration (the message names the variable);
 - 3: the environment refused the gateway at start-up, in a way no retry fixes: credentials
-  refused by the database or broker, an unknown role or database, the HTTP address in use.
+  refused by the database or broker, an unknown role or database, the HTTP address in use, the
+  SQLite database held by another gateway (:mod:`gateway.store.single`).
   ``gateway.service`` lists it in ``RestartPreventExitStatus=`` so systemd does not loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,11 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the simulator ships with the package
         pass
 
+    p = sub.add_parser("demo", help="broker, gateway and simulated sensors in one command; nothing to configure")
+    from gateway import demo
+
+    demo.add_arguments(p)
+
     p = sub.add_parser("apikey", help="API keys")
     ak = p.add_subparsers(dest="apikey_command", required=True)
-    new = ak.add_parser("new", help="print a new random key once, and its API_KEYS entry")
-    new.add_argument("--name", required=True)
-    new.add_argument("--role", required=True, choices=["read", "write", "admin"])
+    new = ak.add_parser("new", help="print a new random key once, and the API_KEYS line that admits it")
+    new.add_argument(
+        "--name",
+        required=True,
+        help="who the key is for (1-64 of A-Z a-z 0-9 . _ -): it names the caller in logs and metrics",
+    )
+    new.add_argument(
+        "--role", required=True, choices=["read", "write", "admin"], help="read < write (POST /packets) < admin"
+    )
+    env_opt(new)
 
     p = sub.add_parser("secrets", help="secrets encrypted at rest in .env (enc:...)")
     sc = p.add_subparsers(dest="secrets_command", required=True)
@@ -91,35 +106,40 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return EXIT_OK
-    except (ConfigError, RuleError) as exc:
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return exit_code(exc)
-    except StartupRefused as exc:
-        print(f"gateway: cannot start: {exc}", file=sys.stderr)
-        return exit_code(exc)
     except GatewayError as exc:
+        return _fail(exc)
+
+
+def _fail(exc: BaseException) -> int:
+    """Print the error that ended a command (one line) and return its exit code."""
+    code = exit_code(exc)
+    if code == EXIT_CONFIG:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+    elif code == EXIT_REFUSED:
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+    elif isinstance(exc, GatewayError):
         print(f"gateway: {exc}", file=sys.stderr)
-        return exit_code(exc)
+    else:  # already logged with its traceback
+        print(f"gateway: fatal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "serve":
-        settings = _load(args)
-        from gateway.app import run_gateway
-
-        try:
-            run_gateway(settings, env_file=args.env_file)
-        except GatewayError:
-            raise
-        except Exception as exc:  # already logged with its traceback
-            print(f"gateway: fatal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return exit_code(exc)
-        return EXIT_OK
+        return _serve(_load(args), args.env_file)
     if command == "check-config":
         settings = _load(args)
-        width = max(len(k) for k in settings.masked())
-        for key, value in settings.masked().items():
+        rows = settings.masked()
+        # Not a setting of the gateway but of how it reads them: shown so a user sees which key file
+        # decrypts the enc: values (a path, never the key).
+        rows["SECRETS_KEY_FILE"] = _env_file_value(args, "SECRETS_KEY_FILE") or ""
+        if settings.database.kind == "sqlite":
+            path = settings.database.sqlite_path
+            # The resolved file: sqlite:///relative is relative to the working directory.
+            rows["DATABASE_URL"] += f"  (file {path.resolve()}{'' if path.parent.is_dir() else ', directory missing'})"
+        width = max(len(k) for k in rows)
+        for key, value in rows.items():
             print(f"{key.ljust(width)}  {value}")
         print("configuration ok", file=sys.stderr)
         return EXIT_OK
@@ -130,17 +150,101 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gateway import simulate
 
         return simulate.main(args)
-    if command == "apikey":
-        from gateway.apikeys import new_key
+    if command == "demo":
+        from gateway import demo
 
-        key, entry = new_key(args.name, args.role)
-        print(f"key:   {key}")
-        print(f"entry: {entry}")
-        print("Store the key now: it is not shown again. Add the entry to API_KEYS (comma-separated).", file=sys.stderr)
-        return EXIT_OK
+        return demo.main(args)
+    if command == "apikey":
+        return _apikey_new(args)
     if command == "secrets":
         return _secrets(args)
     raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
+
+
+GC_GEN0_THRESHOLD = 10_000
+"""Allocations between young-generation collections (CPython's default: 700). A batch of 500
+readings allocates tens of thousands of short-lived objects; at 700 the collector runs dozens of
+times per batch, each time walking the young objects of the batch under way."""
+
+
+def _tune_gc() -> None:
+    """Freeze what start-up allocated (modules, settings: never garbage, so never scanned again)
+    and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def _serve(settings: Settings, env_file: str | None) -> int:
+    """``gateway serve``: set up logging, run :func:`gateway.app.serve` until a clean stop.
+
+    What ends it is logged (an unexpected error with its traceback) and mapped by :func:`_fail`.
+    """
+    from gateway.app import serve
+    from gateway.logs import setup_logging
+    from gateway.settings import secret_values
+    from gateway.store.single import single_instance
+
+    setup_logging(settings.log, secret_values(settings))
+    _tune_gc()
+    if settings.database.kind == "sqlite":
+        _make_sqlite_dir(settings.database.sqlite_path)
+    try:
+        with single_instance(settings.database):  # SQLite: refuses a second gateway on the file
+            trio.run(serve, settings, env_file)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        code = exit_code(exc)
+        if code == EXIT_CONFIG:
+            log.error("configuration error: %s", exc)
+        elif code == EXIT_FATAL:
+            log.critical("fatal error", exc_info=True)
+        return _fail(exc)  # StartupRefused: the gateway logged its cause
+    return EXIT_OK
+
+
+def _make_sqlite_dir(path: Path) -> None:
+    """Create the SQLite file's directory, saying so: a mistyped DATABASE_URL must not create a
+    directory somewhere unexpected without a word (``sqlite:///data/x.db`` is relative to the
+    working directory; ``sqlite:////var/lib/gateway/x.db``, four slashes, is absolute)."""
+    parent = path.parent
+    if parent.is_dir():
+        return
+    kind = "absolute" if path.is_absolute() else f"relative to the working directory {Path.cwd()}"
+    log.warning("creating the database directory %s (DATABASE_URL path %s is %s)", parent.resolve(), path, kind)
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+def _env_file_value(args: argparse.Namespace, variable: str) -> str | None:
+    """``variable`` as the gateway would read it: the environment over ``--env-file``/``./.env``."""
+    from dotenv import dotenv_values
+
+    if variable in os.environ:
+        return os.environ[variable]
+    path = Path(args.env_file or ".env")
+    return dotenv_values(path).get(variable) if path.is_file() else None
+
+
+def _apikey_new(args: argparse.Namespace) -> int:
+    """Print a new key once, and the whole ``API_KEYS=`` line to put in ``.env``: the existing
+    entries (from the environment or the env file) with the new one added."""
+    from gateway.apikeys import new_key
+
+    try:
+        key, entry = new_key(args.name, args.role)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    existing = [e.strip() for e in (_env_file_value(args, "API_KEYS") or "").split(",") if e.strip()]
+    print(f"key:   {key}")
+    print(f"entry: {entry}")
+    print(f"API_KEYS={','.join([*existing, entry])}")
+    where = args.env_file or ".env"
+    how = "replace the API_KEYS line in" if existing else "append the API_KEYS line to"
+    print(f"Store the key now: it is not shown again. Then {how} {where} and reload (SIGHUP).", file=sys.stderr)
+    return EXIT_OK
 
 
 def _secrets(args: argparse.Namespace) -> int:
@@ -163,31 +267,37 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 async def _migrate(settings: Settings, status_only: bool) -> int:
+    """``gateway migrate [--status]``: apply the pending migrations (or list every one) on the
+    configured database, opened just for this, within the connect + query timeouts."""
     from gateway.store import open_store
 
     async with open_store(settings.database) as store:
         try:
             with trio.fail_after(settings.database.connect_timeout + settings.database.query_timeout):
-                if not status_only:
+                if status_only:
+                    rows = await store.migration_status()
+                else:
                     applied = await store.migrate()
-                    for m in applied:
-                        print(f"applied  {m.version:04d}_{m.name}")
-                    if not applied:
-                        print("nothing to apply: the schema is up to date")
-                rows = await store.migration_status()
         except (StoreUnavailable, trio.TooSlowError) as exc:
             print(f"gateway: database unavailable: {exc or 'timed out'}", file=sys.stderr)
             return EXIT_FATAL
         finally:
             await _close(store)
-        if status_only:
-            for m in rows:
-                state = f"applied {m.applied_at:%Y-%m-%d %H:%M:%S}" if m.applied_at else "pending"
-                print(f"{m.version:04d}_{m.name:<40} {state}")
+    if status_only:
+        for m in rows:
+            state = f"applied {m.applied_at:%Y-%m-%d %H:%M:%S}" if m.applied_at else "pending"
+            print(f"{m.version:04d}_{m.name:<40} {state}")
+    else:
+        for m in applied:
+            print(f"applied  {m.version:04d}_{m.name}")
+        if not applied:
+            print("nothing to apply: the schema is up to date")
     return EXIT_OK
 
 
 async def _close(store: Any) -> None:
+    # SQLite opened its file on first use and keeps it until closed; PostgreSQL used a one-off
+    # connection, already closed (its store has no aclose).
     close = getattr(store, "aclose", None)
     if close is not None:
         with trio.CancelScope(shield=True):

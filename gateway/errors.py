@@ -1,33 +1,103 @@
-"""The gateway's error tree and the stable error codes the API returns.
+"""The gateway's error tree, and the stable problem codes the API answers with.
 
-::
+Every exception class of ``gateway/`` is defined here, but one (below). Each line: the class, who
+raises it → who catches it, and what follows::
 
-    GatewayError
-    ├── ConfigError            invalid configuration (exit 2, API 400 config_invalid)
-    ├── StoreError
-    │   ├── StoreUnavailable   database unreachable / timed out: retry later (API 503 db_unavailable)
-    │   │   ├── QueryTimeout   one API read ran past API_QUERY_TIMEOUT (API 503 query_timeout)
-    │   │   └── StoreAccessRefused  credentials refused, unknown role or database: no retry fixes it
-    │   └── StoreCorrupt       schema or data not as expected (a bug or a bad migration)
-    │       └── StoreRefused   the database refused a value of a row (that row can never be stored as is)
-    ├── MqttUnavailable        broker unreachable (API 503 mqtt_unavailable)
-    ├── StartupRefused         a component refused at start-up for good (exit 3)
-    ├── PacketInvalid          a sensor packet refused by the schema (stored as a reject)
-    └── RuleError              a rules file that cannot be used (refused at start-up)
+    GatewayError               the root; ``code`` is the problem code the API answers with when the
+    │                          error reaches a request (``internal`` unless the class says otherwise)
+    ├── ConfigError            settings, secrets, app.reload → cli (exit 2); reload: 400 config_invalid
+    ├── RuleError              rules.load_rules → app (at start: exit 2; on reload: a ConfigError)
+    ├── StartupRefused         app.Gateway.run, a refusal before all started → cli (exit 3)
+    ├── StoreError             store/ (only as its subclasses) → routes (/ping backlog, page rebuild)
+    │   ├── StoreUnavailable   store/: unreachable, timed out → ingest, processor, publish, hub and
+    │   │   │                  the stores retry with backoff; API 503 db_unavailable
+    │   │   ├── QueryTimeout   store/, an API read past API_QUERY_TIMEOUT → API 503 query_timeout
+    │   │   └── StoreAccessRefused  store/postgres: credentials, role or database refused → health
+    │   │                      ``refused`` (exit 3 while starting), retried like an outage after
+    │   └── StoreCorrupt       store/, migrate, ingest: schema or data not as expected (a bug, a bad
+    │       │                  migration) → the supervisor restarts the group; API 500 internal
+    │       └── StoreRefused   store/ write_batch: the database refuses a value → ingest splits the
+    │                          batch and stores the refused rows as ``unstorable`` rejects
+    ├── MqttUnavailable        mqtt.MqttBridge.publish_nowait, queue full → alerts (logged); API 503
+    │                          mqtt_unavailable
+    ├── PacketInvalid          packets.parse_packet, ingest → ingest (stored as a reject)
+    ├── ActionFailed           actions/script, processor → processor (the message is retried with
+    │                          backoff, counted per action)
+    ├── ComponentExited        supervisor, a run() that returned uncancelled → supervisor (restart)
+    ├── SimulateError          simulate: bad --url, no broker → simulate.main (exit 1)
+    ├── DemoError              demo: no broker installed, a child that would not start or stopped
+    │                          → demo.main (exit 1, with the end of that child's log)
+    └── ApiError               http/: routes, request hooks, SSE limits → http.errors (the problem
+                               response of its ``code``)
+
+Outside the tree: :class:`gateway.mqtt_codec.MqttCodecError` (a ``ValueError``), a malformed frame
+from the broker. The codec is pure and imports nothing of the gateway, so it can be read, tested and
+reused on its own (as h11's and hypercorn's protocol errors are); its error never leaves
+:mod:`gateway.mqtt`, which catches it where it feeds the codec and drops the connection (the bridge
+reconnects), so no caller ever needs to catch it as a gateway error.
 
 Library exceptions are translated once, at the boundary that calls the library, with
 ``raise ... from exc`` so the cause stays in the traceback but never in a response body.
+
+:class:`ProblemCode` is the one list of the ``code`` values of problem+json bodies (CONTRACT.md),
+each with its HTTP status and title: :class:`ApiError`, the handlers of :mod:`gateway.http.errors`
+and the OpenAPI description (:mod:`gateway.http.openapi`) all take them from it.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 
-class GatewayError(Exception):
-    """Base of every error the gateway raises on purpose."""
+class ProblemCode(StrEnum):
+    """The stable code of a problem+json body, which clients branch on: add codes, never rename one.
 
-    code: str = "internal"
+    Each comes with its HTTP status and its title. The HTTP layer also answers bad_request for
+    other 4xx statuses and internal for other 5xx ones.
+    """
+
+    # (The docstring is the OpenAPI description of the enum, hence plain text: no reST markup.)
+
+    status: int
+    summary: str
+
+    def __new__(cls, code: str, status: int, summary: str) -> ProblemCode:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status = status
+        member.summary = summary
+        return member
+
+    BAD_REQUEST = "bad_request", 400, "Bad request"
+    PACKET_INVALID = "packet_invalid", 400, "Packet invalid"
+    QUERY_INVALID = "query_invalid", 400, "Query invalid"
+    CONFIG_INVALID = "config_invalid", 400, "Configuration invalid"
+    AUTH_MISSING = "auth_missing", 401, "API key missing"
+    AUTH_INVALID = "auth_invalid", 401, "API key invalid"
+    FORBIDDEN = "forbidden", 403, "Role not allowed"
+    NOT_FOUND = "not_found", 404, "Not found"
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405, "Method not allowed"
+    NOT_ACCEPTABLE = "not_acceptable", 406, "Not acceptable"
+    PAYLOAD_TOO_LARGE = "payload_too_large", 413, "Payload too large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "Unsupported media type"
+    RATE_LIMITED = "rate_limited", 429, "Too many requests"
+    TOO_MANY_STREAMS = "too_many_streams", 429, "Too many streams"
+    INTERNAL = "internal", 500, "Internal error"
+    DB_UNAVAILABLE = "db_unavailable", 503, "Database unavailable"
+    QUERY_TIMEOUT = "query_timeout", 503, "Query took too long"
+    MQTT_UNAVAILABLE = "mqtt_unavailable", 503, "Broker unavailable"
+    SHUTTING_DOWN = "shutting_down", 503, "Server stopping"
+    STREAMS_EXHAUSTED = "streams_exhausted", 503, "Streams exhausted"
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose.
+
+    ``code`` is what the API answers should the error reach a request (see the module docstring).
+    """
+
+    code: ProblemCode = ProblemCode.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -40,7 +110,7 @@ class GatewayError(Exception):
 class ConfigError(GatewayError):
     """A configuration value is invalid; ``variable`` names it (e.g. ``MQTT_URL``)."""
 
-    code = "config_invalid"
+    code = ProblemCode.CONFIG_INVALID
 
     def __init__(self, variable: str, problem: str) -> None:
         super().__init__(f"{variable}: {problem}")
@@ -51,7 +121,7 @@ class ConfigError(GatewayError):
 class StoreError(GatewayError):
     """Something went wrong talking to the database."""
 
-    code = "db_unavailable"
+    code = ProblemCode.DB_UNAVAILABLE
 
 
 class StoreUnavailable(StoreError):
@@ -64,7 +134,7 @@ class QueryTimeout(StoreUnavailable):
     Narrow the query (a time range, a device) or retry later.
     """
 
-    code = "query_timeout"
+    code = ProblemCode.QUERY_TIMEOUT
 
 
 class StoreAccessRefused(StoreUnavailable):
@@ -78,7 +148,7 @@ class StoreAccessRefused(StoreUnavailable):
 class StoreCorrupt(StoreError):
     """The database answered, but not as the gateway expects (schema missing, bad data)."""
 
-    code = "internal"
+    code = ProblemCode.INTERNAL  # our fault, not an outage: no Retry-After would help
 
 
 class StoreRefused(StoreCorrupt):
@@ -89,7 +159,7 @@ class StoreRefused(StoreCorrupt):
 class MqttUnavailable(GatewayError):
     """The broker is not connected; a publish was queued or refused."""
 
-    code = "mqtt_unavailable"
+    code = ProblemCode.MQTT_UNAVAILABLE
 
 
 class StartupRefused(GatewayError):
@@ -97,8 +167,6 @@ class StartupRefused(GatewayError):
 
     ``component`` names it (``database``, ``mqtt``, ``http``); ``cause`` is one line.
     """
-
-    code = "startup_refused"
 
     def __init__(self, component: str, cause: str) -> None:
         super().__init__(f"{component}: {cause}")
@@ -109,7 +177,7 @@ class StartupRefused(GatewayError):
 class PacketInvalid(GatewayError):
     """A packet failed validation; ``errors`` lists field errors as ``{"loc", "msg", "type"}``."""
 
-    code = "packet_invalid"
+    code = ProblemCode.PACKET_INVALID
 
     def __init__(self, reason: str, errors: list[dict[str, Any]]) -> None:
         super().__init__(reason)
@@ -120,9 +188,54 @@ class PacketInvalid(GatewayError):
 class RuleError(GatewayError):
     """A rule cannot be loaded; names the rule and the problem."""
 
-    code = "config_invalid"
+    code = ProblemCode.CONFIG_INVALID
 
     def __init__(self, rule: str, problem: str) -> None:
         super().__init__(f"rule {rule!r}: {problem}")
         self.rule = rule
         self.problem = problem
+
+
+class ActionFailed(GatewayError):
+    """An action could not do its work for one message; the message is retried with backoff.
+
+    ``action`` is the action type (``sse``, ``mqtt``, ``script``), used as the metric label.
+    """
+
+    def __init__(self, action: str, problem: str) -> None:
+        super().__init__(f"{action}: {problem}")
+        self.action = action
+        self.problem = problem
+
+
+class ComponentExited(GatewayError):
+    """A component's ``run()`` returned although nobody cancelled it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"component {name!r} exited unexpectedly")
+        self.name = name
+
+
+class SimulateError(GatewayError):
+    """The simulator could not connect or lost its broker connection."""
+
+
+class DemoError(GatewayError):
+    """``gateway demo`` could not start, or one of its children stopped by itself."""
+
+
+class ApiError(GatewayError):
+    """A request the API refuses: ``code`` (its HTTP status comes with it, ``status``), a detail for
+    people, response ``headers`` and ``extra`` members of the problem body (``parameter``, ...)."""
+
+    def __init__(self, code: ProblemCode, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the answer (the code's)."""
+        return self.code.status

@@ -1,6 +1,7 @@
 """Component health, shared by /ping, metrics, systemd STATUS and alerts.
 
-Each component owns one :class:`ComponentHealth` and updates it; readers only look.
+Each component owns one :class:`ComponentHealth` and updates it; readers only look, or ask the
+registry to be told of every change of state (:meth:`Health.on_change`: the ``component_up`` gauge).
 
 A component that meets an error no retry can fix (refused credentials, an unknown database, an
 address already in use) marks it ``refused``: while the gateway is still starting, that ends the
@@ -33,6 +34,7 @@ class ComponentHealth:
     refused: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
     on_refused: Callable[[ComponentHealth], None] | None = field(default=None, repr=False, compare=False)
+    on_change: Callable[[ComponentHealth], None] | None = field(default=None, repr=False, compare=False)
 
     def set(self, state: State, error: str | None = None, *, code: str | None = None, refused: bool = False) -> None:
         """Change state (keeps ``since`` when unchanged); ``error`` is kept for display.
@@ -40,7 +42,8 @@ class ComponentHealth:
         ``code`` is the generic cause (default ``<name>_unavailable`` when degraded); ``refused``
         says no retry can fix it (see the module docstring).
         """
-        if state != self.state:
+        changed = state != self.state
+        if changed:
             self.state = state
             self.since = time.time()
         if error is not None or state == "ok":
@@ -53,6 +56,8 @@ class ComponentHealth:
             self.refused = refused and state == "degraded"
         if self.refused and self.on_refused is not None:
             self.on_refused(self)
+        if changed and self.on_change is not None:
+            self.on_change(self)
 
     def as_dict(self, *, full: bool = True) -> dict[str, Any]:
         """JSON-ready view; without ``full``, no free text (error text, host names), only codes and counts."""
@@ -81,22 +86,44 @@ class Health:
         self.started = not starting
         self.refusal: ComponentHealth | None = None
         self._on_refusal: list[Callable[[ComponentHealth], None]] = []
+        self._on_change: list[Callable[[ComponentHealth], None]] = []
         self._components: dict[str, ComponentHealth] = {}
 
     def component(self, name: str) -> ComponentHealth:
         """Get (creating on first use) the health record for ``name``."""
         if name not in self._components:
-            self._components[name] = ComponentHealth(name, on_refused=self._refused)
+            self.add(ComponentHealth(name))
         return self._components[name]
+
+    def add(self, component: ComponentHealth) -> ComponentHealth:
+        """Register a record made elsewhere (a store makes its own), replacing one of that name."""
+        component.on_refused = self._refused
+        component.on_change = self._changed
+        self._components[component.name] = component
+        self._changed(component)
+        if component.refused:
+            self._refused(component)
+        return component
 
     def on_refusal(self, callback: Callable[[ComponentHealth], None]) -> None:
         """Call ``callback(component)`` whenever a component reports a refused error."""
         self._on_refusal.append(callback)
 
+    def on_change(self, callback: Callable[[ComponentHealth], None]) -> None:
+        """Call ``callback(component)`` for every component now, when one is added, and whenever
+        one changes state."""
+        self._on_change.append(callback)
+        for component in self._components.values():
+            callback(component)
+
     def _refused(self, component: ComponentHealth) -> None:
         if self.refusal is None:
             self.refusal = component
         for callback in self._on_refusal:
+            callback(component)
+
+    def _changed(self, component: ComponentHealth) -> None:
+        for callback in self._on_change:
             callback(component)
 
     @property
@@ -109,3 +136,8 @@ class Health:
     def as_dict(self, *, full: bool = True) -> dict[str, Any]:
         """Every component's view, by name (see :meth:`ComponentHealth.as_dict`)."""
         return {name: c.as_dict(full=full) for name, c in sorted(self._components.items())}
+
+    def summary(self) -> str:
+        """One line for systemd's ``STATUS=``: overall state, broker, database and backlog."""
+        mqtt, db, proc = (self.component(name) for name in ("mqtt", "database", "processor"))
+        return f"{self.overall}; mqtt {mqtt.state}; db {db.state}; backlog {proc.detail.get('backlog', '?')}"

@@ -78,9 +78,6 @@ RETENTION_DELETED = Counter(
 DISK_FREE_RATIO = Gauge(
     "gateway_disk_free_ratio", "Free fraction of the filesystem holding the path (database, logs)", ["path"]
 )
-API_PUBLISH_OVERFLOW = Counter(
-    "gateway_api_publish_overflow_total", "API packets stored but not queued for MQTT (outbound queue full)"
-)
 
 
 def method_label(method: str) -> str:

@@ -25,7 +25,8 @@ runs on the Trio thread and belongs to the live generation before touching anyth
 Delivery: QoS 1, persistent session, ``manual_ack=True``; :meth:`MqttBridge.ack` sends PUBACKs
 only after ingest committed, in arrival order, encoded together and written in one send. Acks
 for an older generation are dropped: the broker redelivers those messages on the new connection
-and the store recognises the duplicates.
+and the store recognises the duplicates. :meth:`MqttBridge.leave` (a graceful stop with
+``MQTT_SESSION_EXPIRY=0``) unsubscribes and drains before the disconnect ends the session.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ TAKEOVER_REPEATS = 3
 """MQTT 3.1.1: this many drops in a row soon after CONNACK are reported as a session takeover."""
 
 _SESSION_TAKEN_OVER = 0x8E
+
+LEAVE_QUIET = 0.5
+"""Seconds without a byte from the broker after which :meth:`MqttBridge.leave` counts the
+session's queue as drained (the broker sends what it holds at once, not in trickles)."""
 
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
@@ -238,6 +243,8 @@ class _Connection:
     suback: trio.Event = field(default_factory=trio.Event)
     suback_failure: str | None = None
     sub_mid: int | None = None
+    unsuback: trio.Event = field(default_factory=trio.Event)
+    unsub_mid: int | None = None
     lost: str | None = None
     unconfirmed: dict[int, _Outgoing] = field(default_factory=dict)
     confirmed: trio.Event = field(default_factory=trio.Event)
@@ -246,6 +253,7 @@ class _Connection:
     room: trio.Event = field(default_factory=trio.Event)  # set by ack(): the reader may go on
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the latest read burst
     paho_cut: int | None = None  # truncated_from of the PUBLISH handed to paho right now
+    heard_at: float = field(default_factory=time.monotonic)  # last bytes read (keepalive: _housekeeping)
 
     def lose(self, reason: str) -> None:
         """Mark the connection dead (first reason wins) and stop its tasks."""
@@ -291,6 +299,16 @@ class MqttBridge:
         self._set_detail()
 
     # ----------------------------------------------------------------------------------- public
+
+    def reconfigure(self, settings: MqttSettings) -> None:
+        """Use ``settings`` from the next connection on (the app restarts :meth:`run` to reconnect).
+
+        ``outbound_queue`` sizes the queue made here: it applies with the next process.
+        """
+        self.settings = settings
+        self._device_level = settings.device_level
+        self._stable_after = max(5.0, 2 * settings.reconnect_max)
+        self._set_detail()
 
     async def run(
         self,
@@ -378,6 +396,37 @@ class MqttBridge:
             metrics.MQTT_INFLIGHT.set(conn.inflight)
             metrics.MQTT_INFLIGHT_BYTES.set(conn.inflight_bytes)
             conn.room.set()
+
+    async def leave(self) -> bool:
+        """Leave the subscription without losing a reading (a member removed from its share group
+        for good): UNSUBSCRIBE, then wait until the broker has sent nothing for
+        :data:`LEAVE_QUIET` seconds and everything received is committed and acknowledged.
+
+        After the UNSUBACK the broker still delivers what it had queued for this session; new
+        readings go to the other members. Returns True when drained, False without a live
+        subscribed connection or when the connection is lost meanwhile. The caller bounds the
+        wait with a cancel scope, then stops the bridge as usual.
+        """
+        conn = self._conn
+        if conn is None or not conn.ready or not self._subscribe or conn.lost is not None:
+            return False
+        rc, mid = conn.client.unsubscribe(self.settings.subscription)
+        if rc != _SUCCESS:
+            return False
+        conn.unsub_mid = mid
+        conn.write_wanted.set()
+        with trio.move_on_after(self.settings.connect_timeout):
+            await conn.unsuback.wait()
+        if not conn.unsuback.is_set() or conn.lost is not None:
+            return False
+        log.info("unsubscribed subscription=%s: draining what the broker holds for us", self.settings.subscription)
+        while conn.lost is None:
+            quiet = (datetime.now(UTC) - conn.received_at).total_seconds()
+            if conn.inflight == 0 and quiet >= LEAVE_QUIET:
+                log.info("drained: every message received is committed and acknowledged")
+                return True
+            await trio.sleep(0.05)
+        return False
 
     async def publish(self, payload: bytes, subtopic: str | None = None) -> None:
         """Queue a QoS 1 publish on the publish topic (or ``<topic>/<subtopic>``); waits for room."""
@@ -569,6 +618,7 @@ class MqttBridge:
         client.on_connect = lambda c, u, flags, rc, props: self._cb_connect(generation, flags, rc, props)
         client.on_subscribe = lambda c, u, mid, rcs, props: self._cb_subscribe(generation, mid, rcs)
         client.on_message = lambda c, u, msg: self._cb_message(generation, msg)
+        client.on_unsubscribe = lambda c, u, mid, rcs, props: self._cb_unsubscribe(generation, mid)
         client.on_disconnect = lambda c, u, flags, rc, props: self._cb_disconnect(generation, flags, rc)
         client.on_socket_close = lambda c, u, sock: self._cb_socket_close(generation, sock)
         client.on_socket_register_write = lambda c, u, sock: self._cb_register_write(generation)
@@ -625,76 +675,32 @@ class MqttBridge:
         ``MQTT_RECEIVE_MAXIMUM`` messages and about ``MQTT_INFLIGHT_BYTES`` payload bytes are
         between the socket and the ack. At either limit the reader stops decoding and reading
         the socket until ingest acks, so TCP pushes back on the broker.
+
+        The steps are methods called once per burst (read, decode, hand over), never per message:
+        the per-message loop is the one inside :meth:`_decode`.
         """
-        client, sock, link = conn.client, conn.sock, conn.link
+        link = conn.link
         assert link is not None
         s = self.settings
         cap, budget = s.receive_maximum, s.inflight_bytes
         v5 = s.protocol == "5"
         decoder = FrameDecoder(v5=v5, max_packet=s.max_packet_size)
-        level, gen = self._device_level, conn.generation
-        ssl_sock = isinstance(sock, ssl.SSLSocket)
-        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
         starved = True  # the decoder needs more bytes before it can give another frame
         while True:
             if conn.inflight >= cap or conn.inflight_bytes >= budget:
                 # Set by any ack since the last wait (also one that came while we handed over).
                 await conn.room.wait()
                 conn.room = trio.Event()
+                # We did not read while the window was full: the keepalive clock starts again now.
+                conn.heard_at = time.monotonic()
                 continue
             if starved and not (link.eof or link.error):
-                if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
-                    await trio.lowlevel.checkpoint()
-                else:
-                    try:
-                        await trio.lowlevel.wait_readable(sock)
-                    except trio.ClosedResourceError:
-                        conn.lose("socket closed")
-                        return
-                got = 0
-                while got < _READ_BURST:
-                    data = link.read()
-                    if not data:
-                        break
-                    decoder.feed(data)
-                    got += len(data)
-                    if len(data) < _RECV and not ssl_sock:
-                        break  # the kernel buffer is drained: spare the recv that says so
-                if got:
-                    conn.received_at = datetime.now(UTC)
-                    # paho's keepalive counts received bytes; it does not see the publishes.
-                    client._last_bytes_received = time.monotonic()
+                if not await self._read_burst(conn, decoder):
+                    return
             else:
                 await trio.lowlevel.checkpoint()
-            now, batch = conn.received_at, conn.batch
-            room, room_bytes, size = cap - conn.inflight, budget - conn.inflight_bytes, 0
-            starved = False
-            try:
-                while len(batch) < room and size < room_bytes and conn.lost is None:
-                    frame = decoder.next()
-                    if frame is None:
-                        starved = True
-                        break
-                    if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
-                        topic = frame.topic
-                        device = None
-                        if level is not None:
-                            levels = topic.split("/")
-                            device = levels[level] if len(levels) > level else ""
-                        batch.append(
-                            Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
-                                    frame.truncated_from)
-                        )  # fmt: skip
-                        size += len(frame.payload)
-                    elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
-                        acks.append(decode_puback(frame, v5=v5))
-                    else:
-                        self._to_paho(conn, frame)
-            except MqttCodecError as exc:
-                conn.lose(f"malformed packet from the broker: {exc}")
-            if acks:
-                self._confirmed(conn, acks)
-                acks = []
+            batch = conn.batch
+            starved = self._decode(conn, decoder, v5, cap - conn.inflight, budget - conn.inflight_bytes)
             if starved and (link.eof or link.error) and conn.lost is None:
                 link.end_of_stream()  # after the frames before it: paho reports the close
                 self._paho_read(conn)
@@ -710,6 +716,74 @@ class MqttBridge:
                 await inbound.send(batch)
             if conn.lost is not None:
                 return
+
+    async def _read_burst(self, conn: _Connection, decoder: FrameDecoder) -> bool:
+        """Wait until the socket is readable, then feed ``decoder`` what it holds (up to 1 MiB).
+
+        Returns False when the socket was closed under us (the connection is then lost).
+        """
+        sock, link = conn.sock, conn.link
+        assert link is not None
+        ssl_sock = isinstance(sock, ssl.SSLSocket)
+        if ssl_sock and sock.pending():  # whole records wait in the SSL buffer
+            await trio.lowlevel.checkpoint()
+        else:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                conn.lose("socket closed")
+                return False
+        got = 0
+        while got < _READ_BURST:
+            data = link.read()
+            if not data:
+                break
+            decoder.feed(data)
+            got += len(data)
+            if len(data) < _RECV and not ssl_sock:
+                break  # the kernel buffer is drained: spare the recv that says so
+        if got:
+            conn.received_at = datetime.now(UTC)
+            # paho's keepalive counts received bytes; it does not see the publishes.
+            conn.client._last_bytes_received = conn.heard_at = time.monotonic()
+        return True
+
+    def _decode(self, conn: _Connection, decoder: FrameDecoder, v5: bool, room: int, room_bytes: int) -> bool:
+        """Take the decoded frames: QoS 0/1 PUBLISHes onto ``conn.batch`` (up to ``room`` messages
+        and about ``room_bytes`` payload bytes), PUBACKs for our publishes settled together, any
+        other frame to paho in stream order. Returns whether the decoder ran out of bytes.
+
+        A malformed frame loses the connection.
+        """
+        batch, now, gen, level = conn.batch, conn.received_at, conn.generation, self._device_level
+        acks: list[tuple[int, int]] = []  # PUBACKs for our publishes, (packet id, reason code)
+        size = 0
+        try:
+            while len(batch) < room and size < room_bytes and conn.lost is None:
+                frame = decoder.next()
+                if frame is None:
+                    return True
+                if type(frame) is Publish and frame.qos < 2 and conn.connack.is_set():
+                    topic = frame.topic
+                    device = None
+                    if level is not None:
+                        levels = topic.split("/")
+                        device = levels[level] if len(levels) > level else ""
+                    batch.append(
+                        Inbound(topic, frame.payload, now, frame.mid, frame.qos, frame.dup, gen, device,
+                                frame.truncated_from)
+                    )  # fmt: skip
+                    size += len(frame.payload)
+                elif type(frame) is Frame and frame.first == PUBACK and conn.unconfirmed:
+                    acks.append(decode_puback(frame, v5=v5))
+                else:
+                    self._to_paho(conn, frame)
+        except MqttCodecError as exc:
+            conn.lose(f"malformed packet from the broker: {exc}")
+        finally:
+            if acks:
+                self._confirmed(conn, acks)
+        return False
 
     def _to_paho(self, conn: _Connection, frame: Frame | Publish) -> None:
         """Let paho handle one frame: the handshake, SUBACK, PUBACK, PINGRESP, DISCONNECT, QoS 2.
@@ -770,9 +844,22 @@ class MqttBridge:
             conn.lose("socket closed")
 
     async def _housekeeping(self, conn: _Connection) -> None:
+        ka, s = self.settings.keepalive, self.settings
         while True:
             await trio.sleep(1.0)
-            rc = conn.client.loop_misc()
+            # paho pings after a keepalive of silence and gives up a keepalive later (up to 2x
+            # keepalive for a frozen broker). Ping at half of it, give up after one keepalive of
+            # silence: a frozen broker is noticed within ~keepalive + 1 s. Not while our window is
+            # full: then we are not reading the socket, so silence says nothing about the broker.
+            client = conn.client
+            if conn.inflight < s.receive_maximum and conn.inflight_bytes < s.inflight_bytes:
+                idle = time.monotonic() - conn.heard_at
+                if idle >= ka:
+                    conn.lose(f"keepalive: nothing from the broker for {idle:.1f}s")
+                    return
+                if idle >= ka / 2 and client._ping_t == 0:
+                    client._send_pingreq()
+            rc = client.loop_misc()
             if rc != _SUCCESS:
                 conn.lose(f"keepalive: {paho.error_string(rc)}")
                 return
@@ -936,6 +1023,11 @@ class MqttBridge:
             if conn.ready:
                 conn.lose(f"subscription {self.settings.subscription!r} refused: {conn.suback_failure}")
         conn.suback.set()
+
+    def _cb_unsubscribe(self, generation: int, mid: int) -> None:
+        conn = self._live(generation)
+        if conn is not None and mid == conn.unsub_mid:
+            conn.unsuback.set()
 
     def _cb_disconnect(self, generation: int, flags: Any, rc: Any) -> None:
         # Fires twice on a keepalive timeout, and from loop_read/loop_write/loop_misc.

@@ -175,39 +175,32 @@ class FrameDecoder:
                 raise MqttCodecError("PUBLISH without its properties length")
             plen = buf[p]
             p += 1
-            if plen & 128:
-                plen &= 127
-                shift = 7
-                while True:
-                    if p >= end:
-                        raise MqttCodecError("PUBLISH properties length cut short")
-                    byte = buf[p]
-                    p += 1
-                    plen |= (byte & 127) << shift
-                    if not byte & 128:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        raise MqttCodecError("PUBLISH properties length longer than 4 bytes")
-            props_end = p + plen
-            if plen:
-                if props_end <= end:
-                    alias = _topic_alias(buf, p, props_end)
-                    if alias:
-                        if topic:
-                            self._aliases[alias] = topic
-                        elif alias in self._aliases:
-                            topic = self._aliases[alias]
-                        else:
-                            raise MqttCodecError(f"PUBLISH with unknown topic alias {alias}")
-                elif wire is None or props_end > wire:
-                    raise MqttCodecError("PUBLISH properties longer than the packet")
-            p = props_end
+            if plen & 128:  # rare: properties of 128 bytes or more
+                plen, p = _varint_at(buf, p, end, plen & 127)
+            if plen:  # a PUBLISH without properties (the common case) makes no call
+                topic = self._properties(buf, p, p + plen, end, wire, topic)
+            p += plen
         if not topic:
             raise MqttCodecError("PUBLISH without a topic")
         if wire is None:
             return Publish(topic, buf[p:end], qos, bool(first & 8), bool(first & 1), mid)
         return Publish(topic, bytes(buf[p : p + KEEP]), qos, bool(first & 8), bool(first & 1), mid, max(0, wire - p))
+
+    def _properties(self, buf: bytes, p: int, props_end: int, end: int, wire: int | None, topic: str) -> str:
+        """Check a PUBLISH's properties ``buf[p:props_end]``; the topic, resolved through a Topic Alias."""
+        if props_end > end:
+            if wire is None or props_end > wire:
+                raise MqttCodecError("PUBLISH properties longer than the packet")
+            return topic  # an oversized PUBLISH's head: its properties were cut off, not checked
+        alias = _topic_alias(buf, p, props_end)
+        if not alias:
+            return topic
+        if topic:
+            self._aliases[alias] = topic
+            return topic
+        if alias in self._aliases:
+            return self._aliases[alias]
+        raise MqttCodecError(f"PUBLISH with unknown topic alias {alias}")
 
     def _skip_big(self) -> bool:
         """Collect an oversized PUBLISH's head, then skip its rest; False until more bytes come."""
@@ -230,6 +223,23 @@ class FrameDecoder:
             if self._discard:
                 return False
         return True
+
+
+def _varint_at(buf: bytes, p: int, end: int, value: int) -> tuple[int, int]:
+    """The rest of a PUBLISH's properties length from ``buf[p]`` on (``value``: its first byte's
+    low 7 bits); returns (length, the position after it)."""
+    shift = 7
+    while True:
+        if p >= end:
+            raise MqttCodecError("PUBLISH properties length cut short")
+        byte = buf[p]
+        p += 1
+        value |= (byte & 127) << shift
+        if not byte & 128:
+            return value, p
+        shift += 7
+        if shift > 21:
+            raise MqttCodecError("PUBLISH properties length longer than 4 bytes")
 
 
 def _topic_alias(buf: bytes, p: int, end: int) -> int:

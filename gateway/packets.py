@@ -193,15 +193,31 @@ def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic errors reduced to JSON-safe ``loc``/``msg``/``type`` (never the input value).
 
     ``loc`` holds the packet's own keys, so NUL and lone surrogates are escaped (:func:`safe_text`).
+    A measurement that is not a number is one error (``number_type`` at ``measurements.<name>``),
+    not one per branch of the float-or-int union pydantic validates it against.
     """
-    return [
-        {
-            "loc": [safe_text(str(p)) for p in e["loc"]],
-            "msg": safe_text(str(e["msg"]).removeprefix("Value error, ")),
-            "type": e["type"],
-        }
-        for e in exc.errors(include_url=False, include_input=False)
-    ][:50]
+    out: list[dict[str, Any]] = []
+    for e in exc.errors(include_url=False, include_input=False):
+        loc = e["loc"]
+        if len(loc) == 3 and loc[0] == "measurements" and loc[2] in _NUMBER_BRANCHES:
+            if out and out[-1]["type"] == "number_type" and out[-1]["loc"][1] == safe_text(str(loc[1])):
+                continue  # the union's other branch, already reported
+            out.append(
+                {"loc": ["measurements", safe_text(str(loc[1]))], "msg": "must be a number", "type": "number_type"}
+            )
+            continue
+        out.append(
+            {
+                "loc": [safe_text(str(p)) for p in loc],
+                "msg": safe_text(str(e["msg"]).removeprefix("Value error, ")),
+                "type": e["type"],
+            }
+        )
+    return out[:50]
+
+
+_NUMBER_BRANCHES = frozenset({"float", "int"})
+"""The union branch names pydantic appends to a measurement's error location."""
 
 
 def _refuse_constant(name: str) -> Any:

@@ -36,13 +36,22 @@ import trio
 from gateway import metrics
 from gateway.actions import ActionFailed, MqttAction, ScriptAction, SseAction
 from gateway.backoff import Backoff
-from gateway.errors import GatewayError, StoreUnavailable
+from gateway.errors import GatewayError, StoreCorrupt, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps
 from gateway.retention import DEFAULT_POLICY, RetentionPolicy, prune_expired
 from gateway.rules import PlannedAction, RuleSet, load_rules
 from gateway.settings import ProcessorSettings
-from gateway.store.base import Event, Failure, NewEvent, NewPublish, PublishBuilder, Store, StoredMessage
+from gateway.store.base import (
+    CompletionPublishes,
+    Event,
+    EventsByMessage,
+    Failure,
+    NewEvent,
+    NewPublish,
+    Store,
+    StoredMessage,
+)
 from gateway.wake import Nudge
 
 log = logging.getLogger("gateway.processor")
@@ -93,7 +102,6 @@ class Processor:
         *,
         instance_id: str,
         rules: RuleSet | None = None,
-        on_events: Callable[[], None] | None = None,
         on_committed: Callable[[list[Event]], None] | None = None,
         retention: RetentionPolicy = DEFAULT_POLICY,
         on_outbox: Callable[[], None] | None = None,
@@ -102,8 +110,8 @@ class Processor:
     ) -> None:
         """``rules`` None loads ``settings.rules_file`` (default rules when unset; may raise RuleError).
 
-        ``on_events`` is called after a commit that appended events (the hub then tails them);
-        ``on_committed`` receives those events (the hub fans them out without a store read);
+        ``on_committed`` receives the events a commit appended, in id order (the hub fans them
+        out without a store read);
         ``on_outbox`` is called after a commit that wrote outbox rows (wakes the publisher).
         """
         self._settings = settings
@@ -112,7 +120,6 @@ class Processor:
         self._nudge = nudge
         self._health = health
         self._rules = rules if rules is not None else load_rules(settings.rules_file)
-        self._on_events = on_events
         self._on_committed = on_committed
         self._interval = settings.interval
         self._retention = retention
@@ -134,11 +141,16 @@ class Processor:
         """The rules in force."""
         return self._rules
 
-    def set_rules(self, rules: RuleSet) -> None:
-        """Use ``rules`` from the next batch on (hot reload; a batch in flight keeps the old set)."""
-        self._rules = rules
-        self._batch_limit = self._limit_for(rules)
-        log.info("processor rules replaced rules=%d batch_limit=%d", len(rules), self._batch_limit)
+    def reconfigure(self, settings: ProcessorSettings, rules: RuleSet | None = None) -> None:
+        """Use ``settings`` (and ``rules``, when given) from the next batch on; a batch in flight
+        keeps the old ones. A new interval takes effect at once."""
+        self._settings = settings
+        if rules is not None:
+            self._rules = rules
+        self._batch_limit = self._limit_for(self._rules)
+        self._interval = settings.interval
+        self._nudge.set()
+        log.info("processor reconfigured rules=%d batch_limit=%d", len(self._rules), self._batch_limit)
 
     def _limit_for(self, rules: RuleSet) -> int:
         """Messages to claim per batch: fewer when scripts could otherwise outlast the lease.
@@ -165,13 +177,6 @@ class Processor:
             )
         rounds = max(1, int(budget // worst))
         return max(1, min(s.batch_size, rounds * _SCRIPTS_AT_ONCE))
-
-    def set_interval(self, seconds: float) -> None:
-        """Change the idle interval; takes effect at once."""
-        if not seconds > 0:
-            raise ValueError("interval must be > 0")
-        self._interval = seconds
-        self._nudge.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Process until cancelled: at every nudge and every interval, drain the backlog.
@@ -239,14 +244,16 @@ class Processor:
                 failures.append(self._failure(w, now))
         publishes = self._publishes(done)
         stored = await self._store.complete(self.owner, processed, failures, new_events, publishes)
+        if len(stored) < len(work):
+            log.warning("lease lost for some messages claimed=%d still_ours=%d", len(work), len(stored))
         metrics.PROCESSOR_PROCESSED.inc(len(processed))
         self.processed += len(processed)
-        for kind, count in Counter(ev.type for ev in stored).items():
+        # Keyed in the order given (claim order), so this is id order: events were appended in turn.
+        appended = [ev for mine in stored.values() for ev in mine]
+        for kind, count in Counter(ev.type for ev in appended).items():
             metrics.EVENTS_APPENDED.labels(kind).inc(count)
-        if stored and self._on_committed is not None:
-            self._on_committed(stored)
-        if stored and self._on_events is not None:
-            self._on_events()
+        if appended and self._on_committed is not None:
+            self._on_committed(appended)
         if publishes is not None and self._on_outbox is not None:
             self._on_outbox()
 
@@ -338,22 +345,24 @@ class Processor:
         )
         return Failure(m.id, error, now + timedelta(seconds=delay))
 
-    def _publishes(self, done: list[_Work]) -> PublishBuilder | None:
+    def _publishes(self, done: list[_Work]) -> CompletionPublishes | None:
         """The outbox rows of a batch, built inside the commit from the events it appended (so
         each payload carries its event id); None when no rule publishes."""
         if not any(isinstance(p.action, MqttAction) for w in done for p in w.planned):
             return None
 
-        def build(stored: list[Event]) -> list[NewPublish]:
-            ids = _event_ids(done, stored)
+        def build(stored: EventsByMessage) -> list[NewPublish]:
             out: list[NewPublish] = []
             for w in done:
-                mine = ids.get(w.message.id)
+                mine = stored.get(w.message.id)
+                if mine is None:
+                    continue  # lease lost: another processor has the message now
+                ids = _event_ids(w, mine)
                 for p in w.planned:
                     action = p.action
                     if not isinstance(action, MqttAction):
                         continue
-                    event_id = None if mine is None else mine.get(p.rule, mine.get(None))
+                    event_id = ids.get(p.rule, ids.get(None))
                     try:
                         if action.payload is None:
                             payload = action.render(
@@ -399,36 +408,14 @@ class Processor:
             await prune_expired(self._store, self._retention, datetime.now(UTC))
 
 
-def _event_ids(done: list[_Work], stored: list[Event]) -> dict[int, dict[str | None, int]]:
-    """Map message id → {rule: first event id of that rule, None: first event id of the message}.
+def _event_ids(w: _Work, stored: list[Event]) -> dict[str | None, int]:
+    """{rule: the id of its first event, None: the id of the message's first event}.
 
-    The store returns the appended events in the order given, leaving out those of messages whose
-    lease was lost; so the planned events are matched in order, by content when some are missing.
+    ``stored`` is what the store appended for ``w.message``: all of its planned events, in order.
     """
-    out: dict[int, dict[str | None, int]] = {}
-    planned = sum(len(w.events) for w in done)
-    if planned == len(stored):
-        # Every event was stored, in order: take their ids one by one.
-        j = 0
-        for w in done:
-            if w.events:
-                ids: dict[str | None, int] = {None: stored[j].id}
-                for rule, _ in w.events:
-                    ids.setdefault(rule.rule, stored[j].id)
-                    j += 1
-                out[w.message.id] = ids
-        return out
-    log.warning("lease lost for some messages planned_events=%d stored=%d", planned, len(stored))
-    j = 0
-    for w in done:
-        for p, new in w.events:
-            if j >= len(stored):
-                return out
-            ev = stored[j]
-            if (ev.type, ev.device_id, ev.data) != (new.type, new.device_id, new.data):
-                continue
-            j += 1
-            found = out.setdefault(w.message.id, {})
-            found.setdefault(p.rule, ev.id)
-            found.setdefault(None, ev.id)
-    return out
+    if len(stored) != len(w.events):
+        raise StoreCorrupt(f"message {w.message.id}: {len(w.events)} events planned, {len(stored)} stored")
+    ids: dict[str | None, int] = {None: stored[0].id} if stored else {}
+    for (p, _), ev in zip(w.events, stored, strict=True):
+        ids.setdefault(p.rule, ev.id)
+    return ids

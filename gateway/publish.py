@@ -110,6 +110,11 @@ class OutboxPublisher:
         self.refused = 0
         self.dead = 0
 
+    def reconfigure(self, settings: MqttSettings) -> None:
+        """Use ``settings`` (in-flight window, lease, retry policy) from the next batch on; the
+        lease owner stays (it names rows already leased)."""
+        self.settings = settings
+
     def wake(self) -> None:
         """New rows were committed (or room freed): look at the outbox now."""
         self._wake.set()

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
@@ -36,6 +36,9 @@ from gateway.errors import ConfigError
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 
 DEFAULT_DATABASE_URL = "sqlite:///data/gateway.db"
+
+Apply = Literal["live", "restart", "process"]
+"""How a changed setting applies on reload (see ``_Component``)."""
 
 
 def default_client_id(database_url: str, hostname: str | None = None) -> str:
@@ -64,9 +67,43 @@ def default_client_id(database_url: str, hostname: str | None = None) -> str:
 
 
 class _Component(BaseSettings):
-    """Base for component settings: values come only from the mapping we pass in."""
+    """Base for component settings: values come only from the mapping we pass in.
+
+    How a changed field applies on reload (``Gateway.reload`` derives its result from these marks):
+
+    - ``LIVE``: the component's ``reconfigure()`` applies it in place (no restart);
+    - otherwise, when ``RESTARTS`` is true and the field is not in ``FIXED``, the component is
+      restarted in place with the new value (``restarted``);
+    - otherwise the change waits for the next start of the process (``requires_restart``).
+    """
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    LIVE: ClassVar[frozenset[str]] = frozenset()
+    RESTARTS: ClassVar[bool] = False
+    FIXED: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unknown = (cls.LIVE | cls.FIXED) - set(cls.model_fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: LIVE or FIXED names no field: {sorted(unknown)}")
+
+    @classmethod
+    def applied(cls, variables: Iterable[str]) -> set[Apply]:
+        """How a change of ``variables`` (this model's) applies: ``live``, ``restart``, ``process``."""
+        modes: set[Apply] = set()
+        by_alias = {str(info.alias): name for name, info in cls.model_fields.items()}
+        for variable in variables:
+            name = by_alias[variable]
+            if name in cls.LIVE:
+                modes.add("live")
+            elif cls.RESTARTS and name not in cls.FIXED:
+                modes.add("restart")
+            else:
+                modes.add("process")
+        return modes
 
     @classmethod
     def settings_customise_sources(
@@ -126,6 +163,9 @@ class DatabaseSettings(_Component):
 
 class MqttSettings(_Component):
     """Broker connection, subscription and delivery."""
+
+    RESTARTS = True  # the bridge reconnects with the new settings; the outbox reads them per batch
+    FIXED = frozenset({"outbound_queue"})  # the queue is made once, with the bridge
 
     url: str = Field("mqtt://127.0.0.1:1883", alias="MQTT_URL")
     username: str | None = Field(None, alias="MQTT_USERNAME")
@@ -218,6 +258,12 @@ class MqttSettings(_Component):
             return f"$share/{self.share_group}/{self.subscribe_topic}"
         return self.subscribe_topic
 
+    @property
+    def leaves_on_stop(self) -> bool:
+        """MQTT 5 with ``MQTT_SESSION_EXPIRY=0``: the session ends at the disconnect, so a
+        graceful stop first unsubscribes and drains (nothing in flight dies with the session)."""
+        return self.protocol == "5" and self.session_expiry == 0
+
 
 class ApiKey(BaseModel):
     """One ``API_KEYS`` entry: a name, a role and the SHA-256 of the key (never the key)."""
@@ -231,6 +277,9 @@ class ApiKey(BaseModel):
 
 class HttpSettings(_Component):
     """The REST API, SSE and dashboard server."""
+
+    # Read on every request; the listener and the SSE limits are set up once.
+    LIVE = frozenset({"api_keys", "rate_limit", "cors_origins", "max_body", "trusted_proxies"})
 
     host: str = Field("127.0.0.1", alias="HTTP_HOST")
     port: int = Field(8080, ge=0, le=65535, alias="HTTP_PORT")
@@ -311,6 +360,8 @@ class HttpSettings(_Component):
 class IngestSettings(_Component):
     """Batching between the broker and the database."""
 
+    LIVE = frozenset({"batch_size", "flush_ms", "max_payload"})  # channel_size: the group builds the channel
+
     batch_size: int = Field(500, ge=1, le=10000, alias="INGEST_BATCH_SIZE")
     flush_ms: float = Field(5.0, ge=0, le=10000, alias="INGEST_FLUSH_MS")
     max_payload: int = Field(65536, ge=64, alias="INGEST_MAX_PAYLOAD")
@@ -319,6 +370,22 @@ class IngestSettings(_Component):
 
 class ProcessorSettings(_Component):
     """The processor loop, its rules and retry policy."""
+
+    # Applied from the next batch on (the rules file is read again at every reload); the backoff
+    # while the database is down keeps its RETRY bounds until the processor restarts.
+    LIVE = frozenset(
+        {
+            "interval",
+            "batch_size",
+            "lease_seconds",
+            "max_attempts",
+            "retry_min",
+            "retry_max",
+            "script_timeout",
+            "coalesce_ms",
+            "rules_file",
+        }
+    )
 
     interval: float = Field(1.0, gt=0, le=3600, alias="PROCESSOR_INTERVAL")
     batch_size: int = Field(500, ge=1, le=10000, alias="PROCESSOR_BATCH_SIZE")
@@ -333,6 +400,8 @@ class ProcessorSettings(_Component):
 
 class LogSettings(_Component):
     """Logging to a rotating file and stderr."""
+
+    LIVE = frozenset({"file", "level", "max_bytes", "backup_count", "format"})  # handlers are replaced
 
     file: Path | None = Field(Path("logs/server.log"), alias="LOG_FILE")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", alias="LOG_LEVEL")
@@ -398,6 +467,36 @@ class Settings(BaseModel):
     def masked(self) -> dict[str, str]:
         """Every variable with its effective value, secrets shown as ``**********``."""
         return {variable: _show(value, field_name) for variable, field_name, value in self.values()}
+
+    def diff(self, other: Settings) -> dict[str, list[str]]:
+        """The variables whose value differs in ``other``, by component (sorted; unchanged
+        components left out). Secrets are compared unmasked; only names are returned, never a value."""
+        out: dict[str, list[str]] = {}
+        for name in self.COMPONENTS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            changed = sorted(
+                str(info.alias)
+                for field_name, info in type(mine).model_fields.items()
+                if _raw(getattr(mine, field_name)) != _raw(getattr(theirs, field_name))
+            )
+            if changed:
+                out[name] = changed
+        return out
+
+
+def _raw(value: Any) -> Any:
+    """A comparable form of a setting (a secret unmasked: compared, never shown)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Literal secret values for the log filter (it masks long ones wherever they appear)."""
+    out: list[str] = []
+    if settings.mqtt.password is not None:
+        out.append(settings.mqtt.password.get_secret_value())
+    out += url_secrets(settings.database.url.get_secret_value())
+    out += url_secrets(settings.mqtt.url)
+    return out
 
 
 SECRET_VARIABLES = frozenset({"DATABASE_URL", "MQTT_PASSWORD", "API_KEYS", "SECRETS_KEY"})
@@ -546,4 +645,5 @@ __all__ = [
     "default_client_id",
     "known_variables",
     "load_settings",
+    "secret_values",
 ]

@@ -39,9 +39,10 @@ from urllib.parse import urlsplit
 
 import trio
 
+from gateway.errors import ConfigError, SimulateError
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound, MqttBridge
-from gateway.settings import MqttSettings
+from gateway.settings import MqttSettings, load_settings
 
 INVALID_KINDS: tuple[str, ...] = (
     "bad_json",
@@ -61,9 +62,11 @@ INVALID_KINDS: tuple[str, ...] = (
 
 DEFAULT_TOPIC_TEMPLATE = "sensors/{device_id}/data"
 
+SEQ_RANDOM_RANGE = 1_000_000
+"""Without ``--seq-start`` each device's counter starts somewhere below this, as after a reboot."""
 
-class SimulateError(Exception):
-    """The simulator could not connect or lost its broker connection."""
+PROGRESS_EVERY = 5.0
+"""Seconds between progress lines on stderr (``--progress``; 0 turns them off)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +135,10 @@ class Fleet:
         first_index: int = 1,
         stride: int = 1,
         id_prefix: str = "esp32-sim-",
+        seq_start: int | None = 0,
     ) -> None:
+        """``seq_start``: each device's first ``seq`` is ``seq_start + 1``; None starts each device
+        at its own random point, as a fleet of devices that rebooted at different times would."""
         if devices < 1:
             raise ValueError("devices must be at least 1")
         if not 0.0 <= invalid_ratio <= 1.0:
@@ -149,6 +155,8 @@ class Fleet:
             )
             for i in range(devices)
         ]
+        for dev in self.devices:
+            dev.seq = self.rng.randrange(SEQ_RANDOM_RANGE) if seq_start is None else seq_start
         self._next = 0
         self._count = 0
         self._ts_second = -1
@@ -157,13 +165,16 @@ class Fleet:
     def next_packet(self) -> Outgoing:
         """The next packet of the next device in turn."""
         dev = self.devices[self._next]
-        self._next = (self._next + 1) % len(self.devices)
         k = self._count
         self._count += 1
         invalid = math.floor((k + 1) * self.invalid_ratio) > math.floor(k * self.invalid_ratio)
         if invalid:
+            # The device keeps its turn and sends a good packet next: otherwise, with a device
+            # count that is a multiple of 1/ratio, the same device would send every bad packet
+            # and never a good one (20 devices at 5 % would show 19 on a dashboard).
             kind = self.rng.choice(INVALID_KINDS)
             return Outgoing(dev.device_id, None, _invalid_payload(dev, kind, self.rng), False, kind)
+        self._next = (self._next + 1) % len(self.devices)
         dev.step(self.rng)
         dev.seq += 1
         return Outgoing(dev.device_id, dev.seq, self._valid_payload(dev), True, "ok")
@@ -343,6 +354,8 @@ class SimOptions:
     first_index: int = 1
     stride: int = 1
     device_prefix: str = "esp32-sim-"
+    seq_start: int | None = None
+    progress: float = 0.0  # seconds between progress lines on stderr; 0: none
 
 
 @dataclass
@@ -395,26 +408,17 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
         first_index=opts.first_index,
         stride=opts.stride,
         id_prefix=opts.device_prefix,
+        seq_start=opts.seq_start,
     )
     topics = {d.device_id: opts.topic_template.format(device_id=d.device_id) for d in fleet.devices}
     summary = Summary(offered_rate=opts.rate)
     total = max(0, round(opts.rate * opts.duration))
-    latencies = summary.latencies_ms
-    all_answered = trio.Event()
-    sending_done = False
-
-    def on_done(sent_ns: int, refusal: str | None) -> None:
-        if refusal is not None:
-            summary.nacked += 1
-        else:
-            summary.acked += 1
-            latencies.append((time.perf_counter_ns() - sent_ns) / 1e6)
-        if sending_done and summary.acked + summary.nacked >= summary.sent:
-            all_answered.set()
-
-    records: list[str] = []
-    async with open_link(opts.link) as link:
+    answers = _Answers(summary)
+    records: list[str] | None = [] if record is not None else None
+    async with open_link(opts.link) as link, trio.open_nursery() as nursery:
         t0 = trio.current_time()
+        if opts.progress > 0:
+            nursery.start_soon(_progress, summary, t0, opts.progress)
         sent = 0
         batch = max(1, min(500, int(opts.rate / 200) or 1))
         while sent < total:
@@ -424,39 +428,92 @@ async def simulate(opts: SimOptions, *, record: TextIO | None = None) -> Summary
                 await trio.sleep_until(t0 + sent / opts.rate)
                 continue
             summary.max_lag = max(summary.max_lag, now - t0 - sent / opts.rate)
-            items: list[tuple[str, bytes, Callable[[str | None], None] | None]] = []
-            for _ in range(min(due - sent, batch)):
-                pkt = fleet.next_packet()
-                t_ns = time.time_ns()
-                done = functools.partial(on_done, time.perf_counter_ns()) if opts.qos else None
-                items.append((topics[pkt.device_id], pkt.payload, done))
-                sent += 1
-                if pkt.valid:
-                    summary.valid += 1
-                    if record is not None:
-                        records.append(f"{pkt.device_id} {pkt.seq} {t_ns}\n")
-                else:
-                    summary.invalid += 1
-                    summary.invalid_kinds[pkt.kind] = summary.invalid_kinds.get(pkt.kind, 0) + 1
+            items = _next_items(fleet, topics, min(due - sent, batch), opts.qos, answers, records)
+            sent += len(items)
+            summary.sent = sent
             await link.send_to_many(items, qos=opts.qos)  # encoded and written together
-        summary.sent = sent
         # The last message is due at (n-1)/rate; the window it completes is n/rate long.
         summary.elapsed = max(trio.current_time() - t0, sent / opts.rate)
-        sending_done = True
+        answers.sending_done = True
         with trio.move_on_after(opts.drain_timeout):
-            if opts.qos:
-                if summary.acked + summary.nacked < sent:
-                    await all_answered.wait()
-            else:
-                # QoS 0: until all of it is in the write buffer (the DISCONNECT flushes it).
-                while link.outstanding:  # noqa: ASYNC110 (a poll at the very end of a run)
-                    await trio.sleep(0.01)
+            await _drained(link, opts.qos, answers)
         summary.unacked = sent - summary.acked - summary.nacked if opts.qos else 0
+        nursery.cancel_scope.cancel()
     summary.achieved_rate = summary.sent / summary.elapsed if summary.elapsed > 0 else 0.0
     _fill_percentiles(summary)
     if record is not None:
-        record.writelines(records)
+        record.writelines(records or [])
     return summary
+
+
+class _Answers:
+    """Counts a run's PUBACKs into its summary; ``all_answered`` is set once every sent message
+    was answered (after ``sending_done``)."""
+
+    def __init__(self, summary: Summary) -> None:
+        self.summary = summary
+        self.all_answered = trio.Event()
+        self.sending_done = False
+
+    def on_done(self, sent_ns: int, refusal: str | None) -> None:
+        s = self.summary
+        if refusal is not None:
+            s.nacked += 1
+        else:
+            s.acked += 1
+            s.latencies_ms.append((time.perf_counter_ns() - sent_ns) / 1e6)
+        if self.sending_done and s.acked + s.nacked >= s.sent:
+            self.all_answered.set()
+
+
+def _next_items(
+    fleet: Fleet, topics: dict[str, str], n: int, qos: int, answers: _Answers, records: list[str] | None
+) -> list[tuple[str, bytes, Callable[[str | None], None] | None]]:
+    """The next ``n`` packets of the fleet as (topic, payload, on PUBACK), counted in the summary
+    (and recorded as ``device_id seq publish_time_ns`` when ``records`` is a list)."""
+    summary = answers.summary
+    items: list[tuple[str, bytes, Callable[[str | None], None] | None]] = []
+    for _ in range(n):
+        pkt = fleet.next_packet()
+        t_ns = time.time_ns()
+        done = functools.partial(answers.on_done, time.perf_counter_ns()) if qos else None
+        items.append((topics[pkt.device_id], pkt.payload, done))
+        if pkt.valid:
+            summary.valid += 1
+            if records is not None:
+                records.append(f"{pkt.device_id} {pkt.seq} {t_ns}\n")
+        else:
+            summary.invalid += 1
+            summary.invalid_kinds[pkt.kind] = summary.invalid_kinds.get(pkt.kind, 0) + 1
+    return items
+
+
+async def _drained(link: MqttBridge, qos: int, answers: _Answers) -> None:
+    """Wait until every message sent is answered (QoS 1), or written out (QoS 0)."""
+    s = answers.summary
+    if qos:
+        if s.acked + s.nacked < s.sent:
+            await answers.all_answered.wait()
+    else:
+        # QoS 0: until all of it is in the write buffer (the DISCONNECT flushes it).
+        while link.outstanding:  # noqa: ASYNC110 (a poll at the very end of a run)
+            await trio.sleep(0.01)
+
+
+async def _progress(summary: Summary, t0: float, every: float) -> None:
+    """A line on stderr every ``every`` seconds: what was sent and acknowledged so far, and the rate."""
+    last_t, last_sent = t0, 0
+    while True:
+        await trio.sleep(every)
+        now = trio.current_time()
+        rate = (summary.sent - last_sent) / (now - last_t) if now > last_t else 0.0
+        last_t, last_sent = now, summary.sent
+        print(
+            f"simulate: {now - t0:6.1f} s  sent {summary.sent}  acked {summary.acked}"
+            f"  refused {summary.nacked}  {rate:,.0f} msg/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _fill_percentiles(summary: Summary) -> None:
@@ -477,18 +534,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_non_negative_float, default=10.0, help="seconds to publish (10)")
     parser.add_argument("--invalid-ratio", type=_ratio, default=0.0, help="share of malformed, 0-1 (0)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (1)")
-    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (5)")
+    parser.add_argument(
+        "--protocol", choices=("5", "3.1.1"), default=None, help="MQTT version (default: MQTT_PROTOCOL)"
+    )
+    parser.add_argument(
+        "--env-file",
+        default=None,
+        help="take the broker options not given here from this file, as `gateway serve` does (default: ./.env)",
+    )
     parser.add_argument(
         "--url",
-        default=os.environ.get("MQTT_URL", "mqtt://127.0.0.1:1883"),
-        help="broker, mqtt:// or mqtts:// (default: $MQTT_URL or mqtt://127.0.0.1:1883)",
+        default=None,
+        help="broker, mqtt:// or mqtts:// (default: MQTT_URL from the environment or .env, else mqtt://127.0.0.1:1883)",
     )
-    parser.add_argument("--topic-template", default=DEFAULT_TOPIC_TEMPLATE, help="per device topic")
-    parser.add_argument("--ca-file", help="CA bundle to verify the broker (TLS)")
-    parser.add_argument("--cert-file", help="client certificate (TLS)")
-    parser.add_argument("--key-file", help="client key (TLS)")
-    parser.add_argument("--username", default=os.environ.get("MQTT_USERNAME"), help="broker user name")
-    parser.add_argument("--password", default=os.environ.get("MQTT_PASSWORD"), help="broker password")
+    parser.add_argument(
+        "--topic-template",
+        default=DEFAULT_TOPIC_TEMPLATE,
+        help="each device's topic; {device_id} is replaced by the device's id (default: %(default)s)",
+    )
+    parser.add_argument("--ca-file", help="CA bundle to verify the broker (TLS; default: MQTT_CA_FILE)")
+    parser.add_argument("--cert-file", help="client certificate (TLS; default: MQTT_CERT_FILE)")
+    parser.add_argument("--key-file", help="client key (TLS; default: MQTT_KEY_FILE)")
+    parser.add_argument("--username", default=None, help="broker user name (default: MQTT_USERNAME)")
+    parser.add_argument(
+        "--password", default=None, help="broker password (default: MQTT_PASSWORD; prefer that: argv is visible to ps)"
+    )
     parser.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
     parser.add_argument(
         "--device-prefix",
@@ -497,6 +567,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device ids are PREFIX0001, PREFIX0002, ... (esp32-sim-)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for repeatable runs")
+    parser.add_argument(
+        "--seq-start",
+        type=_non_negative_int,
+        default=None,
+        help="first seq of every device is N+1 (default: a random point per device, as after a reboot)",
+    )
+    parser.add_argument(
+        "--progress",
+        type=_non_negative_float,
+        default=PROGRESS_EVERY,
+        metavar="SECONDS",
+        help="a progress line on stderr every SECONDS: sent, acked, rate (default %(default)s; 0: none)",
+    )
     parser.add_argument(
         "--drain-timeout",
         type=_non_negative_float,
@@ -512,6 +595,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the simulator from parsed arguments; print the summary. Returns the exit code."""
     try:
+        _broker_defaults(args)
         multi = args.processes > 1 and args.worker is None
         summary = _run_processes(args) if multi else _run_one(args)
     except SimulateError as exc:
@@ -526,6 +610,27 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(_human(summary))
     return 0 if summary.sent else 1 if round(args.rate * args.duration) else 0
+
+
+def _broker_defaults(args: argparse.Namespace) -> None:
+    """Fill the broker options not given on the command line from the gateway's own configuration
+    (the environment over ``--env-file`` or ``./.env``, read as ``gateway serve`` reads it), so the
+    simulator reaches the broker the gateway uses without repeating its URL or credentials."""
+    try:
+        mqtt = load_settings(args.env_file if args.env_file else ".env").mqtt
+    except ConfigError as exc:
+        if args.env_file:
+            raise SimulateError(f"configuration error: {exc}") from None
+        print(f"gateway simulate: ignoring ./.env ({exc}); using the built-in broker defaults", file=sys.stderr)
+        mqtt = MqttSettings.model_validate({})
+    args.url = args.url or mqtt.url
+    args.protocol = args.protocol or mqtt.protocol
+    args.username = args.username or mqtt.username
+    if args.password is None and mqtt.password is not None:
+        args.password = mqtt.password.get_secret_value()
+    for opt in ("ca_file", "cert_file", "key_file"):
+        if getattr(args, opt) is None and getattr(mqtt, opt) is not None:
+            setattr(args, opt, str(getattr(mqtt, opt)))
 
 
 def _run_one(args: argparse.Namespace) -> Summary:
@@ -545,6 +650,9 @@ def _run_one(args: argparse.Namespace) -> Summary:
         first_index=1 + index,
         stride=count,
         device_prefix=args.device_prefix,
+        seq_start=args.seq_start,
+        # Workers of a multi-process run stay quiet: their parent prints the merged summary.
+        progress=0.0 if args.worker is not None or args.json else args.progress,
         link=LinkOptions(
             url=args.url,
             protocol=args.protocol,
@@ -572,7 +680,9 @@ def _run_processes(args: argparse.Namespace) -> Summary:
         cmd = [sys.executable, "-m", "gateway.simulate", *argv, "--worker", f"{i}/{count}"]
         if rec:
             cmd += ["--record", rec]
-        procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), rec))
+        # The password goes through the environment, never argv (visible to every user in ps).
+        env = {**os.environ, "MQTT_PASSWORD": args.password} if args.password else None
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env), rec))
     merged = Summary(offered_rate=args.rate, processes=count)
     errors = []
     for proc, _ in procs:
@@ -625,7 +735,7 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
         "--drain-timeout",
         str(args.drain_timeout),
     ]
-    for opt in ("ca_file", "cert_file", "key_file", "username", "password", "seed"):
+    for opt in ("ca_file", "cert_file", "key_file", "username", "seed", "seq_start"):
         value = getattr(args, opt)
         if value is not None:
             argv += ["--" + opt.replace("_", "-"), str(value)]
@@ -654,6 +764,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 

@@ -27,7 +27,8 @@ def framed(event: Event) -> Event:
     """``event`` carrying its SSE frame (built once, then written to every subscriber)."""
     if event.frame is not None:
         return event
-    return Event(event.id, event.type, event.data, event.created_at, event.device_id, event.json, encode_event(event))
+    e = event
+    return Event(e.id, e.type, e.data, e.created_at, e.device_id, e.json, encode_event(e), e.message_id)
 
 
 def encode_comment(text: str = "") -> bytes:

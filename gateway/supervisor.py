@@ -30,6 +30,7 @@ import trio
 
 from gateway import metrics
 from gateway.backoff import Backoff
+from gateway.errors import ComponentExited
 from gateway.settings import SupervisorSettings
 
 log = logging.getLogger("gateway.supervisor")
@@ -41,14 +42,6 @@ class Component:
 
     name: str
     run: Callable[..., Awaitable[None]]
-
-
-class ComponentExited(RuntimeError):
-    """A component's ``run()`` returned although nobody cancelled it."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"component {name!r} exited unexpectedly")
-        self.name = name
 
 
 def restart_backoff(settings: SupervisorSettings, rng: random.Random | None = None) -> Backoff:

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -112,6 +112,24 @@ class Notifier:
         while True:
             self.watchdog()
             await trio.sleep(interval)
+
+    async def run_status(
+        self,
+        status: Callable[[], str],
+        *,
+        every: float = 1.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send ``status()`` as the ``STATUS=`` line whenever it changes, looking every ``every``
+        seconds. Runs until cancelled."""
+        task_status.started()
+        last = ""
+        while True:
+            text = status()
+            if text != last:
+                self.status(text)
+                last = text
+            await trio.sleep(every)
 
     def close(self) -> None:
         """Close the socket (it is reopened on the next send)."""

@@ -21,9 +21,9 @@ from prometheus_client import REGISTRY
 from gateway import metrics
 from gateway.alerts import Alerts, AlertState, AlertThresholds, disk_free_ratios, disk_paths_for
 from gateway.errors import MqttUnavailable, StoreUnavailable
-from gateway.health import Health
+from gateway.health import ComponentHealth, Health
 from gateway.settings import load_settings
-from gateway.store.base import Backlog, Event, NewEvent, PublishBuilder, StoreHealth
+from gateway.store.base import Backlog, Event, NewEvent, PublishBuilder
 
 EPOCH = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 
@@ -37,7 +37,7 @@ class FakeStore:
     kind = "fake"
 
     def __init__(self) -> None:
-        self.health = StoreHealth(state="ok")
+        self.health = ComponentHealth("database", state="ok")
         self.events: list[Event] = []
         self.down = False
         self.broken: Exception | None = None

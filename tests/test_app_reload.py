@@ -1,6 +1,6 @@
 """Reloading the configuration of a running gateway (``GET /api/v1/rereadenv``), in process.
 
-Real broker, real store (both dialects), real HTTP: the whole :class:`gateway.app.Gateway`.
+Real broker, real store (both dialects), real HTTP: the whole gateway (:func:`gateway.app.build`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import trio
 
 from gateway import metrics
-from gateway.app import Gateway
+from gateway.app import build
 from gateway.settings import DatabaseSettings, load_settings
 from gateway.store import open_store
 from gateway.store.base import NewMessage, NewReject
@@ -55,7 +55,7 @@ async def test_reload_applies_ingest_settings_to_the_held_batch_and_strands_noth
             return out
 
         store.write_batch = recording_write  # type: ignore[method-assign]  # records, then the real write
-        gw = Gateway(settings, str(env_file), store)
+        gw = build(settings, store, env_file=str(env_file))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(gw.run)
             api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": admin}, timeout=10)

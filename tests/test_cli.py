@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GATEWAY = [sys.executable, "-m", "gateway"]
 
 
@@ -79,3 +81,78 @@ def test_check_config_masks_ambiguous_and_query_passwords(tmp_path: Path) -> Non
         assert leak not in out
     assert "postgresql://gw:**********@db.example:5432/gw?sslmode=require&password=**********" in out
     assert "mqtt://dev:**********@broker.example:1883" in out
+
+
+def test_migrate_and_status(tmp_path: Path) -> None:
+    """``gateway migrate`` applies what is pending, once; ``--status`` lists every migration."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/gw.db"}
+    res = _run(["migrate", "--status"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines and lines[0].startswith("0001_initial") and all(line.endswith("pending") for line in lines)
+    res = _run(["migrate"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"applied  {line.split()[0]}" for line in lines]
+    res = _run(["migrate"], tmp_path, env)
+    assert res.returncode == 0 and res.stdout == "nothing to apply: the schema is up to date\n"
+    res = _run(["migrate", "--status"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()] == [line.split()[0] for line in lines]
+    assert all(" applied 20" in line for line in res.stdout.splitlines())
+
+
+def test_migrate_database_unavailable_exits_1(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "DATABASE_CONNECT_TIMEOUT": "2"}
+    for cmd in (["migrate"], ["migrate", "--status"]):
+        res = _run(cmd, tmp_path, env)
+        assert res.returncode == 1, (cmd, res.stdout, res.stderr)
+        assert "database unavailable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_apikey_new_prints_the_whole_api_keys_line_with_the_existing_entries(tmp_path: Path) -> None:
+    import hashlib
+
+    res = _run(["apikey", "new", "--name", "me", "--role", "admin"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(maxsplit=1) for line in res.stdout.splitlines() if line.startswith(("key:", "entry:")))
+    key, entry = lines["key:"], lines["entry:"]
+    assert entry == f"me:admin:{hashlib.sha256(key.encode()).hexdigest()}"
+    assert f"API_KEYS={entry}" in res.stdout.splitlines()
+    assert "append the API_KEYS line to .env" in res.stderr
+    # With keys already in .env, the line to paste keeps them.
+    (tmp_path / ".env").write_text(f"API_KEYS=old:read:{'0' * 64}\n")
+    res = _run(["apikey", "new", "--name", "ci", "--role", "read"], tmp_path)
+    line = next(x for x in res.stdout.splitlines() if x.startswith("API_KEYS="))
+    assert line.startswith(f"API_KEYS=old:read:{'0' * 64},ci:read:")
+    assert "replace the API_KEYS line in .env" in res.stderr
+    # The pasted line is accepted by the gateway's own configuration check.
+    (tmp_path / ".env").write_text(line + "\n")
+    assert _run(["check-config"], tmp_path).returncode == 0
+    bad = _run(["apikey", "new", "--name", "no spaces", "--role", "read"], tmp_path)
+    assert bad.returncode == 2 and "name must be" in bad.stderr
+
+
+def test_check_config_lists_the_secrets_key_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SECRETS_KEY_FILE=/etc/gateway/secrets.key\n")
+    res = _run(["check-config"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert any(line.split() == ["SECRETS_KEY_FILE", "/etc/gateway/secrets.key"] for line in res.stdout.splitlines())
+
+
+def test_a_missing_sqlite_directory_is_created_with_a_warning_and_check_config_shows_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from gateway.cli import _make_sqlite_dir
+
+    with caplog.at_level(logging.WARNING, logger="gateway.cli"):
+        _make_sqlite_dir(tmp_path / "new" / "gateway.db")
+        _make_sqlite_dir(tmp_path / "new" / "gateway.db")  # exists now: nothing said
+    assert (tmp_path / "new").is_dir()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"creating the database directory {tmp_path / 'new'} (DATABASE_URL path {tmp_path / 'new' / 'gateway.db'}"
+        " is absolute)"
+    ]
+    res = _run(["check-config"], tmp_path, env={"DATABASE_URL": "sqlite:///data/gw.db"})
+    assert f"(file {tmp_path.resolve() / 'data' / 'gw.db'}, directory missing)" in res.stdout

@@ -239,9 +239,9 @@ async def test_messages_cache_etag_and_invalidation(api: ApiServer) -> None:
         first = await c.get("/api/v1/messages")
         etag = first.headers["etag"]
         assert first.headers["cache-control"] == "private, no-cache"
-        hits = api.ctx.live.hits
+        hits = api.ctx.pages.hits
         second = await c.get("/api/v1/messages")
-        assert second.content == first.content and api.ctx.live.hits == hits + 1
+        assert second.content == first.content and api.ctx.pages.hits == hits + 1
         r304 = await c.get("/api/v1/messages", headers={"If-None-Match": etag})
         assert r304.status_code == 304 and r304.content == b"" and r304.headers["etag"] == etag
         async with api.client("write") as w:

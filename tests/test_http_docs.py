@@ -3,10 +3,12 @@ served with the right content type, and the CSP allows nothing from elsewhere.""
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlsplit
 
+from gateway.errors import ProblemCode
 from gateway.http.docs import DOCS_ASSET_VERSION
 from tests.support.http import ApiServer
 
@@ -61,3 +63,34 @@ def test_vendored_build_is_pinned_with_its_licence() -> None:
     assert f"swagger-ui-dist {DOCS_ASSET_VERSION}" in root.joinpath("VERSION").read_text()
     assert "Apache License" in root.joinpath("LICENSE").read_text()
     assert root.joinpath("NOTICE").is_file()
+
+
+async def test_openapi_problem_lists_the_stable_codes(api: ApiServer) -> None:
+    """``Problem.code`` is the enum of every code the API answers with (from ProblemCode), and the
+    members some codes add are described; every error response of every operation refers to it."""
+    async with api.client() as c:
+        spec = (await c.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    problem = schemas["Problem"]
+    code = problem["properties"]["code"]
+    assert code["$ref"] == "#/components/schemas/ProblemCode"
+    assert schemas["ProblemCode"]["enum"] == [c.value for c in ProblemCode]
+    assert "| `query_timeout` | 503 |" in code["description"]  # the table of codes and statuses
+    for member in ("errors", "reason", "parameter", "variable", "limit"):
+        assert problem["properties"][member]["description"], member
+    assert schemas["FieldError"]["required"] == ["loc", "msg", "type"]
+    assert "``" not in json.dumps(problem) + json.dumps(schemas["ProblemCode"])  # Markdown, not reST
+    refs = {
+        (path, method, status): response["content"].get("application/problem+json", {}).get("schema")
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        for status, response in op["responses"].items()
+        if int(status) >= 400
+    }
+    del refs["/api/v1/ping", "get", "503"]  # a Ping body: "starting"
+    assert len(refs) > 20 and all(r == {"$ref": "#/components/schemas/Problem"} for r in refs.values()), refs
+    # Each error response names the codes the operation answers with at that status.
+    events, messages = spec["paths"]["/api/v1/events"]["get"], spec["paths"]["/api/v1/messages"]["get"]
+    assert events["responses"]["429"]["description"] == "Too many requests: `too_many_streams`, `rate_limited`"
+    assert messages["responses"]["503"]["description"].endswith(": `db_unavailable`, `query_timeout`")
+    assert messages["responses"]["401"]["description"].endswith(": `auth_missing`, `auth_invalid`")

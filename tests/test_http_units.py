@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 
 from gateway.http import cache
-from gateway.http.cache import LiveView
+from gateway.http.cache import PageCache
 
 
-def test_cache_generation_ttl_and_latest() -> None:
-    live = LiveView(ttl=1000.0, max_entries=2)
+def test_cache_generation_ttl_and_bound() -> None:
+    live = PageCache(ttl=1000.0, max_entries=2)
     gen = live.generation
     cached = live.put("q1", gen, b"body")
     assert live.get("q1") == cached and cached.etag.startswith('"')
-    live.stored([{"device_id": "d1", "seq": 1}, {"device_id": "d1", "seq": 2}, {"device_id": "d0"}])
-    assert live.get("q1") is None  # a commit invalidates
-    assert live.latest() == {"d0": {"device_id": "d0"}, "d1": {"device_id": "d1", "seq": 2}}
+    live.clear()
+    assert live.get("q1") is None  # an API commit drops every page
     # A page read before a commit is not cached after it (it may be stale).
     old = live.generation
     live.invalidate()
@@ -24,7 +23,7 @@ def test_cache_generation_ttl_and_latest() -> None:
     for k in ("a", "b", "c"):
         live.put(k, live.generation, k.encode())
     assert live.get("a") is None and live.get("c") is not None  # bounded, oldest evicted
-    expired = LiveView(ttl=0.0)
+    expired = PageCache(ttl=0.0)
     expired.put("q", expired.generation, b"x")
     assert expired.get("q") is None
 
@@ -40,7 +39,7 @@ class _Clock:
 def test_ingest_commits_hide_rows_at_most_max_stale(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
     monkeypatch.setattr(cache, "time", clock)
-    live = LiveView(ttl=10.0, max_stale=0.5)
+    live = PageCache(ttl=10.0, max_stale=0.5)
     live.put("q", live.generation, b"page")
     live.invalidate()  # an ingest commit: the page may lag it, but for 0.5 s at most
     clock.now += 0.4
@@ -65,7 +64,7 @@ def test_ingest_commits_hide_rows_at_most_max_stale(monkeypatch: pytest.MonkeyPa
 def test_a_read_begun_before_a_commit_is_cached_only_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
     monkeypatch.setattr(cache, "time", clock)
-    live = LiveView(ttl=10.0, max_stale=0.5)
+    live = PageCache(ttl=10.0, max_stale=0.5)
     build = live.begin("q")
     live.invalidate()  # committed while the page was read: it may miss that row
     clock.now += 0.2
@@ -76,12 +75,10 @@ def test_a_read_begun_before_a_commit_is_cached_only_within_the_bound(monkeypatc
     assert live.get("q") is None
     # An API write (clear) during a read: that page is never cached (read-your-writes).
     build = live.begin("q")
-    live.stored([{"device_id": "d"}])
+    live.clear()
     live.put("q", build.generation, b"b", started=build.started)
     live.end("q", build)
-    assert live.get("q") is None and live.devices == 1
-    # remember() records devices without touching pages.
+    assert live.get("q") is None
     clock.now += 0.01
     live.put("q", live.generation, b"c")
-    live.remember([{"device_id": "e"}])
-    assert live.get("q") is not None and live.devices == 2
+    assert live.get("q") is not None

@@ -354,7 +354,7 @@ async def test_two_instances_processing_subscriber_reconnects_exactly_once(pg_ur
                     ComponentHealth(f"p{i}"),
                     instance_id=f"inst-{i}",
                     rules=None,
-                    on_events=hub.notify if st is a else None,
+                    on_committed=hub.committed if st is a else None,
                 )
                 await nursery.start(proc.run)
             for start in range(0, total, 500):

@@ -113,8 +113,7 @@ def test_library_loggers_are_redacted_too(tmp_path: Path) -> None:
 
 
 def test_a_short_password_is_masked_as_a_password_not_as_a_word(tmp_path: Path) -> None:
-    from gateway.app import secret_values
-    from gateway.settings import load_settings
+    from gateway.settings import load_settings, secret_values
 
     s = load_settings(None, environ={"DATABASE_URL": "postgresql://postgres:postgres@localhost/postgres"})
     setup_logging(_settings(tmp_path), secrets=secret_values(s), stderr=False)

@@ -107,21 +107,22 @@ async def test_pg_concurrent_migrators(pg_url: str) -> None:
             nursery.start_soon(one)
     applied = [m.version for r in results for m in r]
     assert sorted(applied) == [f.version for f in migrate.load_migrations("postgres")]
-    status = await migrate.migration_status(db_settings(pg_url))
+    async with open_store(db_settings(pg_url)) as store:
+        status = await store.migration_status()
     assert all(m.applied_at is not None for m in status)
 
 
 async def test_same_names_in_both_dialects(pg_url: str, tmp_path: Path) -> None:
     """Operators query either database with the same table and column names."""
-    await migrate.migrate(db_settings(pg_url))
     db = tmp_path / "gw.db"
-    await migrate.migrate(db_settings(f"sqlite:///{db}"))
+    for url in (pg_url, f"sqlite:///{db}"):
+        async with open_store(db_settings(url)) as store:
+            await store.migrate()
 
     rows = await trio.to_thread.run_sync(
         psql,
         pg_url,
-        "SELECT table_name || '.' || column_name FROM information_schema.columns"
-        " WHERE table_schema = 'public'",
+        "SELECT table_name || '.' || column_name FROM information_schema.columns WHERE table_schema = 'public'",
     )
     pg_cols = set(rows.split())
     with sqlite3.connect(db) as conn:

@@ -1,4 +1,7 @@
-"""The packet schema's fast path (one ``model_validate_json``) against its slow path (``json.loads``
+"""``gateway.packets``: what a packet may be, why one is refused (a stable ``reason``, field errors
+that never echo the input), the redelivery key and the published JSON Schema.
+
+The schema's fast path (one ``model_validate_json``) against its slow path (``json.loads``
 and ``model_validate``, which names each refusal): on any input the fast path accepts nothing the
 slow path refuses, and what it accepts has the same values and types, so ``parse_packet`` answers
 exactly as the slow path alone did."""
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import PacketInvalid
-from gateway.packets import Packet, _parse_slow, parse_packet
+from gateway.packets import (
+    DEVICE_ID_PATTERN,
+    MAX_PACKET_BYTES,
+    MEASUREMENT_NAME_PATTERN,
+    Packet,
+    _parse_slow,
+    packet_json_schema,
+    parse_packet,
+    validate_packet,
+)
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "60")) * 10  # `just fuzz` runs more
 
@@ -201,3 +214,190 @@ def test_huge_epoch_integer_is_a_schema_error_not_a_crash() -> None:
         parse_packet(raw)
     assert info.value.reason == "schema"
     assert info.value.errors == [{"loc": ["timestamp"], "msg": "epoch time out of range", "type": "value_error"}]
+
+
+# ---- the public behaviour: what a packet may be, the reasons it is refused, the published schema ---
+
+CONTRACT_EXAMPLE = {
+    "device_id": "esp32-kitchen-01",
+    "timestamp": "2026-11-27T09:00:00Z",
+    "seq": 1042,
+    "measurements": {"temperature": 21.5, "humidity": 40.2},
+    "status": "ok",
+    "battery": 87,
+}
+
+
+class _AnyText:
+    """Equal to any non-empty string (a message whose wording may change)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT: Any = _AnyText()
+
+
+def _refusal(obj: Any) -> tuple[str, list[dict[str, Any]]]:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    with pytest.raises(PacketInvalid) as info:
+        parse_packet(raw)
+    exc = info.value
+    assert exc.code == "packet_invalid" and str(exc) == exc.reason  # the API's code, the reject's reason
+    assert exc.errors and all(set(e) == {"loc", "msg", "type"} for e in exc.errors)
+    return exc.reason, exc.errors
+
+
+def test_the_contract_example_is_a_packet() -> None:
+    p = parse_packet(json.dumps(CONTRACT_EXAMPLE))
+    assert (p.device_id, p.seq, p.status, p.battery) == ("esp32-kitchen-01", 1042, "ok", 87)
+    assert p.timestamp == datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+    assert p.measurements == {"temperature": 21.5, "humidity": 40.2}
+    minimal = {k: CONTRACT_EXAMPLE[k] for k in ("device_id", "timestamp", "measurements", "status")}
+    assert parse_packet(json.dumps(minimal)).seq is None and validate_packet(minimal).battery is None
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("2026-11-27T10:00:00+01:00", datetime(2026, 11, 27, 9, 0, tzinfo=UTC)),  # any offset, kept as UTC
+        (1790000000, datetime.fromtimestamp(1790000000, UTC)),  # seconds
+        (1790000000.5, datetime.fromtimestamp(1790000000.5, UTC)),
+        (1790000000123, datetime.fromtimestamp(1790000000.123, UTC)),  # milliseconds: above 1e11
+    ],
+)
+def test_timestamps_rfc3339_with_a_zone_or_epoch(timestamp: Any, expected: datetime) -> None:
+    p = validate_packet({**CONTRACT_EXAMPLE, "timestamp": timestamp})
+    assert p.timestamp == expected and p.timestamp.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "kind"),
+    [
+        ({"timestamp": "2026-11-27T09:00:00"}, ["timestamp"], "value_error"),  # no zone: refused
+        ({"timestamp": -1}, ["timestamp"], "value_error"),
+        ({"timestamp": True}, ["timestamp"], "value_error"),
+        ({"device_id": "bad id"}, ["device_id"], "string_pattern_mismatch"),
+        ({"device_id": "x" * 65}, ["device_id"], "string_pattern_mismatch"),
+        ({"measurements": {}}, ["measurements"], "too_short"),
+        ({"measurements": {f"m{i}": 1 for i in range(65)}}, ["measurements"], "too_long"),
+        ({"measurements": {"bad name": 1}}, ["measurements", "bad name"], "string_pattern_mismatch"),
+        ({"measurements": {"t": "1"}}, ["measurements", "t"], "number_type"),  # not a number
+        ({"status": "fine"}, ["status"], "literal_error"),
+        ({"battery": 101}, ["battery"], "less_than_equal"),
+        ({"battery": -1}, ["battery"], "greater_than_equal"),
+        ({"seq": -1}, ["seq"], "greater_than_equal"),
+        ({"seq": True}, ["seq"], "int_type"),
+        ({"seq": "7"}, ["seq"], "int_type"),
+        ({"firmware": "1.2"}, ["firmware"], "extra_forbidden"),  # unknown keys refused
+        ({"status": None}, ["status"], "literal_error"),
+    ],
+)
+def test_schema_refusals_name_the_field(change: dict[str, Any], loc: list[str], kind: str | None) -> None:
+    reason, errors = _refusal({**CONTRACT_EXAMPLE, **change})
+    assert reason == "schema"
+    assert errors[0]["loc"][: len(loc)] == loc, errors
+    assert kind is None or errors[0]["type"] == kind, errors
+
+
+def test_required_fields_and_the_non_finite_measurement() -> None:
+    for name in ("device_id", "timestamp", "measurements", "status"):
+        packet = {k: v for k, v in CONTRACT_EXAMPLE.items() if k != name}
+        assert _refusal(packet) == ("schema", [{"loc": [name], "msg": "Field required", "type": "missing"}])
+    assert _refusal(b'{"device_id":"a","timestamp":1,"measurements":{"t":1e999},"status":"ok"}')[0] == "schema"
+    assert parse_packet(json.dumps({**CONTRACT_EXAMPLE, "seq": 7450.0})).seq == 7450  # one JSON number type
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff{}", "bad_encoding"),
+        (b"{", "bad_json"),
+        (b'{"device_id":"a","timestamp":1,"measurements":{"t":NaN},"status":"ok"}', "bad_json"),
+        (b"[1]", "not_an_object"),
+        (b'"packet"', "not_an_object"),
+    ],
+)
+def test_refusals_before_the_schema_have_their_own_reason(raw: bytes, reason: str) -> None:
+    assert _refusal(raw) == (reason, [{"loc": [], "msg": ANY_TEXT, "type": reason}])
+
+
+def test_too_large_is_refused_before_it_is_parsed() -> None:
+    assert len(json.dumps(CONTRACT_EXAMPLE)) < MAX_PACKET_BYTES == 64 * 1024
+    with pytest.raises(PacketInvalid) as info:
+        parse_packet(b"{" * 100, max_bytes=99)
+    assert info.value.reason == "too_large"
+    assert info.value.errors == [{"loc": [], "msg": "packet is 100 bytes, the limit is 99", "type": "too_large"}]
+    assert parse_packet(json.dumps(CONTRACT_EXAMPLE).encode() + b" " * 10).device_id  # spaces count, but fit
+
+
+def test_field_errors_never_echo_the_input_and_are_storable() -> None:
+    secret = "value-that-must-not-leak"
+    reason, errors = _refusal({**CONTRACT_EXAMPLE, "device_id": f"{secret} x", "k\x00": secret})
+    text = json.dumps(errors)
+    assert reason == "schema" and secret not in text
+    assert ["k\\x00"] in [e["loc"] for e in errors]  # a NUL written out: storable in PostgreSQL
+    many = {**CONTRACT_EXAMPLE, "measurements": {f"m{i}": "x" for i in range(64)}}
+    assert len(_refusal(many)[1]) == 50  # capped
+
+
+def test_dedupe_key_a_redelivery_is_the_same_packet() -> None:
+    p = validate_packet(CONTRACT_EXAMPLE)
+    assert p.dedupe_key() == "seq:1042@2026-11-27T09:00:00.000000Z"
+    assert validate_packet({**CONTRACT_EXAMPLE, "measurements": {"t": 1}}).dedupe_key() == p.dedupe_key()
+    rebooted = validate_packet({**CONTRACT_EXAMPLE, "timestamp": "2026-11-27T09:05:00Z"})
+    assert rebooted.dedupe_key() != p.dedupe_key()  # a counter restarted after a reboot loses nothing
+    no_seq = {k: v for k, v in CONTRACT_EXAMPLE.items() if k != "seq"}
+    key = validate_packet(no_seq).dedupe_key()
+    assert key.startswith("h:") and len(key) == 34 and validate_packet(dict(no_seq)).dedupe_key() == key
+    assert validate_packet({**no_seq, "battery": 86}).dedupe_key() != key  # derived from the content
+
+
+def test_published_schema_matches_the_model() -> None:
+    schema = packet_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema" and schema["title"] == "Sensor packet"
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"device_id", "timestamp", "measurements", "status"}
+    props = schema["properties"]
+    assert props["device_id"]["pattern"] == DEVICE_ID_PATTERN
+    assert props["status"]["enum"] == ["ok", "warning", "error", "maintenance"]
+    assert {"type": "string", "format": "date-time", "maxLength": 64} in props["timestamp"]["anyOf"]
+    assert props["measurements"]["propertyNames"] == {"pattern": MEASUREMENT_NAME_PATTERN}
+    assert (props["measurements"]["minProperties"], props["measurements"]["maxProperties"]) == (1, 64)
+    assert "patternProperties" not in props["measurements"]  # it would let other names through
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"timestamp": 1790000000123},
+        {"seq": None, "battery": None},
+        {"device_id": "bad id"},
+        {"measurements": {}},
+        {"measurements": {"bad name": 1}},
+        {"measurements": {"t": "1"}},
+        {"status": "fine"},
+        {"battery": 101},
+        {"seq": -1},
+        {"firmware": "1.2"},
+    ],
+)
+def test_the_schema_and_the_parser_agree(change: dict[str, Any]) -> None:
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    packet = {**CONTRACT_EXAMPLE, **change}
+    try:
+        parse_packet(json.dumps(packet))
+        accepted = True
+    except PacketInvalid:
+        accepted = False
+    assert jsonschema_rs.validator_for(packet_json_schema()).is_valid(packet) is accepted
+
+
+def test_a_non_numeric_measurement_is_one_error_not_one_per_union_branch() -> None:
+    reason, errors = _refusal({**CONTRACT_EXAMPLE, "measurements": {"t": "hot", "h": True, "p": 1013.2}})
+    assert reason == "schema"
+    assert errors == [
+        {"loc": ["measurements", "t"], "msg": "must be a number", "type": "number_type"},
+        {"loc": ["measurements", "h"], "msg": "must be a number", "type": "number_type"},
+    ]

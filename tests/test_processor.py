@@ -31,7 +31,16 @@ from gateway.retention import RetentionPolicy
 from gateway.rules import Rule, RuleSet, default_rules, parse_rules
 from gateway.settings import ProcessorSettings
 from gateway.store import open_store
-from gateway.store.base import Event, Failure, NewEvent, NewMessage, PublishBuilder, Store, StoredMessage
+from gateway.store.base import (
+    CompletionPublishes,
+    Event,
+    EventsByMessage,
+    Failure,
+    NewEvent,
+    NewMessage,
+    Store,
+    StoredMessage,
+)
 from gateway.wake import Nudge
 from tests.support.pg import db_settings
 
@@ -56,6 +65,7 @@ class Recorder:
         self.claims: list[tuple[str, list[int], datetime]] = []
         self.completes: list[tuple[str, list[int], list[Failure], datetime]] = []
         self.fail_next = 0
+        self.before_complete: Callable[[], Any] | None = None  # awaited before each complete
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -75,9 +85,11 @@ class Recorder:
         processed: list[int],
         failed: list[Failure],
         events: list[NewEvent],
-        publishes: PublishBuilder | None = None,
-    ) -> list[Event]:
+        publishes: CompletionPublishes | None = None,
+    ) -> EventsByMessage:
         self.completes.append((owner, processed, failed, datetime.now(UTC)))
+        if self.before_complete is not None:
+            await self.before_complete()
         return await self.inner.complete(owner, processed, failed, events, publishes)
 
 
@@ -127,7 +139,7 @@ async def running(processor: Processor) -> AsyncIterator[Processor]:
 
 def make(store: Store, nudge: Nudge | None = None, **kw: Any) -> Processor:
     rules = kw.pop("rules", None)
-    names = ("on_events", "on_outbox", "retention", "prune_every", "stats_every")
+    names = ("on_committed", "on_outbox", "retention", "prune_every", "stats_every")
     extra = {k: kw.pop(k) for k in names if k in kw}
     return Processor(
         settings(**kw),
@@ -175,8 +187,8 @@ async def test_wakes_on_interval_and_at_once_when_nudged(
             nudge.set()
             await wait_until(lambda: all_processed(store, ids), seconds=30, step=0.01)
             assert trio.current_time() - t1 < 0.5
-            # set_interval takes effect at once.
-            proc.set_interval(2.0)
+            # A new interval takes effect at once.
+            proc.reconfigure(settings(interval=2.0))
             t2 = trio.current_time()
             ids = await insert(store, new_messages(1, start=20))
             await wait_until(lambda: all_processed(store, ids), seconds=30, step=0.25)
@@ -242,9 +254,7 @@ def test_retry_delay_grows_and_is_capped() -> None:
             assert 1.0 <= Backoff(1.0, 300.0).delay(attempt - 1) <= cap
 
 
-async def test_store_outage_degrades_and_recovers(
-    tmp_path: Path, idle_jump_clock: trio.testing.MockClock
-) -> None:
+async def test_store_outage_degrades_and_recovers(tmp_path: Path, idle_jump_clock: trio.testing.MockClock) -> None:
     async with sqlite_store(tmp_path) as raw:
         store = Recorder(raw)
         store.fail_next = 3
@@ -261,9 +271,7 @@ async def test_store_outage_degrades_and_recovers(
             assert health.detail["backlog"] == 0
 
 
-async def test_prunes_events_and_reports_backlog(
-    tmp_path: Path, idle_jump_clock: trio.testing.MockClock
-) -> None:
+async def test_prunes_events_and_reports_backlog(tmp_path: Path, idle_jump_clock: trio.testing.MockClock) -> None:
     async with sqlite_store(tmp_path) as store:
         await store.append_events([NewEvent("packet", {"old": True})])
         proc = make(store, interval=1.0, retention=RetentionPolicy(events=0.01), prune_every=1.0)
@@ -281,9 +289,9 @@ async def _no_events(store: Store) -> bool:
 
 
 async def test_default_rules_event_and_publish_carry_event_id(store: Store) -> None:
-    woke: list[int] = []
+    committed: list[Event] = []
     outbox_woken: list[int] = []
-    proc = make(store, on_events=lambda: woke.append(1), on_outbox=lambda: outbox_woken.append(1), batch_size=7)
+    proc = make(store, on_committed=committed.extend, on_outbox=lambda: outbox_woken.append(1), batch_size=7)
     ids = await insert(store, new_messages(20))
     async with running(proc):
         await wait_until(lambda: all_processed(store, ids), seconds=20)
@@ -297,7 +305,8 @@ async def test_default_rules_event_and_publish_carry_event_id(store: Store) -> N
         assert subtopic is None
         assert payload["type"] == "packet" and payload["rule"] == "default"
         assert payload["event_id"] == by_message[payload["data"]["id"]].id
-    assert woke  # the hub was told
+    assert committed == events  # the hub was handed every event, in id order, with its message
+    assert [e.message_id for e in committed] == [e.data["id"] for e in committed]
 
 
 async def _true(value: bool) -> bool:
@@ -310,12 +319,13 @@ async def test_hot_reload_rules(store: Store) -> None:
         ids = await insert(store, new_messages(2))
         proc._nudge.set()
         await wait_until(lambda: all_processed(store, ids))
-        proc.set_rules(
+        proc.reconfigure(
+            settings(),
             parse_rules(
                 '[[rule]]\nname = "hot"\nwhen = {field = "measurements.temperature", op = ">", value = 30}\n'
                 'actions = [{type = "sse", event = "alert", fields = ["device_id"]}, '
                 '{type = "mqtt", subtopic = "alerts", payload = {t = "{measurements.temperature}"}}]'
-            )
+            ),
         )
         ids = await insert(store, new_messages(1, start=50, measurements={"temperature": 35.0}))
         ids += await insert(store, new_messages(1, start=51, measurements={"temperature": 25.0}))
@@ -336,9 +346,7 @@ def _script(tmp_path: Path, body: str) -> str:
     return str(path)
 
 
-async def test_script_action_gets_event_json_and_logs_output(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_script_action_gets_event_json_and_logs_output(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "stdin.jsonl"
     exe = _script(
         tmp_path,
@@ -361,15 +369,13 @@ async def test_script_failure_and_timeout_are_retried_and_visible(store: Store, 
     # A shell script (not Python) so that start-up time on a loaded machine stays far below the timeout.
     exe = tmp_path / "action.sh"
     exe.write_text(
-        "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in\n"
+        '#!/bin/sh\ninput=$(cat)\ncase "$input" in\n'
         "  *'\"seq\":1,'*) exec sleep 30 ;;\n"
         "  *'\"seq\":2,'*) echo 'warming up' >&2; echo 'sensor db locked' >&2; exit 3 ;;\n"
         "esac\n"
     )
     exe.chmod(0o755)
-    rules = parse_rules(
-        f'[[rule]]\nname = "s"\nactions = [{{type = "script", command = ["{exe}"], timeout = 1.5}}]'
-    )
+    rules = parse_rules(f'[[rule]]\nname = "s"\nactions = [{{type = "script", command = ["{exe}"], timeout = 1.5}}]')
     recorder = Recorder(store)
     proc = make(recorder, rules=rules, interval=0.2, max_attempts=2, retry_min=0.1, retry_max=0.2)
     ids = await insert(store, new_messages(3))
@@ -412,11 +418,43 @@ async def test_crashed_owner_lease_expires_and_message_is_claimed_again(store: S
     # The dead owner's late completion changes nothing and appends nothing.
     late_event = NewEvent("packet", {"late": 1}, ids[0], "d")
     late = await store.complete("crashed-instance/0", ids[:3], [], [late_event])
-    assert late == []
+    assert late == {}
     events = await store.read_events(after_id=0, limit=100)
     assert sorted(e.data["id"] for e in events) == ids
     owners = {owner for owner, claimed, _ in recorder.claims if ids[0] in claimed}
     assert owners == {proc.owner}
+
+
+async def test_lease_lost_mid_batch_commits_the_rest_with_their_own_event_ids(store: Store) -> None:
+    """Messages whose lease another processor took while the batch ran are left to it; every other
+    message's events are appended and each publish carries the id of its own rule's first event."""
+    rules = parse_rules(
+        '[[rule]]\nname = "a"\nactions = [{type = "sse"}, {type = "mqtt", subtopic = "a", payload = {seq = "{seq}"}}]\n'
+        '[[rule]]\nname = "b"\nactions = [{type = "sse", event = "alert", fields = ["seq"]}, '
+        '{type = "sse", event = "alert2", fields = ["seq"]}, '
+        '{type = "mqtt", subtopic = "b", payload = {seq = "{seq}"}}]'
+    )
+    ids = await insert(store, new_messages(5))
+    recorder = Recorder(store)
+    stolen: list[int] = []
+
+    async def steal_two() -> None:  # once: the leases expire mid-batch and another owner takes two
+        recorder.before_complete = None
+        await trio.sleep(0.8)
+        stolen.extend(m.id for m in await store.claim("thief", 2, 60.0))
+
+    recorder.before_complete = steal_two
+    async with running(make(recorder, rules=rules, lease=0.5)):
+        await wait_until(lambda: all_processed(store, ids[2:]))
+    assert stolen == ids[:2] and not await all_processed(store, ids[:1])
+    events = await store.read_events(after_id=0, limit=100)
+    assert [(e.message_id, e.type) for e in events] == [
+        (i, kind) for i in ids[2:] for kind in ("packet", "alert", "alert2")
+    ]
+    first = {(e.message_id, "a" if e.type == "packet" else "b"): e.id for e in reversed(events)}
+    sent = await outbox_rows(store)
+    assert [(p["seq"], sub) for p, sub in sent] == [(seq, sub) for seq in (2, 3, 4) for sub in ("a", "b")]
+    assert [p["event_id"] for p, _ in sent] == [first[(i, sub)] for i in ids[2:] for sub in ("a", "b")]
 
 
 async def test_two_processors_claim_disjoint_batches(store: Store) -> None:
@@ -471,12 +509,17 @@ def test_batch_shrinks_so_scripts_fit_in_the_lease(tmp_path: Path, caplog: pytes
         return parse_rules(f'[[rule]]\nname = "s"\nactions = [{{type = "sse"}}, {actions}]')
 
     proc = Processor(
-        settings(lease_seconds=30.0, batch_size=500), None, Nudge(),  # type: ignore[arg-type]
-        ComponentHealth("p"), instance_id="t", rules=default_rules(),
+        settings(lease_seconds=30.0, batch_size=500),
+        None,  # type: ignore[arg-type]
+        Nudge(),
+        ComponentHealth("p"),
+        instance_id="t",
+        rules=default_rules(),
     )
     assert proc._batch_limit == 500
-    proc.set_rules(rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
+    same = settings(lease_seconds=30.0, batch_size=500)
+    proc.reconfigure(same, rules(5.0))  # 24 s budget: 4 rounds of 4 concurrent messages
     assert proc._batch_limit == 16
-    proc.set_rules(rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
+    proc.reconfigure(same, rules(10.0, 10.0, 10.0))  # one message alone may outlast the budget
     assert proc._batch_limit == 4
     assert any("raise PROCESSOR_LEASE" in r.getMessage() for r in caplog.records)

@@ -17,7 +17,7 @@ from gateway.health import ComponentHealth
 from gateway.publish import OutboxPublisher
 from gateway.settings import MqttSettings
 from gateway.store import open_store
-from gateway.store.base import Event, NewEvent, NewPublish, PublishFailure, Store
+from gateway.store.base import Event, EventsByMessage, NewEvent, NewPublish, PublishFailure, Store
 from tests.support.mqtt import MosquittoServer, eventually
 from tests.support.pg import db_settings
 from tests.test_mqtt import collect, running, settings_for
@@ -51,20 +51,22 @@ async def test_complete_writes_outbox_rows_with_the_commit_only_for_owned_messag
     claimed = await store.claim("mine", 2, 30.0)
     assert [m.id for m in claimed] == ids[:2]
     events = [NewEvent("packet", {"id": i}, message_id=i) for i in ids]
-    seen: list[list[Event]] = []
+    seen: list[EventsByMessage] = []
 
-    def build(stored: list[Event]) -> list[NewPublish]:
+    def build(stored: EventsByMessage) -> list[NewPublish]:
         seen.append(stored)
-        by_message = {e.data["id"]: e.id for e in stored}
         # ids[2] is not leased to us: its event is not appended, and its row must be dropped too.
-        return [NewPublish(json.dumps({"m": i}).encode(), "sub", i, by_message.get(i)) for i in ids]
+        return [
+            NewPublish(json.dumps({"m": i}).encode(), "sub", i, stored[i][0].id if i in stored else None) for i in ids
+        ]
 
     stored = await store.complete("mine", ids, [], events, build)
-    assert seen == [stored] and [e.data["id"] for e in stored] == ids[:2]
+    assert seen == [stored] and sorted(stored) == ids[:2]
+    assert [[e.data["id"] for e in stored[i]] for i in ids[:2]] == [[ids[0]], [ids[1]]]
     rows = await store.claim_outbox("pub", 100, 30.0)
     assert [(json.loads(r.payload)["m"], r.subtopic, r.message_id, r.event_id, r.attempts) for r in rows] == [
-        (ids[0], "sub", ids[0], stored[0].id, 0),
-        (ids[1], "sub", ids[1], stored[1].id, 0),
+        (ids[0], "sub", ids[0], stored[ids[0]][0].id, 0),
+        (ids[1], "sub", ids[1], stored[ids[1]][0].id, 0),
     ]
     assert rows[0].id < rows[1].id
 

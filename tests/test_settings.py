@@ -104,6 +104,14 @@ def test_share_group_subscription() -> None:
     assert s.mqtt.tls and s.mqtt.port == 8883
 
 
+def test_only_an_mqtt5_session_that_ends_at_the_disconnect_leaves_on_stop() -> None:
+    """MQTT_SESSION_EXPIRY=0 (the removal procedure of ops/SCALING.md) makes a stop unsubscribe
+    and drain first; a persistent session, or 3.1.1 (no expiry), keeps its subscription."""
+    assert load_settings(None, {"MQTT_SESSION_EXPIRY": "0"}).mqtt.leaves_on_stop
+    assert not load_settings(None, {}).mqtt.leaves_on_stop
+    assert not load_settings(None, {"MQTT_SESSION_EXPIRY": "0", "MQTT_PROTOCOL": "3.1.1"}).mqtt.leaves_on_stop
+
+
 def test_env_example_documents_every_variable_and_loads() -> None:
     root = Path(__file__).resolve().parents[1]
     example = root / ".env.example"
@@ -139,3 +147,46 @@ def test_check_config_view_masks_the_password_only() -> None:
     """The password ``postgres`` is masked where it is a password, not where the word is a name."""
     s = load_settings(None, environ={"DATABASE_URL": "postgresql://postgres:postgres@localhost/postgres"})
     assert s.masked()["DATABASE_URL"] == "postgresql://postgres:**********@localhost/postgres"
+
+
+def test_diff_names_changed_variables_by_component_never_a_secret_value() -> None:
+    old = load_settings(None, {"DATABASE_URL": "postgresql://gw:old-db-pass-1@db/gw", "MQTT_PASSWORD": "old-mq-pass-1"})
+    key = "b" * 64
+    new = load_settings(
+        None,
+        {
+            "DATABASE_URL": "postgresql://gw:new-db-pass-2@db/gw",
+            "MQTT_PASSWORD": "new-mq-pass-2",
+            "API_KEYS": f"ops:admin:{key}",
+            "LOG_LEVEL": "debug",
+        },
+    )
+    diff = old.diff(new)
+    assert diff == {"database": ["DATABASE_URL"], "mqtt": ["MQTT_PASSWORD"], "http": ["API_KEYS"], "log": ["LOG_LEVEL"]}
+    shown = repr(diff)
+    for secret in ("old-db-pass-1", "new-db-pass-2", "old-mq-pass-1", "new-mq-pass-2", key):
+        assert secret not in shown
+    assert old.diff(old) == {} and new.diff(new) == {}
+    # A secret that changes only in value (same masked form) is still a change.
+    same_mask = load_settings(None, {"DATABASE_URL": "postgresql://gw:old-db-pass-X@db/gw", "MQTT_PASSWORD": "x" * 13})
+    assert old.diff(same_mask) == {"database": ["DATABASE_URL"], "mqtt": ["MQTT_PASSWORD"]}
+    assert old.masked()["DATABASE_URL"] == same_mask.masked()["DATABASE_URL"]
+
+
+def test_live_marks_decide_how_a_change_applies() -> None:
+    from gateway.settings import DatabaseSettings, HttpSettings, IngestSettings, LogSettings, MqttSettings, Settings
+
+    assert HttpSettings.applied(["API_KEYS", "RATE_LIMIT", "HTTP_CORS_ORIGINS"]) == {"live"}
+    assert HttpSettings.applied(["HTTP_MAX_BODY", "HTTP_TRUSTED_PROXIES", "HTTP_PORT"]) == {"live", "process"}
+    assert IngestSettings.applied(["INGEST_BATCH_SIZE", "INGEST_FLUSH_MS"]) == {"live"}
+    assert IngestSettings.applied(["INGEST_CHANNEL_SIZE"]) == {"process"}
+    assert MqttSettings.applied(["MQTT_KEEPALIVE", "MQTT_PASSWORD"]) == {"restart"}
+    assert MqttSettings.applied(["MQTT_OUTBOUND_QUEUE"]) == {"process"}  # the queue is made once
+    assert LogSettings.applied(["LOG_LEVEL", "LOG_FORMAT", "LOG_FILE"]) == {"live"}
+    assert DatabaseSettings.applied(["DATABASE_POOL_MAX"]) == {"process"}
+    assert set(Settings.COMPONENTS) == {"database", "mqtt", "http", "ingest", "processor", "log", "supervisor"}
+    # A mark that names no field is refused when the model is defined.
+    with pytest.raises(TypeError, match="level_typo"):
+
+        class _Bad(LogSettings):
+            LIVE = frozenset({"level_typo"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -179,3 +180,56 @@ def test_gateway_cli_runs_simulate(capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads(capsys.readouterr().out)
     assert summary["sent"] == 20 and summary["acked"] == 20
     assert 35 <= summary["achieved_rate"] <= 41
+
+
+def test_devices_start_at_a_random_seq_unless_told(tmp_path: Path) -> None:
+    rebooted = Fleet(50, seed=4, seq_start=None)
+    firsts = {rebooted.next_packet().seq for _ in range(50)}
+    assert len(firsts) > 40  # each device resumes at its own point, as after a reboot
+    again = Fleet(50, seed=4, seq_start=None)
+    assert {again.next_packet().seq for _ in range(50)} == firsts  # repeatable with a seed
+    fixed = Fleet(3, seq_start=99)
+    assert [fixed.next_packet().seq for _ in range(3)] == [100, 100, 100]
+
+
+def test_cli_progress_lines_seq_start_and_broker_from_dot_env(tmp_path: Path) -> None:
+    prefix = f"test-sim-{uuid.uuid4().hex[:8]}"
+    record = tmp_path / "rec.txt"
+    # The broker comes from ./.env, as `gateway serve` would read it (no --url).
+    (tmp_path / ".env").write_text(f"MQTT_URL={BROKER}\nMQTT_PROTOCOL=3.1.1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.simulate", "--devices", "2", "--rate", "20", "--duration", "2.6",
+         "--progress", "1", "--seq-start", "41", "--record", str(record),
+         "--topic-template", prefix + "/{device_id}/data"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=True,
+    )
+    progress = [line for line in out.stderr.splitlines() if line.startswith("simulate:")]
+    assert len(progress) >= 2, out.stderr
+    assert re.search(r"sent \d+  acked \d+  refused 0  \d+ msg/s", progress[-1])
+    seqs = sorted(int(line.split()[1]) for line in record.read_text().splitlines())
+    assert seqs[:2] == [42, 42]
+    # A .env that points nowhere is used too (the error names its broker).
+    (tmp_path / ".env").write_text("MQTT_URL=mqtt://127.0.0.1:1\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway.simulate", "--duration", "0.1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )
+    assert bad.returncode == 1 and "127.0.0.1:1" in bad.stderr
+
+
+def test_help_explains_the_topic_template() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    assert "{device_id}" in text and "sensors/{device_id}/data" in text
+
+
+def test_malformed_packets_rotate_over_the_fleet() -> None:
+    fleet = Fleet(20, invalid_ratio=0.05, seed=2)
+    packets = [fleet.next_packet() for _ in range(2000)]
+    good = {p.device_id for p in packets if p.valid}
+    bad = {p.device_id for p in packets if not p.valid}
+    assert len(good) == 20  # every device also sends good readings
+    assert len(bad) == 20  # and the bad ones do not all come from one device

@@ -75,7 +75,12 @@ async def test_stored_message_round_trip(store: Store) -> None:
     assert got.measurements == {"t": 21, "h": 40.25}
     assert isinstance(got.measurements["t"], int)
     assert (got.status, got.battery, got.source, got.processed_at, got.attempts, got.dead) == (
-        "ok", None, "api", None, 0, False
+        "ok",
+        None,
+        "api",
+        None,
+        0,
+        False,
     )
     assert got.to_json()["timestamp"] == "2026-11-27T09:00:07Z"
     assert await store.get_message(out.id + 1000) is None
@@ -117,25 +122,50 @@ async def test_complete_only_for_owner(store: Store) -> None:
     await store.claim("a", 2, 0.2)
     await trio.sleep(0.4)
     await store.claim("b", 2, 30)  # b took over a's (expired) leases: ids[0], ids[1]
-    events = await store.complete(
-        "a",
-        [ids[0]],
-        [Failure(ids[1], "boom", None)],
-        [NewEvent("packet", {"id": ids[0]}, ids[0], "dev-1"), NewEvent("alert", {"x": 1})],
+    stored = await store.complete(
+        "a", [ids[0]], [Failure(ids[1], "boom", None)], [NewEvent("packet", {"id": ids[0]}, ids[0], "dev-1")]
     )
-    assert [e.type for e in events] == ["alert"]  # a lost its lease: only the untied event
+    assert stored == {}  # a lost its lease: nothing marked, nothing appended
     m0 = await store.get_message(ids[0])
     assert m0 is not None and m0.processed_at is None
+    assert await store.read_events(0, 10) == []
 
-    events = await store.complete(
+    stored = await store.complete(
         "b", [ids[0]], [Failure(ids[1], "boom", None)], [NewEvent("packet", {"id": ids[0]}, ids[0], "dev-1")]
     )
-    assert [(e.type, e.data, e.device_id) for e in events] == [("packet", {"id": ids[0]}, "dev-1")]
+    assert stored.keys() == {ids[0], ids[1]}
+    assert [(e.type, e.data, e.device_id) for e in stored[ids[0]]] == [("packet", {"id": ids[0]}, "dev-1")]
     m0, m1 = await store.get_message(ids[0]), await store.get_message(ids[1])
     assert m0 is not None and m0.processed_at is not None and m0.attempts == 0
     assert m1 is not None and m1.dead and m1.attempts == 1 and m1.last_error == "boom"
     # Done and dead messages are not claimed again.
     assert [m.id for m in await store.claim("c", 10, 30)] == ids[2:]
+
+
+async def test_complete_returns_the_stored_events_keyed_by_message(store: Store) -> None:
+    """Every message still ours is a key (one with no events too), with its events in the order
+    given and their ids; a message whose lease was lost is absent and its events are not appended."""
+    ids = [o.id for o in await store.write_batch([msg(n=i) for i in range(4)], [])]
+    await store.claim("a", 4, 30)
+    assert await store.complete("x", [], [], []) == {}
+    lost = ids[3]
+    await store.complete("a", [lost], [], [])  # no longer a's: done already, as after a reclaim
+    several = [NewEvent(f"t{k}", {"k": k}, ids[0], "dev-1") for k in range(3)]
+    events = [*several, NewEvent("late", {}, lost, "dev-1"), NewEvent("failing", {"f": 1}, ids[2], "dev-1")]
+    stored = await store.complete("a", [ids[0], ids[1], lost], [Failure(ids[2], "boom", None)], events)
+
+    assert stored.keys() == {ids[0], ids[1], ids[2]}
+    assert stored[ids[1]] == []
+    assert [(e.type, e.data, e.message_id, e.device_id) for e in stored[ids[0]]] == [
+        (f"t{k}", {"k": k}, ids[0], "dev-1") for k in range(3)
+    ]
+    assert [(e.type, e.message_id) for e in stored[ids[2]]] == [("failing", ids[2])]
+    appended = [e.id for e in [*stored[ids[0]], *stored[ids[2]]]]
+    assert appended == sorted(appended) and len(set(appended)) == 4  # ids follow the given order
+    read = await store.read_events(0, 10)
+    assert read == [*stored[ids[0]], *stored[ids[2]]]  # the same events, message ids included
+    with pytest.raises(ValueError, match="message_id"):
+        await store.complete("a", [], [], [NewEvent("alert", {})])  # untied: append_events
 
 
 async def test_retry_at_respected(store: Store) -> None:
@@ -197,8 +227,7 @@ async def _all_pages(store: Store, query: MessageQuery) -> tuple[list[int], int]
     totals = set()
     while True:
         page = await store.query_messages(
-            MessageQuery(query.limit, query.start_time, query.end_time, query.device_id, query.key,
-                         query.value, cursor)
+            MessageQuery(query.limit, query.start_time, query.end_time, query.device_id, query.key, query.value, cursor)
         )
         totals.add(page.total)
         seen += [m.id for m in page.items]
@@ -228,9 +257,7 @@ async def test_query_messages(store: Store) -> None:
     # measurement values compare as numbers: temperature is 20 + n % 5 (an int)
     assert await q(key="temperature", value="21") == [ids[i] for i in range(45) if i % 5 == 1]
     assert await q(key="temperature", value="21.0") == await q(key="temperature", value="21")
-    assert await q(key="temperature", value="2.1e1", device_id="dev-a") == [
-        ids[i] for i in range(30) if i % 5 == 1
-    ]
+    assert await q(key="temperature", value="2.1e1", device_id="dev-a") == [ids[i] for i in range(30) if i % 5 == 1]
     assert await q(key="humidity", value="40.5") == ids
     assert await q(key="humidity", value="40.50") == ids
     assert await q(key="humidity", value="40") == []
@@ -272,14 +299,13 @@ async def test_migrations_idempotent(store: Store) -> None:
 
 async def test_migrate_without_run(store_settings: DatabaseSettings) -> None:
     """``migrate()`` / ``migration_status()`` work on a store that is not running (the CLI)."""
-    from gateway.store import migrate
-
-    before = await migrate.migration_status(store_settings)
-    assert before and all(m.applied_at is None for m in before)
-    applied = await migrate.migrate(store_settings)
-    assert [m.version for m in applied] == [m.version for m in before]
-    assert await migrate.migrate(store_settings) == []
-    after = await migrate.migration_status(store_settings)
+    async with open_store(store_settings) as store:
+        before = await store.migration_status()
+        assert before and all(m.applied_at is None for m in before)
+        applied = await store.migrate()
+        assert [m.version for m in applied] == [m.version for m in before]
+        assert await store.migrate() == []
+        after = await store.migration_status()
     assert all(m.applied_at is not None for m in after)
 
 
@@ -475,7 +501,7 @@ async def test_events_carry_their_encoding(store: Store) -> None:
     await store.claim("a", 1, 30)
     raw = b'{"id":%d,"t":21.5,"note":"\\u00e9"}' % o.id
     data = {"id": o.id, "t": 21.5, "note": "é"}
-    [ev] = await store.complete("a", [o.id], [], [NewEvent("packet", data, o.id, json=raw)])
+    [ev] = (await store.complete("a", [o.id], [], [NewEvent("packet", data, o.id, json=raw)]))[o.id]
     assert ev.json == raw
     [alert] = await store.append_events([NewEvent("alert", {"x": [1, None]})])
     assert alert.json is not None and json.loads(alert.json) == {"x": [1, None]}

@@ -91,9 +91,7 @@ def test_no_op_outside_systemd() -> None:
     assert not n.stopping()
 
 
-def test_default_environ_is_os_environ(
-    manager: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_environ_is_os_environ(manager: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch) -> None:
     sock, path = manager
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     assert Notifier().ready()
@@ -154,8 +152,12 @@ async def test_watchdog_pings_at_half_the_timeout(
     assert [round(t, 3) for t, _ in stamps] == [0.0, 5.0, 10.0, 15.0, 20.0]
 
 
-async def test_watchdog_stops_when_the_loop_stops(manager: tuple[socket.socket, str]) -> None:
-    """A blocked event loop sends nothing: that is what lets systemd restart a hung gateway."""
+async def test_watchdog_stops_when_the_loop_stops(
+    manager: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    """A blocked event loop sends nothing: that is what lets systemd restart a hung gateway.
+
+    The stall is real time (a pinger on a thread would send during it); the rest is virtual."""
     sock, path = manager
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})  # ping every 50 ms
     async with trio.open_nursery() as nursery:
@@ -174,3 +176,24 @@ async def test_watchdog_without_systemd_just_waits(autojump_clock: trio.testing.
         async with trio.open_nursery() as nursery:
             await nursery.start(n.run_watchdog)
     assert scope.cancelled_caught
+
+
+async def test_status_line_follows_health_and_is_sent_on_change_only(
+    manager: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    from gateway.health import Health
+
+    sock, path = manager
+    health = Health()
+    n = Notifier({"NOTIFY_SOCKET": path})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(n.run_status, health.summary)
+        await trio.sleep(5.5)  # nothing changed: one line, not six
+        assert _drain(sock) == ["STATUS=degraded; mqtt starting; db starting; backlog ?"]
+        for name in ("mqtt", "database", "processor"):
+            health.component(name).set("ok")
+        health.component("processor").detail["backlog"] = 3
+        await trio.sleep(1.0)
+        assert _drain(sock) == ["STATUS=ok; mqtt ok; db ok; backlog 3"]
+        nursery.cancel_scope.cancel()
+    n.close()

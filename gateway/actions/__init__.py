@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.actions.base import ActionFailed
 from gateway.actions.mqtt import MqttAction
 from gateway.actions.script import ScriptAction
 from gateway.actions.sse import SseAction
+from gateway.errors import ActionFailed
 
 Action = SseAction | MqttAction | ScriptAction
 

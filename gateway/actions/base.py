@@ -1,4 +1,5 @@
-"""What every action shares: the failure it raises and how it reads fields of a message (pure)."""
+"""What every action shares: how it reads the fields of a message (pure). The failure an action
+raises, :class:`~gateway.errors.ActionFailed`, is part of the error tree."""
 
 from __future__ import annotations
 
@@ -6,27 +7,11 @@ from typing import Any
 
 from gateway.store.base import StoredMessage
 
-
-class ActionFailed(Exception):
-    """An action could not do its work for one message; the message is retried with backoff.
-
-    ``action`` is the action type (``sse``, ``mqtt``, ``script``), used as the metric label.
-    """
-
-    def __init__(self, action: str, problem: str) -> None:
-        super().__init__(f"{action}: {problem}")
-        self.action = action
-        self.problem = problem
-
-
 #: Fields a rule condition may test, besides ``measurements.<name>``.
 CONDITION_FIELDS = frozenset({"device_id", "status", "battery", "seq", "source"})
 #: Fields a template or an SSE field selection may use, besides ``measurements.<name>``.
 DATA_FIELDS = CONDITION_FIELDS | {"id", "timestamp", "received_at", "measurements", "attempts"}
 NUMERIC_FIELDS = frozenset({"battery", "seq", "id", "attempts"})
-TEXT_FIELDS = frozenset({"device_id", "status", "source", "timestamp", "received_at"})
-
-_MISSING = object()
 
 
 def check_field(path: str, allowed: frozenset[str]) -> str | None:

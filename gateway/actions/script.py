@@ -29,7 +29,8 @@ from typing import Any
 
 import trio
 
-from gateway.actions.base import ActionFailed, only_keys
+from gateway.actions.base import only_keys
+from gateway.errors import ActionFailed
 from gateway.store.base import StoredMessage
 
 log = logging.getLogger("gateway.actions.script")

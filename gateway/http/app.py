@@ -1,30 +1,25 @@
-"""The HTTP application: app factory, per-request hooks (request id, rate limit, auth, headers,
-access log, metrics) and :func:`serve`, which runs it on hypercorn's trio worker."""
+"""The HTTP application: app factory (routes, errors, the per-request hooks of
+:mod:`gateway.http.middleware`) and :func:`serve`, which runs it on hypercorn's trio worker."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
-from quart import Response, g, request
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 
-from gateway import metrics
-from gateway.http import dashboard, docs, errors, routes
+from gateway.http import dashboard, docs, errors, middleware, routes
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
-from gateway.http.fast import ADMITTED, FastRoutes
-from gateway.http.gate import Admission, Gate
-from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider, spec_of
-from gateway.http.ratelimit import retry_after_header
+from gateway.http.fast import FastRoutes
+from gateway.http.gate import Gate
+from gateway.http.openapi import SECURITY_SCHEMES, GatewayOpenAPIProvider
 from gateway.http.sse import SendTimeoutConfig, SseStreams
 
 log = logging.getLogger("gateway.http")
@@ -52,87 +47,7 @@ def create_app(ctx: AppContext) -> QuartTrio:
     dashboard.register(app)
     docs.register(app)
 
-    @app.before_request
-    async def _before() -> None:
-        http = ctx.settings.http
-        # Keeps the body limit live across reloads (Quart reads it when a request starts).
-        app.config["MAX_CONTENT_LENGTH"] = http.max_body
-        spec = spec_of(app.view_functions.get(request.endpoint)) if request.endpoint else None
-        # A raw route (gateway.http.fast) that hands a request on has admitted it already.
-        admitted = cast(Admission | None, request.scope.get(ADMITTED))
-        if admitted is None:
-            token = request.args.get("access_token") if spec is not None and spec.query_token else None
-            admitted = gate.admit(
-                http,
-                time.perf_counter(),
-                x_api_key=request.headers.get("X-API-Key"),
-                authorization=request.headers.get("Authorization"),
-                access_token=token,
-                peer=request.remote_addr,
-                forwarded_for=request.headers.getlist("X-Forwarded-For"),
-            )
-        g.admitted = admitted
-        g.request_id = admitted.request_id
-        principal = g.principal = admitted.principal
-        # (The 429 then closes the connection, see _after.)
-        if admitted.wait > 0:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"rate limit is {http.rate_limit}",
-                headers={"Retry-After": retry_after_header(admitted.wait)},
-            )
-        if request.content_length or request.headers.get("Transfer-Encoding"):
-            # Receive the whole body before anything else can answer: hypercorn's HTTP/1.1
-            # connection hangs when a response (e.g. 401 or 415) is sent before the body has
-            # arrived. Quart raises 413 here when it is larger than MAX_CONTENT_LENGTH.
-            await request.get_data(cache=True)
-        if spec is None or spec.role is None or request.method == "OPTIONS":
-            return
-        if admitted.key is None:
-            detail = "send an API key in X-API-Key or Authorization: Bearer"
-            if not http.api_keys:
-                detail += " (no API keys are configured: see `gateway apikey new`)"
-            raise ApiError(401, "auth_missing", detail, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
-        if principal is None:
-            raise ApiError(
-                401,
-                "auth_invalid",
-                "the API key is not valid",
-                headers={"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'},
-            )
-        if not principal.may(spec.role):
-            raise ApiError(403, "forbidden", f"this needs the {spec.role} role; the key has {principal.role}")
-
-    @app.after_request
-    async def _after(response: Response) -> Response:
-        admitted: Admission | None = g.get("admitted")
-        request_id = admitted.request_id if admitted is not None else gate.request_id()
-        started = admitted.started if admitted is not None else time.perf_counter()
-        gate.finish_headers(
-            response.headers,
-            ctx.settings.http,
-            request_id=request_id,
-            scheme=request.scheme,
-            method=request.method,
-            origin=request.headers.get("Origin"),
-            status=response.status_code,
-            body_unread=bool(
-                request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-            ),
-        )
-        gate.record(
-            route=request.url_rule.rule if request.url_rule is not None else metrics.UNMATCHED_ROUTE,
-            method=request.method,
-            status=response.status_code,
-            elapsed=time.perf_counter() - started,
-            principal=admitted.principal if admitted is not None else None,
-            request_id=request_id,
-            path=request.path,
-            query_string=request.query_string,
-        )
-        return response
-
+    middleware.install(app, ctx, gate)
     return app
 
 

@@ -1,19 +1,18 @@
-"""In-memory views kept by the HTTP layer: a short-lived cache of message pages and the latest
-reading of each device.
+"""The page cache of ``GET /api/v1/messages``: encoded pages kept for a short while.
 
 How stale a cached page can be, at most:
 
-- a commit by the API itself (:meth:`LiveView.stored`, after ``POST /packets``) drops every page at
+- a commit by the API itself (:meth:`PageCache.clear`, after ``POST /packets``) drops every page at
   once, so a client reads its own writes;
-- an ingest commit (:meth:`LiveView.invalidate`, called per committed batch) lets a page that was
+- an ingest commit (:meth:`PageCache.invalidate`, called per committed batch) lets a page that was
   read before it be served for at most ``max_stale`` seconds (default 0.5) after that page's read
   began: under steady ingest the hot pages are rebuilt a few times a second instead of at every
   batch, and no committed row stays hidden longer than ``max_stale``;
 - with no commit at all, a page lives ``ttl`` seconds (processing changes rows without an insert).
 
 A page past half its life is rebuilt in the background by the next request that finds it
-(:meth:`LiveView.lookup` says when), and concurrent requests for a page nobody has cached wait for
-one read instead of each running their own (:meth:`LiveView.begin`).
+(:meth:`PageCache.lookup` says when), and concurrent requests for a page nobody has cached wait for
+one read instead of each running their own (:meth:`PageCache.begin`).
 """
 
 from __future__ import annotations
@@ -21,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -40,7 +38,7 @@ class CachedBody:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    generation: int  # LiveView.generation when the read began
+    generation: int  # PageCache.generation when the read began
     started: float  # monotonic time the read began
     expires: float  # monotonic time the ttl ends
     cached: CachedBody
@@ -48,7 +46,7 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class Build:
-    """A page read under way (see :meth:`LiveView.begin`)."""
+    """A page read under way (see :meth:`PageCache.begin`)."""
 
     generation: int
     started: float
@@ -60,27 +58,19 @@ def etag_for(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
 
-class LiveView:
-    """Message-page cache plus latest reading per device. Plain data, Trio-thread only."""
+class PageCache:
+    """Encoded message pages by query (see the module docstring). Plain data, Trio thread only."""
 
-    def __init__(
-        self, *, ttl: float = 1.0, max_stale: float = MAX_STALE, max_entries: int = 256, max_devices: int = 10_000
-    ) -> None:
+    def __init__(self, *, ttl: float = 1.0, max_stale: float = MAX_STALE, max_entries: int = 256) -> None:
         self.ttl = ttl
         self.max_stale = max_stale
         self.max_entries = max_entries
-        self.max_devices = max_devices
         self.generation = 0
         self.hits = 0
         self.misses = 0
         self._pages: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._builds: dict[Hashable, Build] = {}
         self._cleared_at = -float("inf")  # the last hard invalidation (monotonic)
-        self._latest: dict[str, dict[str, Any]] = {}
-        # /ping's backlog figures (monotonic time, Backlog or None for a failure), and the read
-        # under way: monitors poll, the database needn't (gateway.http.routes._backlog).
-        self.backlog: tuple[float, Any] | None = None
-        self.backlog_reading: trio.Event | None = None
 
     # ---- invalidation ------------------------------------------------------------------------
 
@@ -93,33 +83,6 @@ class LiveView:
         self.generation += 1
         self._cleared_at = time.monotonic()
         self._pages.clear()
-
-    def remember(self, readings: Iterable[Mapping[str, Any]]) -> None:
-        """Record committed readings (dicts with ``device_id``) as the latest of their devices."""
-        for reading in readings:
-            device = reading.get("device_id")
-            if isinstance(device, str):
-                if device not in self._latest and len(self._latest) >= self.max_devices:
-                    # Forget the oldest device seen rather than grow without bound.
-                    self._latest.pop(next(iter(self._latest)))
-                self._latest.pop(device, None)
-                self._latest[device] = dict(reading)
-
-    def stored(self, readings: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Readings committed by the API itself: remember them and drop cached pages at once."""
-        self.clear()
-        self.remember(readings)
-
-    # ---- latest ------------------------------------------------------------------------------
-
-    def latest(self) -> dict[str, dict[str, Any]]:
-        """The latest reading per device (a copy, sorted by device id)."""
-        return {k: self._latest[k] for k in sorted(self._latest)}
-
-    @property
-    def devices(self) -> int:
-        """How many devices :meth:`latest` knows."""
-        return len(self._latest)
 
     # ---- pages -------------------------------------------------------------------------------
 

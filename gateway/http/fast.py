@@ -27,10 +27,9 @@ from hypercorn.typing import (
     Scope,
 )
 
-from gateway.errors import StoreError
+from gateway.errors import ApiError, StoreError
 from gateway.http import routes
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
 from gateway.http.gate import Admission, Gate
 from gateway.http.openapi import spec_of
 

@@ -5,7 +5,7 @@ declares every response a route can give (problem+json errors included), so the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +20,7 @@ from quart_schema import (
 )
 from werkzeug.routing import Rule
 
+from gateway.errors import ProblemCode
 from gateway.http.auth import Role
 from gateway.packets import DEVICE_ID_PATTERN, MEASUREMENT_NAME_PATTERN
 
@@ -33,15 +34,42 @@ CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 # ---- response bodies ----------------------------------------------------------------------------
 
 
-class Problem(BaseModel):
-    """An RFC 9457 problem: the stable ``code`` says what went wrong."""
+def _codes_table() -> str:
+    """The description of ``Problem.code``: every code with its status and title, in Markdown."""
+    rows = [f"| `{c}` | {c.status} | {c.summary} |" for c in ProblemCode]
+    head = ["What went wrong, stable: branch on it, not on `detail`.", "", "| code | status | title |", "|---|---|---|"]
+    return "\n".join(head + rows)
 
-    type: str
-    title: str
-    status: int
-    code: str
-    detail: str
-    request_id: str | None = None
+
+class FieldError(BaseModel):
+    """One reason a packet was refused (the input value itself is never echoed)."""
+
+    loc: list[str] = Field(description="Where: the path of keys to the field, empty for the whole packet")
+    msg: str = Field(description="What is wrong, for people")
+    type: str = Field(description="A machine-readable kind, e.g. `missing`, `bad_json`, `too_large`")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem (`application/problem+json`): the stable `code` says what went wrong.
+
+    Members beyond the standard ones appear with the codes that set them.
+    """
+
+    type: str = Field(description="`about:blank#<code>` (`about:blank` for `internal`)")
+    title: str = Field(description="The code's title, for people")
+    status: int = Field(description="The HTTP status, repeated")
+    code: ProblemCode = Field(description=_codes_table())
+    detail: str = Field(description="This occurrence in words, for people; may change between versions")
+    request_id: str | None = Field(None, description="Also in `X-Request-ID` and the gateway's log: quote it")
+    parameter: str | None = Field(None, description="`query_invalid`: the query parameter refused")
+    reason: str | None = Field(
+        None,
+        description="`packet_invalid`: why the packet was refused, as stored with the reject "
+        "(`schema`, `bad_json`, `bad_encoding`, `not_an_object`, `too_large`, `unstorable`, ...)",
+    )
+    errors: list[FieldError] | None = Field(None, description="`packet_invalid`: the field errors")
+    variable: str | None = Field(None, description="`config_invalid`: the configuration variable refused")
+    limit: int | None = Field(None, description="`too_many_streams`, `streams_exhausted`: the limit reached")
 
 
 class PacketStored(BaseModel):
@@ -173,20 +201,20 @@ class EventsHeaders(BaseModel):
 
 @dataclass(frozen=True)
 class ApiSpec:
-    """How a route is authorised and what it answers."""
+    """How a route is authorised and what it answers: ``ok`` bodies by status, and the problem codes
+    it may refuse with besides those of every route (:data:`EVERY_ROUTE`, :data:`PROTECTED`)."""
 
     role: Role | None
     ok: dict[int, tuple[type[BaseModel] | None, str]]
-    errors: tuple[int, ...] = ()
+    errors: tuple[ProblemCode, ...] = ()
     query_token: bool = False
-    query_params: frozenset[str] = field(default_factory=frozenset)
 
 
 def api(
     *,
     role: Role | None,
     ok: dict[int, tuple[type[BaseModel] | None, str]],
-    errors: Iterable[int] = (),
+    errors: Iterable[ProblemCode] = (),
     query: type[BaseModel] | None = None,
     headers: type[BaseModel] | None = None,
     body: type[BaseModel] | None = None,
@@ -195,8 +223,7 @@ def api(
     """Attach the route's role and responses (read by the app's auth hook and the provider)."""
 
     def decorator(func: F) -> F:
-        params = frozenset(query.model_fields) if query is not None else frozenset()
-        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token, params))
+        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token))
         if query is not None:
             func = document_querystring(query)(func)
         if headers is not None:
@@ -215,6 +242,9 @@ def spec_of(func: Callable[..., Any] | None) -> ApiSpec | None:
 
 # ---- the provider -------------------------------------------------------------------------------
 
+#: Problem codes any route may answer with, and those of every route that needs a role.
+EVERY_ROUTE = (ProblemCode.RATE_LIMITED, ProblemCode.INTERNAL)
+PROTECTED = (ProblemCode.AUTH_MISSING, ProblemCode.AUTH_INVALID, ProblemCode.FORBIDDEN)
 _DESCRIPTIONS = {
     200: "OK",
     201: "Created",
@@ -225,9 +255,9 @@ _DESCRIPTIONS = {
     404: "Not found",
     413: "Body too large",
     415: "Body is not JSON",
-    429: "Rate limited",
+    429: "Too many requests",
     500: "Internal error (quote the request id)",
-    503: "Database or broker unavailable, or the query took too long (query_timeout)",
+    503: "Unavailable for now: retry after `Retry-After` seconds",
 }
 _HEADER_REF = {"X-Request-ID": {"description": "Request id, also in logs", "schema": {"type": "string"}}}
 _SECURITY: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
@@ -278,15 +308,16 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
                 response["content"] = {content_type: {"schema": schema}}
             out[str(status)] = response
         problem = _schema_of(Problem, components)
-        codes = set(spec.errors) | {429, 500}
-        if spec.role is not None:
-            codes |= {401, 403}
-        for status in sorted(codes):
+        by_status: dict[int, list[ProblemCode]] = {}
+        for code in (*spec.errors, *EVERY_ROUTE, *(PROTECTED if spec.role is not None else ())):
+            by_status.setdefault(code.status, []).append(code)
+        for status, codes in sorted(by_status.items()):
             headers = dict(_HEADER_REF)
             if status in (429, 503):
                 headers["Retry-After"] = {"description": "Seconds to wait", "schema": {"type": "string"}}
+            listed = ", ".join(f"`{c}`" for c in codes)
             out[str(status)] = {
-                "description": _DESCRIPTIONS.get(status, "Error"),
+                "description": f"{_DESCRIPTIONS.get(status, 'Error')}: {listed}",
                 "headers": headers,
                 "content": {"application/problem+json": {"schema": problem}},
             }

@@ -15,11 +15,10 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, current_app, g, request
 
-from gateway.errors import StoreError
+from gateway.errors import ApiError, ProblemCode, StoreError
 from gateway.http.auth import Principal
 from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
-from gateway.http.errors import ApiError
 from gateway.http.openapi import (
     CURSOR_PATTERN,
     EVENT_TYPE_PATTERN,
@@ -47,7 +46,7 @@ from gateway.packets import (
     Packet,
     packet_json_schema,
 )
-from gateway.store.base import Backlog, MessageQuery
+from gateway.store.base import MessageQuery
 
 log = logging.getLogger("gateway.http")
 
@@ -59,7 +58,6 @@ _TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
 PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
-BACKLOG_EVERY = 1.0  # seconds /ping reuses the backlog figures: monitors poll, the database needn't
 
 
 def ctx() -> AppContext:
@@ -85,7 +83,7 @@ def _now() -> str:
 
 
 def _bad(param: str, detail: str) -> ApiError:
-    return ApiError(400, "query_invalid", f"{param}: {detail}", parameter=param)
+    return ApiError(ProblemCode.QUERY_INVALID, f"{param}: {detail}", parameter=param)
 
 
 def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
@@ -134,8 +132,23 @@ def _match(args: dict[str, str], name: str, pattern: re.Pattern[str], what: str)
 
 # ---- routes -------------------------------------------------------------------------------------
 
+# The problem codes of a route beyond those of every route (the OpenAPI description lists them).
+_POST_PACKET = (
+    ProblemCode.PACKET_INVALID,
+    ProblemCode.PAYLOAD_TOO_LARGE,
+    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+    ProblemCode.DB_UNAVAILABLE,
+)
+_API_READ = (ProblemCode.QUERY_INVALID, ProblemCode.DB_UNAVAILABLE, ProblemCode.QUERY_TIMEOUT)
+_EVENTS = (
+    ProblemCode.QUERY_INVALID,
+    ProblemCode.TOO_MANY_STREAMS,
+    ProblemCode.STREAMS_EXHAUSTED,
+    ProblemCode.SHUTTING_DOWN,
+)
 
-@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=(400, 413, 415, 503), body=Packet)
+
+@api(role="write", ok={201: (PacketStored, JSON), 200: (PacketStored, JSON)}, errors=_POST_PACKET, body=Packet)
 async def post_packet() -> Response:
     """Store a sensor packet
 
@@ -147,12 +160,12 @@ async def post_packet() -> Response:
     limit = min(c.settings.http.max_body, MAX_PACKET_BYTES)
     mimetype = request.mimetype
     if mimetype != JSON and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
-        raise ApiError(415, "unsupported_media_type", "send the packet as application/json")
+        raise ApiError(ProblemCode.UNSUPPORTED_MEDIA_TYPE, "send the packet as application/json")
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+        raise ApiError(ProblemCode.PAYLOAD_TOO_LARGE, f"a packet is at most {limit} bytes")
     body = cast(bytes, await request.get_data(cache=False, as_text=False))
     if len(body) > limit:
-        raise ApiError(413, "payload_too_large", f"a packet is at most {limit} bytes")
+        raise ApiError(ProblemCode.PAYLOAD_TOO_LARGE, f"a packet is at most {limit} bytes")
     # The ingest path of MQTT batches, with a batch of one: validation, storing (a packet the
     # database refuses becomes an `unstorable` reject), metrics. The database down: 503.
     posted = Posted(body, datetime.now(UTC))
@@ -161,13 +174,14 @@ async def post_packet() -> Response:
     if stored.rejects:
         reject = stored.rejects[0]
         raise ApiError(
-            400, "packet_invalid", f"packet refused: {reject.reason}", reason=reject.reason, errors=reject.errors
+            ProblemCode.PACKET_INVALID, f"packet refused: {reject.reason}", reason=reject.reason, errors=reject.errors
         )
     message, outcome = stored.messages[0], stored.outcomes[0]
     if outcome.duplicate:
         return json_response({"id": outcome.id, "duplicate": True}, 200)
     reading = message.to_json(outcome.id)
-    c.live.stored([reading])
+    c.pages.clear()  # read-your-writes: the next page read shows it
+    c.latest.remember([reading])
     c.on_commit()
     # Publishing goes through the processor, woken just now by on_commit: one path for every
     # reading, carrying the event id: the processor writes the publish to the outbox in the commit
@@ -192,13 +206,13 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
     """``/ping``'s status code and JSON body (also served by the raw route, gateway.http.fast).
 
     Reads memory only, but for the backlog (keys only), which comes from the database at most
-    once a second (:func:`_backlog`).
+    once a second (``c.backlog``, a :class:`~gateway.http.memo.Memo`).
     """
     status = c.health.overall
     body: dict[str, Any] = {"status": status, "time": _now()}
     if principal is not None:
         backlog: dict[str, Any] | None = None
-        b = await _backlog(c)
+        b = await c.backlog.get(c.store.backlog)  # at most once a second whatever the request rate
         if b is None:
             if status == "ok":
                 body["status"] = "degraded"
@@ -211,41 +225,12 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
             components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
             sse_clients=int(getattr(c.hub, "clients", 0)),
-            devices=c.live.devices,
+            devices=c.latest.devices,
         )
     return 503 if status == "starting" else 200, dumps(body)
 
 
-async def _backlog(c: AppContext) -> Backlog | None:
-    """The store's backlog (None: the store failed), read at most once a second whatever the
-    request rate.
-
-    One request reads it; requests meanwhile get the previous figures (or, before the first one,
-    wait for that read). A failure is kept for the second too.
-    """
-    live = c.live
-    while True:
-        cached = live.backlog
-        if cached is not None and (time.monotonic() - cached[0] < BACKLOG_EVERY or live.backlog_reading is not None):
-            return cast(Backlog | None, cached[1])
-        if live.backlog_reading is None:
-            break
-        await live.backlog_reading.wait()
-    live.backlog_reading = done = trio.Event()
-    try:
-        b: Backlog | None
-        try:
-            b = await c.store.backlog()
-        except StoreError:
-            b = None
-        live.backlog = (time.monotonic(), b)
-    finally:  # cancelled too: whoever waits reads it themselves
-        live.backlog_reading = None
-        done.set()
-    return b
-
-
-@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(400,))
+@api(role="admin", ok={200: (ReloadResult, JSON)}, errors=(ProblemCode.CONFIG_INVALID,))
 async def rereadenv() -> Response:
     """Re-read the configuration and apply it
 
@@ -265,7 +250,7 @@ async def rereadenv() -> Response:
     return json_response(result)
 
 
-@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=(400, 503), query=MessagesQuery)
+@api(role="read", ok={200: (MessagePage, JSON), 304: (None, JSON)}, errors=_API_READ, query=MessagesQuery)
 async def messages() -> Response:
     """Query stored readings
 
@@ -323,41 +308,41 @@ async def page_of(c: AppContext, query: MessageQuery, tasks: trio.Nursery | None
     page nobody has is read once however many requests ask for it at the same time. Raises
     ValueError for a malformed cursor, StoreError when the read fails.
     """
-    live = c.live
+    pages = c.pages
     while True:
-        cached, refresh = live.lookup(query)
+        cached, refresh = pages.lookup(query)
         if cached is not None:
             if refresh:
                 # Registered now, not when the task starts: the next requests see it under way.
-                rebuild = live.begin(query)
+                rebuild = pages.begin(query)
                 try:
                     if tasks is None:  # not served by gateway.http.serve (no task owner): inline
                         await _rebuild(c, query, rebuild)
                     else:
                         tasks.start_soon(_rebuild, c, query, rebuild)
                 except RuntimeError:  # the server is stopping: no rebuild
-                    live.end(query, rebuild)
+                    pages.end(query, rebuild)
             return cached
-        pending = live.building(query)
+        pending = pages.building(query)
         if pending is None:
-            return await _build(c, query, live.begin(query))
+            return await _build(c, query, pages.begin(query))
         await pending.done.wait()
-        if live.building(query) is None and live.get(query) is None:
+        if pages.building(query) is None and pages.get(query) is None:
             # That read failed or came too late to be cached: read ourselves.
-            return await _build(c, query, live.begin(query))
+            return await _build(c, query, pages.begin(query))
 
 
 async def _build(c: AppContext, query: MessageQuery, build: Build) -> CachedBody:
-    """Read the page (``build``: registered with ``live.begin``), encode it once and cache it."""
-    live = c.live
+    """Read the page (``build``: registered with ``pages.begin``), encode it once and cache it."""
+    pages = c.pages
     try:
         page = await c.store.query_messages(query)
         items = [m.to_json() for m in page.items]
         body = {"items": items, "total": page.total, "total_capped": page.total_capped, "next_cursor": page.next_cursor}
         text = dumps(body)  # one encoding per page, served from the cache until it expires
-        return live.put(query, build.generation, text, started=build.started)
+        return pages.put(query, build.generation, text, started=build.started)
     finally:
-        live.end(query, build)
+        pages.end(query, build)
 
 
 async def _rebuild(c: AppContext, query: MessageQuery, build: Build) -> None:
@@ -377,7 +362,7 @@ def _etags(header: str | None) -> set[str]:
     return {t.strip().removeprefix("W/") for t in header.split(",")}
 
 
-@api(role="read", ok={200: (RejectPage, JSON)}, errors=(400, 503), query=RejectsQuery)
+@api(role="read", ok={200: (RejectPage, JSON)}, errors=_API_READ, query=RejectsQuery)
 async def rejects() -> Response:
     """Rejected packets with their reasons
 
@@ -408,7 +393,7 @@ async def latest() -> Response:
     Kept in memory since start, from packets stored through this instance.
     """
     _args(frozenset())
-    return json_response({"devices": ctx().live.latest()})
+    return json_response({"devices": ctx().latest.latest()})
 
 
 @api(role=None, ok={200: (JsonSchemaDoc, "application/schema+json")})
@@ -424,7 +409,7 @@ async def packet_schema() -> Response:
 @api(
     role="read",
     ok={200: (None, "text/event-stream")},
-    errors=(400, 503),
+    errors=_EVENTS,
     query=EventsQuery,
     headers=EventsHeaders,
     query_token=True,
@@ -452,7 +437,7 @@ async def events() -> Response:
     device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
     owner = streams()
     if not owner.ready:
-        raise ApiError(503, "shutting_down", "the server is stopping", headers={"Retry-After": "1"})
+        raise ApiError(ProblemCode.SHUTTING_DOWN, "the server is stopping", headers={"Retry-After": "1"})
     http = c.settings.http
     principal = g.get("principal")
     slot = owner.reserve(

@@ -34,7 +34,7 @@ import trio
 from hypercorn.config import Config, Sockets
 
 from gateway import metrics
-from gateway.http.errors import ApiError
+from gateway.errors import ApiError, ProblemCode
 from gateway.hub import Hub, Subscription
 from gateway.sse import encode_comment, encode_event, encode_retry
 
@@ -133,8 +133,7 @@ class SseStreams:
         if self._per_key[key] >= max_per_key:
             metrics.SSE_REFUSED.labels("per_key").inc()
             raise ApiError(
-                429,
-                "too_many_streams",
+                ProblemCode.TOO_MANY_STREAMS,
                 f"this key already has {max_per_key} open event streams (SSE_MAX_STREAMS_PER_KEY)",
                 headers=retry,
                 limit=max_per_key,
@@ -142,8 +141,7 @@ class SseStreams:
         if self.reserved >= max_total:
             metrics.SSE_REFUSED.labels("total").inc()
             raise ApiError(
-                503,
-                "streams_exhausted",
+                ProblemCode.STREAMS_EXHAUSTED,
                 f"the server has {max_total} open event streams (SSE_MAX_STREAMS)",
                 headers=retry,
                 limit=max_total,

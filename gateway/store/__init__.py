@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from gateway.health import ComponentHealth
 from gateway.settings import DatabaseSettings
 from gateway.store.base import Store
 
 
 @asynccontextmanager
-async def open_store(settings: DatabaseSettings) -> AsyncIterator[Store]:
+async def open_store(settings: DatabaseSettings, health: ComponentHealth | None = None) -> AsyncIterator[Store]:
     """Open the store the URL selects. Call ``store.run()`` in a nursery to connect it.
+
+    The store keeps ``health`` (default: a new ``database`` record) up to date itself.
 
     For PostgreSQL this also opens the trio-asyncio loop; tasks that use the store must run
     inside this context (nurseries opened within it inherit the loop).
@@ -19,9 +22,9 @@ async def open_store(settings: DatabaseSettings) -> AsyncIterator[Store]:
     if settings.kind == "sqlite":
         from gateway.store.sqlite import SqliteStore
 
-        yield SqliteStore(settings)
+        yield SqliteStore(settings, health)
     else:
         from gateway.store.postgres import open_postgres
 
-        async with open_postgres(settings) as pg:
+        async with open_postgres(settings, health) as pg:
             yield pg

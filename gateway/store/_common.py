@@ -1,5 +1,6 @@
 """Helpers shared by the two store backends: time text, and the write side's in-batch dedupe and
-outcomes (:class:`Deduped`) and JSON text (:func:`json_text`). (The read side: :mod:`gateway.store._query`.)"""
+outcomes (:class:`Deduped`), JSON text (:func:`json_text`) and the completion's result
+(:func:`by_message`). (The read side: :mod:`gateway.store._query`.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore
 from operator import attrgetter
 from typing import Any
 
-from gateway.store.base import InsertOutcome, NewMessage
+from gateway.errors import StoreCorrupt
+from gateway.store.base import Event, EventsByMessage, Failure, InsertOutcome, NewEvent, NewMessage
 
 
 def ts_text(ts: datetime) -> str:
@@ -81,3 +83,26 @@ class Deduped:
             return unique
         firsts = self._firsts
         return [unique[j] if firsts[j] == i else InsertOutcome(unique[j].id, True) for i, j in enumerate(self._slots)]
+
+
+def require_messages(events: Sequence[NewEvent]) -> None:
+    """Refuse (ValueError) an event for ``Store.complete`` that belongs to no message."""
+    for e in events:
+        if e.message_id is None:
+            raise ValueError(f"complete(): event {e.type!r} has no message_id (use append_events)")
+
+
+def by_message(processed: list[int], failed: list[Failure], owned: set[int], stored: list[Event]) -> EventsByMessage:
+    """``Store.complete``'s result: each message of ``processed`` then ``failed`` that is in
+    ``owned`` (still leased) → its events from ``stored`` (in order; an empty list when it had
+    none). Raises StoreCorrupt for an event of a message not in ``owned`` (never appended)."""
+    out: EventsByMessage = {mid: [] for mid in processed if mid in owned}
+    for f in failed:
+        if f.message_id in owned:
+            out[f.message_id] = []
+    for e in stored:
+        mine = out.get(e.message_id) if e.message_id is not None else None
+        if mine is None:
+            raise StoreCorrupt(f"event {e.id} appended for message {e.message_id}, which is not ours")
+        mine.append(e)
+    return out

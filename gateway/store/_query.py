@@ -20,8 +20,9 @@ from decimal import Decimal
 from typing import Any
 
 from gateway import metrics
+from gateway.health import ComponentHealth
 from gateway.store._common import ts_text
-from gateway.store.base import MessageQuery, Page, StoreHealth
+from gateway.store.base import MessageQuery, Page
 
 # Top-level columns a ``key``/``value`` filter may name; the rest are measurement names.
 TEXT_FIELDS = frozenset({"device_id", "status", "source"})
@@ -227,19 +228,22 @@ def reject_page(dialect: Dialect, limit: int, cursor: str | None, columns: str, 
 # ---- health -------------------------------------------------------------------------------------
 
 
-def mark_ok(health: StoreHealth) -> None:
+def new_health(health: ComponentHealth | None) -> ComponentHealth:
+    """The store's health record: ``health`` (or a new ``database`` one), counting reconnects."""
+    health = health if health is not None else ComponentHealth("database")
+    health.detail.setdefault("reconnects", 0)
+    return health
+
+
+def mark_ok(health: ComponentHealth) -> None:
     """The database answered: ``ok`` (counting a recovery), and the up gauge."""
     if health.state == "degraded":
-        health.reconnects += 1
-    health.state = "ok"
-    health.last_error = None
-    health.refused = False
+        health.detail["reconnects"] = health.detail.get("reconnects", 0) + 1
+    health.set("ok")
     metrics.DB_UP.set(1)
 
 
-def mark_degraded(health: StoreHealth, error: str, *, refused: bool = False) -> None:
+def mark_degraded(health: ComponentHealth, error: str, *, refused: bool = False) -> None:
     """The database failed with ``error`` (``refused``: one no retry fixes)."""
-    health.state = "degraded"
-    health.last_error = error
-    health.refused = refused
+    health.set("degraded", error, code="db_refused" if refused else "db_unavailable", refused=refused)
     metrics.DB_UP.set(0)

@@ -18,6 +18,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import trio
 
+from gateway.health import ComponentHealth
+
 Source = Literal["mqtt", "api"]
 # Tables with a retention period (messages: only processed ones are removed).
 PruneTable = Literal["events", "rejects", "messages"]
@@ -156,7 +158,9 @@ class Event:
     """A stored event. ``id`` only grows, in commit order, across every instance.
 
     ``json``: ``data`` as compact JSON when known (as stored); ``frame``: the whole SSE frame,
-    when the hub built it once for all its subscribers (:func:`gateway.sse.framed`).
+    when the hub built it once for all its subscribers (:func:`gateway.sse.framed`);
+    ``message_id``: the message whose processing appended it (None for alerts and the like).
+    The stores build events positionally: on the hot path a keyword costs ~0.3 µs per event.
     """
 
     id: int
@@ -166,6 +170,7 @@ class Event:
     device_id: str | None = None
     json: bytes | None = field(default=None, compare=False, repr=False)
     frame: bytes | None = field(default=None, compare=False, repr=False)
+    message_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +196,22 @@ class NewPublish:
     event_id: int | None = None
 
 
-PublishBuilder = Callable[[list["Event"]], list[NewPublish]]
-"""Builds the outbox rows of a commit from the events it appended (so payloads carry their ids).
+EventsByMessage = dict[int, list[Event]]
+"""What :meth:`Store.complete` stored: every message still leased to the owner (processed, then
+failed, in the order given) → the events appended for it, in the order given (an empty list when
+it had none). Messages whose lease was lost are absent."""
+
+PublishBuilder = Callable[[list[Event]], list[NewPublish]]
+"""Builds the outbox rows of :meth:`Store.append_events` from the events it appended (so payloads
+carry their ids).
 
 Called inside the store's transaction (a worker thread on SQLite, the asyncio side on PostgreSQL):
 it must be pure and quick, and must not raise for one bad payload.
 """
+
+CompletionPublishes = Callable[[EventsByMessage], list[NewPublish]]
+"""Builds the outbox rows of :meth:`Store.complete` from what it stored, keyed by message (same
+rules as :data:`PublishBuilder`); rows of a message absent from it are dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,22 +292,12 @@ class Migration:
     applied_at: datetime | None = None
 
 
-@dataclass
-class StoreHealth:
-    """Connection state for /ping and metrics."""
-
-    state: Literal["starting", "ok", "degraded"] = "starting"
-    last_error: str | None = None
-    refused: bool = False  # last_error is one no retry fixes (see errors.StoreAccessRefused)
-    reconnects: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class Store(Protocol):
     """What the gateway needs from a database. All methods may raise StoreUnavailable."""
 
     kind: str
-    health: StoreHealth
+    health: ComponentHealth
+    """The store's own record (``database``): it sets it itself (``reconnects`` in ``detail``)."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (retrying with backoff), apply migrations, report started, keep the connection
@@ -334,13 +339,17 @@ class Store(Protocol):
         processed: list[int],
         failed: list[Failure],
         events: list[NewEvent],
-        publishes: PublishBuilder | None = None,
-    ) -> list[Event]:
+        publishes: CompletionPublishes | None = None,
+    ) -> EventsByMessage:
         """In ONE transaction: mark ``processed`` done, record ``failed`` (attempts+1, last_error,
         retry time or dead), append ``events`` and the outbox rows ``publishes`` builds from the
-        appended events — only for messages still leased to ``owner`` (rows with
-        ``message_id=None`` always). Event ids grow in commit order across instances.
-        Returns the appended events with their ids.
+        appended events — only for messages still leased to ``owner`` (outbox rows with
+        ``message_id=None`` always). Event ids grow in commit order across instances, and follow
+        the order of ``events``.
+
+        Returns every message still leased to ``owner`` → its appended events with their ids
+        (:data:`EventsByMessage`). Raises ValueError for an event without a ``message_id``
+        (those go through :meth:`append_events`).
         """
         ...
 

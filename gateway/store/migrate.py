@@ -3,10 +3,9 @@
 The files ship inside the package as ``gateway/store/migrations`` (a symlink to
 ``db/migrations`` in a checkout, real files in a wheel). Each backend applies the pending ones
 in version order, each in its own transaction that also records it in ``schema_migrations``;
-applying again changes nothing. This module finds and describes them; the stores run them.
-
-For the CLI (``gateway migrate [--status]``) :func:`migrate` and :func:`migration_status`
-open the configured store just long enough to do it.
+applying again changes nothing. This module finds and describes them; the stores run them
+(``Store.migrate()``, ``Store.migration_status()``: at start-up, and for ``gateway migrate
+[--status]`` in :mod:`gateway.cli`). It imports no store, so the stores can import it.
 """
 
 from __future__ import annotations
@@ -17,11 +16,8 @@ from datetime import datetime
 from importlib import resources
 from typing import Literal
 
-import trio
-
 from gateway.errors import StoreCorrupt
-from gateway.settings import DatabaseSettings
-from gateway.store.base import Migration, Store
+from gateway.store.base import Migration
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -76,37 +72,3 @@ def merge_status(files: list[MigrationFile], applied: dict[int, tuple[str, datet
     for version, (name, at) in applied.items():
         out.setdefault(version, Migration(version, name, at))
     return [out[v] for v in sorted(out)]
-
-
-async def migrate(settings: DatabaseSettings) -> list[Migration]:
-    """Apply pending migrations to the configured database; returns those applied now.
-
-    Raises StoreUnavailable when the database cannot be reached (one attempt, no retry).
-    """
-    from gateway.store import open_store
-
-    async with open_store(settings) as store:
-        try:
-            return await store.migrate()
-        finally:
-            await _close(store)
-
-
-async def migration_status(settings: DatabaseSettings) -> list[Migration]:
-    """Every known migration of the configured database, with ``applied_at`` when applied."""
-    from gateway.store import open_store
-
-    async with open_store(settings) as store:
-        try:
-            return await store.migration_status()
-        finally:
-            await _close(store)
-
-
-async def _close(store: Store) -> None:
-    # SQLite opens its file on first use; PostgreSQL used a one-off connection, already closed.
-    from gateway.store.sqlite import SqliteStore
-
-    if isinstance(store, SqliteStore):
-        with trio.CancelScope(shield=True):
-            await store.aclose()

@@ -43,15 +43,18 @@ import trio_asyncio
 
 from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
-from gateway.store._common import Deduped, json_text
-from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, reject_page
+from gateway.store._common import Deduped, by_message, json_text, require_messages
+from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
     Backlog,
+    CompletionPublishes,
     Event,
+    EventsByMessage,
     Failure,
     InsertOutcome,
     MessageQuery,
@@ -68,7 +71,6 @@ from gateway.store.base import (
     PublishFailure,
     StoredMessage,
     StoredReject,
-    StoreHealth,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,8 @@ RETURNING {_MSG_COLS}
 # (held to commit) is taken before any event id is drawn: the insert's rows come through the join
 # with ``locked`` (a volatile CTE, evaluated once, first); so ids grow in commit order across
 # connections and instances. NOTIFY is queued with it and sent at commit. Rows: (false, message id)
-# for each message still ours, (true, event id, created_at) for each event appended.
+# for each message still ours, (true, event id, created_at) for each event appended. ``$10``
+# (append_events) keeps every event; otherwise only those of the messages still ours.
 _COMPLETE = f"""
 WITH done AS (
     UPDATE messages SET processed_at = now(), lease_owner = NULL, lease_until = NULL
@@ -167,7 +170,7 @@ WITH done AS (
     SELECT u.t, u.d::jsonb, u.dev, u.mid
     FROM unnest($6::text[], $7::text[], $8::text[], $9::bigint[]) WITH ORDINALITY AS u(t, d, dev, mid, ord)
     CROSS JOIN locked
-    WHERE $10 OR u.mid IS NULL OR u.mid IN (SELECT id FROM owned)
+    WHERE $10 OR u.mid IN (SELECT id FROM owned)
     ORDER BY u.ord
     RETURNING id, created_at
 )
@@ -176,7 +179,7 @@ UNION ALL
 SELECT true, id, created_at FROM appended
 """
 _READ_EVENTS = """
-SELECT id, type, data::text, created_at, device_id FROM events
+SELECT id, type, data::text, created_at, device_id, message_id FROM events
 WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR device_id = $3)
 ORDER BY id LIMIT $4
 """
@@ -234,10 +237,24 @@ SELECT (SELECT count(*) FROM outbox WHERE dead_at IS NULL),
 
 
 @asynccontextmanager
-async def open_postgres(settings: DatabaseSettings) -> AsyncIterator[PostgresStore]:
+async def open_postgres(
+    settings: DatabaseSettings, health: ComponentHealth | None = None
+) -> AsyncIterator[PostgresStore]:
     """Open the trio-asyncio loop and yield a store bound to it (call ``run()`` to connect)."""
     async with trio_asyncio.open_loop() as loop:
-        yield PostgresStore(settings, loop)
+        loop.set_exception_handler(_loop_exception)
+        yield PostgresStore(settings, loop, health)
+
+
+def _loop_exception(loop: Any, context: dict[str, Any]) -> None:
+    """asyncpg cancelled halfway through a connect (a stop while it retries, e.g. right after a
+    refusal) leaves a future with a ConnectionError nobody reads: nobody lost anything, so it is
+    logged at DEBUG. Anything else goes to trio-asyncio's handler, which raises it in the loop."""
+    exc = context.get("exception")
+    if context.get("message") == "Future exception was never retrieved" and isinstance(exc, ConnectionError):
+        log.debug("unread asyncpg connection error (a cancelled connect): %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 class PostgresStore:
@@ -245,13 +262,13 @@ class PostgresStore:
 
     kind = "postgres"
 
-    def __init__(self, settings: DatabaseSettings, loop: Any) -> None:
+    def __init__(self, settings: DatabaseSettings, loop: Any, health: ComponentHealth | None = None) -> None:
         self._settings = settings
         self._loop = loop
         self._pool: _Pool | None = None  # once run() connected
         # API reads take at most half the pool: writes and the processor always find a connection.
         self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
-        self.health = StoreHealth()
+        self.health = new_health(health)
         # Reconnects and health checks: full jitter, so instances that lost the database together
         # do not come back together.
         self._retry = Backoff(settings.retry_min, max(settings.retry_min, settings.retry_max), jitter="full")
@@ -356,9 +373,6 @@ class PostgresStore:
             else:
                 attempt = 0
                 delay = HEALTH_INTERVAL
-            pool = self._pool
-            if pool is not None:
-                self.health.extra = {"pool_size": pool.size, "pool_idle": pool.idle_size}
             await trio.sleep(delay)
 
     def _set_ok(self) -> None:
@@ -533,21 +547,25 @@ class PostgresStore:
         processed: list[int],
         failed: list[Failure],
         events: list[NewEvent],
-        publishes: PublishBuilder | None = None,
-    ) -> list[Event]:
+        publishes: CompletionPublishes | None = None,
+    ) -> EventsByMessage:
         """Mark processed/failed, append events and outbox rows, in one transaction, only for
-        messages still leased to ``owner`` (events without a message always). NOTIFYs ``gateway_events``."""
+        messages still leased to ``owner``; returns those messages → their events. NOTIFYs
+        ``gateway_events``."""
+        require_messages(events)
 
-        async def complete(conn: Conn) -> list[Event]:
+        async def complete(conn: Conn) -> EventsByMessage:
             if publishes is None:
-                return (await _commit(conn, owner, processed, failed, events, keep_all=False))[1]
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False)
+                return by_message(processed, failed, owned, appended)
             async with _transaction(conn):
-                owned, stored = await _commit(conn, owner, processed, failed, events, keep_all=False)
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False)
+                stored = by_message(processed, failed, owned, appended)
                 await _enqueue(conn, [p for p in publishes(stored) if p.message_id is None or p.message_id in owned])
                 return stored
 
         if not processed and not failed and not events:
-            return []
+            return {}
         return await self._run(complete)
 
     async def append_events(self, events: list[NewEvent], publishes: PublishBuilder | None = None) -> list[Event]:
@@ -578,7 +596,7 @@ class PostgresStore:
         out = []
         for r in rows:
             raw = r[2].encode()  # the text as stored: parsed once, and reused for the SSE frame
-            out.append(Event(r[0], r[1], loads(raw), r[3], r[4], raw))
+            out.append(Event(r[0], r[1], loads(raw), r[3], r[4], raw, None, r[5]))
         return out
 
     async def event_bounds(self) -> tuple[int, int]:
@@ -868,14 +886,13 @@ async def _commit(
     )
     owned = {r[1] for r in rows if not r[0]}
     appended = sorted((r for r in rows if r[0]), key=lambda r: r[1])  # ids were taken in input order
-    kept = [
-        (e, raw)
-        for e, raw in zip(events, encoded, strict=True)
-        if keep_all or e.message_id is None or e.message_id in owned
-    ]
+    kept = [(e, raw) for e, raw in zip(events, encoded, strict=True) if keep_all or e.message_id in owned]
     if len(kept) != len(appended):
         raise StoreCorrupt(f"{len(kept)} events to append, {len(appended)} appended")
-    stored = [Event(r[1], e.type, e.data, r[2], e.device_id, raw) for r, (e, raw) in zip(appended, kept, strict=True)]
+    stored = [
+        Event(r[1], e.type, e.data, r[2], e.device_id, raw, None, e.message_id)
+        for r, (e, raw) in zip(appended, kept, strict=True)
+    ]
     return owned, stored
 
 
@@ -941,14 +958,6 @@ class _Pool:
         self._open: dict[Conn, int] = {}  # connection -> its backend's pid
         self.pids: set[int] = set()  # of the open connections' backends (NOTIFY senders)
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return len(self._open)
-
-    @property
-    def idle_size(self) -> int:
-        return len(self._idle)
 
     def put(self, conn: Conn) -> None:
         """Add a new idle connection."""

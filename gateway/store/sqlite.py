@@ -25,15 +25,18 @@ from typing import Any, TypeVar
 import trio
 
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
+from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
-from gateway.store._common import Deduped, json_text, now_utc, ts_parse, ts_text
-from gateway.store._query import SQLITE, PageRead, mark_degraded, mark_ok, message_page, reject_page
+from gateway.store._common import Deduped, by_message, json_text, now_utc, require_messages, ts_parse, ts_text
+from gateway.store._query import SQLITE, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
     Backlog,
+    CompletionPublishes,
     Event,
+    EventsByMessage,
     Failure,
     InsertOutcome,
     MessageQuery,
@@ -50,7 +53,6 @@ from gateway.store.base import (
     PublishFailure,
     StoredMessage,
     StoredReject,
-    StoreHealth,
 )
 
 T = TypeVar("T")
@@ -85,7 +87,7 @@ _MARK_FAILED = (
 )
 _INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_id) VALUES (?, ?, ?, ?, ?)"
 _LAST_EVENT_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-_EVENT_COLS = "id, type, data, created_at, device_id"
+_EVENT_COLS = "id, type, data, created_at, device_id, message_id"
 _REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
 _BACKLOG = (
     "SELECT count(*), (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
@@ -139,7 +141,7 @@ class SqliteStore:
 
     kind = "sqlite"
 
-    def __init__(self, settings: DatabaseSettings) -> None:
+    def __init__(self, settings: DatabaseSettings, health: ComponentHealth | None = None) -> None:
         self._settings = settings
         self._path = settings.sqlite_path
         self._conn: sqlite3.Connection | None = None
@@ -147,7 +149,7 @@ class SqliteStore:
         self._deadline = math.inf
         self._readers: list[_Reader] = []  # idle reader connections
         self._read_limiter = trio.CapacityLimiter(_READERS)
-        self.health = StoreHealth()
+        self.health = new_health(health)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -381,11 +383,13 @@ class SqliteStore:
         processed: list[int],
         failed: list[Failure],
         events: list[NewEvent],
-        publishes: PublishBuilder | None = None,
-    ) -> list[Event]:
-        """Mark processed/failed, append events and outbox rows, only for messages still leased to ``owner``."""
+        publishes: CompletionPublishes | None = None,
+    ) -> EventsByMessage:
+        """Mark processed/failed, append events and outbox rows, only for messages still leased to
+        ``owner``; returns those messages → their events."""
+        require_messages(events)
 
-        def complete(conn: sqlite3.Connection) -> list[Event]:
+        def complete(conn: sqlite3.Connection) -> EventsByMessage:
             now = ts_text(now_utc())
             with _transaction(conn):
                 owned: set[int] = set()
@@ -397,8 +401,8 @@ class SqliteStore:
                     cur = conn.execute(_MARK_FAILED, (f.error, retry, retry, now, f.message_id, owner))
                     if cur.rowcount:
                         owned.add(f.message_id)
-                keep = [e for e in events if e.message_id is None or e.message_id in owned]
-                stored = _append(conn, keep)
+                appended = _append(conn, [e for e in events if e.message_id in owned])
+                stored = by_message(processed, failed, owned, appended)
                 if publishes is not None:
                     _enqueue(conn, [p for p in publishes(stored) if p.message_id is None or p.message_id in owned])
                 return stored
@@ -441,7 +445,7 @@ class SqliteStore:
         out = []
         for r in rows:
             raw = r[2].encode()
-            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw))
+            out.append(Event(r[0], r[1], loads(raw), ts_parse(r[3]), r[4], raw, None, r[5]))
         return out
 
     async def event_bounds(self) -> tuple[int, int]:
@@ -682,7 +686,7 @@ def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
     if after != before + len(events):
         raise StoreCorrupt(f"event ids not consecutive: {before} + {len(events)} != {after}")
     return [
-        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw)
+        Event(before + 1 + n, e.type, e.data, now, e.device_id, raw, None, e.message_id)
         for n, (e, raw) in enumerate(zip(events, encoded, strict=True))
     ]
 

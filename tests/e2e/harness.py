@@ -30,12 +30,21 @@ def api_key(name: str, role: str) -> tuple[str, str]:
 class GatewayProcess:
     """``gateway serve`` in a child process with its own working directory and environment."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], *, env_file: Path | None = None) -> None:
+        """``env`` is the configuration; with ``env_file`` it is written to that file and passed as
+        ``--env-file`` (the way an operator runs it) instead of through the environment."""
         self.workdir = workdir
         self.port = int(env.get("HTTP_PORT") or free_port())
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))}
         # Short broker sessions: test client ids must not leave queues behind on a shared broker.
-        self.env = {**base, "HTTP_PORT": str(self.port), "MQTT_SESSION_EXPIRY": "60", **env}
+        config = {"HTTP_PORT": str(self.port), "MQTT_SESSION_EXPIRY": "60", **env}
+        self.args: list[str] = []
+        if env_file is None:
+            self.env = {**base, **config}
+        else:
+            env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()), encoding="utf-8")
+            self.env = base
+            self.args = ["--env-file", str(env_file)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -43,7 +52,7 @@ class GatewayProcess:
         """Start the process; with ``wait``, return once ``/api/v1/ping`` answers."""
         self.stderr = open(self.workdir / "stderr.log", "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"],
+            [sys.executable, "-m", "gateway", "serve", *self.args],
             cwd=self.workdir,
             env=self.env,
             stdout=self.stderr,

@@ -86,7 +86,7 @@ async def test_outage_and_recovery(pg_server_factory: Callable[[], PgServer]) ->
         outcomes = await store.write_batch([msg(n=1), msg(n=2)], [])
         assert (outcomes[0].id, outcomes[0].duplicate) == (before.id, True)
         assert not outcomes[1].duplicate
-        assert _state(store) == "ok" and store.health.reconnects >= 1
+        assert _state(store) == "ok" and store.health.detail["reconnects"] >= 1
         # The LISTEN connection came back too: called once after reconnecting.
         with trio.fail_after(15):
             await relistened.wait()

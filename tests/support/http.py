@@ -124,15 +124,8 @@ async def running_api(
 
         async def reload() -> dict[str, Any]:
             new: Settings = load_settings(env_file, environ={})
-            old = ctx.settings
-            changed = sorted(
-                alias
-                for name, model in Settings.COMPONENTS.items()
-                for fname, info in model.model_fields.items()
-                if getattr(getattr(old, name), fname) != getattr(getattr(new, name), fname)
-                for alias in [str(info.alias)]
-            )
-            ctx.settings = new
+            changed = sorted(v for variables in ctx.settings.diff(new).values() for v in variables)
+            ctx.reconfigure(new.http)
             return {"changed": changed, "restarted": []}
 
         ctx = AppContext(
