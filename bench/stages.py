@@ -455,7 +455,7 @@ class _StaticStore:
 
 
 async def sse_delivery(w: Watch, events: list[Any]) -> str:
-    """Hub fan-out → the stream's pump → the response generator (encode, chunking) → h11 chunked
+    """Hub fan-out → the response generator (its subscription, encode, chunking) → h11 chunked
     framing → a real socket (what hypercorn does for HTTP/1.1; quart's ASGI layer is not included).
 
     ``events`` must carry consecutive ids (the hub then fans them out without a store read).
@@ -509,7 +509,7 @@ async def sse_delivery(w: Watch, events: list[Any]) -> str:
                         all_sent.set()
 
             nursery.start_soon(respond)
-            while not hub.clients:  # the pump subscribed
+            while not hub.clients:  # the stream subscribed
                 await trio.sleep(0.001)
             before = client_cpu[0]
             with w:
@@ -523,7 +523,7 @@ async def sse_delivery(w: Watch, events: list[Any]) -> str:
         await stream.aclose()
         b.close()
         reader.join(2)
-    return "hub.committed → pump → SseStreams.stream → h11 → socket (incl. encode)"
+    return "hub.committed → SseStreams.stream → h11 → socket (incl. encode)"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ iteration ends, the HTTP side closes the stream, and the browser reconnects and 
 
 Memory per subscriber is bounded: replay reads the store in pages of ``replay_limit`` events and reads
 the next page only when the client has taken the previous one, so a client that stops reading holds at
-most one page plus its live channel (``subscriber_buffer`` events shared with every other subscriber).
+most one page plus its live channel (``subscriber_buffer`` events shared with every other subscriber);
+dropping a subscriber empties its channel at once, whether or not anyone still reads it.
+
+The seam between the two sides: the hub keeps one private record per subscriber (``_Member``: its
+filters, the send end of its live channel, whether it was detached or dropped), and a
+:class:`Subscription` sees the hub only through that record, typed as :class:`Feed` (join, read the
+store, say it caught up). The subscription keeps its iteration state (cursor, replay page) to itself;
+the hub reaches it only through the live channel it feeds.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
 import trio
 
@@ -44,65 +51,82 @@ log = logging.getLogger("gateway.hub")
 _TAIL_PAGE = 1000
 
 
+class Feed(Protocol):
+    """What a :class:`Subscription` may ask of its hub (the hub's record of that subscriber)."""
+
+    @property
+    def page_size(self) -> int:
+        """Events per replay read (:meth:`read_page`)."""
+        ...
+
+    @property
+    def detached(self) -> bool:
+        """The live channel was closed because it filled up (and the subscriber was neither dropped
+        nor is the hub stopping): catch up from the store, then :meth:`join` again."""
+        ...
+
+    @property
+    def dropped(self) -> bool:
+        """The hub dropped this subscriber for lagging too long: iteration ends."""
+        ...
+
+    def join(self) -> tuple[int, trio.MemoryReceiveChannel[Event]]:
+        """Register for live events: every matching one above the returned position arrives on
+        the returned channel (already closed when the hub has stopped). Synchronous, so no event
+        can fall between the position and the channel."""
+        ...
+
+    def caught_up(self) -> None:
+        """Replay reached the live stream: no longer lagging."""
+        ...
+
+    def matches(self, event: Event) -> bool:
+        """Whether ``event`` passes the subscriber's filters."""
+        ...
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """The oldest and newest stored event ids (0 when there are none)."""
+        ...
+
+    async def read_page(self, after_id: int) -> list[Event]:
+        """Up to :attr:`page_size` stored events above ``after_id`` that pass the filters, in id order."""
+        ...
+
+
 class Subscription:
     """One subscriber's stream of events: replay (if asked), then live. Async-iterable.
 
     Iteration yields :class:`~gateway.store.base.Event` in id order, first a ``reset`` event when the
     requested id is older than the oldest kept event (or unknown); it ends when the subscriber was
-    dropped for being too slow or when the hub stops. After a ``reset`` (its id is the current
-    position) the stream goes on live: the client should reload its state (e.g. ``GET /messages``).
-    Cancelling a step (a heartbeat timeout around ``__anext__``) loses nothing.
+    dropped for being too slow, when the hub stops, or when :meth:`close` is called. After a
+    ``reset`` (its id is the current position) the stream goes on live: the client should reload
+    its state (e.g. ``GET /messages``). Cancelling a step (a heartbeat timeout around
+    ``__anext__``) loses nothing.
+
+    Registers with the hub when constructed (``feed.join()``): live events from then on are its own.
     """
 
-    def __init__(
-        self,
-        hub: Hub,
-        *,
-        last_event_id: int | None,
-        types: frozenset[str] | None,
-        device_id: str | None,
-        buffer: int,
-    ) -> None:
-        self._hub = hub
-        self.types = types
-        self.device_id = device_id
-        self._buffer = buffer
-        self._send: trio.MemorySendChannel[Event]
-        self._recv: trio.MemoryReceiveChannel[Event]
-        self._send, self._recv = trio.open_memory_channel(buffer)
+    def __init__(self, feed: Feed, *, last_event_id: int | None) -> None:
+        self._feed = feed
+        self._position, self._recv = feed.join()
         self._pending: deque[Event] = deque()
-        self._cursor = 0  # id of the last event yielded (live events at or below it are repeats)
+        self._cursor = self._position  # id of the last event yielded (live events at or below it are repeats)
         self._last_event_id = last_event_id
         self._replay_after = 0  # replay reads ids above this
         self._target = 0  # replay until reaching this id (the tailer position at registration)
         self._replaying = False
-        self.overflowed = False  # the channel filled up: detached, catching up from the store
-        self.dropped = False
-        self.started = False
-        self._position = 0
+        self._started = False
+        self._closed = False
 
     def matches(self, event: Event) -> bool:
         """Whether ``event`` passes this subscriber's filters."""
-        if self.types is not None and event.type not in self.types:
-            return False
-        return self.device_id is None or event.device_id == self.device_id
+        return self._feed.matches(event)
 
-    # -- called by the hub (synchronously, so registration and fan-out never interleave) --
-
-    def _offer(self, event: Event) -> bool:
-        """Queue a live event; False when the channel is full (the hub then detaches it)."""
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return True  # already closed; the hub removes it
-        return True
-
-    def _close(self) -> None:
-        self._send.close()
-
-    # -- iteration --
+    def close(self) -> None:
+        """End iteration now (the server is stopping): a step waiting for events ends, and so
+        does every later one. Idempotent."""
+        self._closed = True
+        self._recv.close()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -118,10 +142,12 @@ class Subscription:
         Cancel-safe like ``__anext__``: once an event is taken nothing awaits, so a cancelled
         step has taken nothing.
         """
-        if not self.started:
+        if not self._started:
             await self._start()
         out: list[Event] = []
         while True:
+            if self._closed:
+                raise StopAsyncIteration
             pending = self._pending
             while pending and len(out) < limit:
                 event = pending.popleft()
@@ -132,7 +158,7 @@ class Subscription:
                 if not pending and not self._replaying:
                     self._take_live(out, limit)
                 return out
-            if self.dropped:
+            if self._feed.dropped:
                 raise StopAsyncIteration
             if self._replaying:
                 await self._replay_page()
@@ -140,7 +166,7 @@ class Subscription:
             try:
                 event = await self._recv.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
-                if self.overflowed and not self.dropped and not self._hub._stopped:
+                if self._feed.detached and not self._closed:
                     # Fell behind while live: what was buffered is delivered; catch up from the
                     # store from here (the hub drops us if that takes too long).
                     self._replaying = True
@@ -166,25 +192,19 @@ class Subscription:
                 self._cursor = event.id
                 out.append(event)
 
-    def _attach(self) -> None:
-        """Register with the hub now: live events above its current position are ours."""
-        self._position = self._hub._register(self)
-        self._cursor = self._position
-
     async def _start(self) -> None:
         """On first iteration: decide between replay, reset and live only.
 
         Cancel-safe (a heartbeat timeout around ``__anext__`` may cancel it): nothing changes
         before the only await, so a cancelled start simply runs again.
         """
-        hub = self._hub
         position = self._position
         if self._last_event_id is None:
-            self.started = True
+            self._started = True
             return
         requested = self._last_event_id
-        oldest, newest = await hub._store.event_bounds()
-        self.started = True
+        oldest, newest = await self._feed.event_bounds()
+        self._started = True
         known = max(position, newest)
         pruned = oldest - 1 if oldest > 0 else known  # every id up to here is gone
         if requested > known or requested < pruned:
@@ -204,27 +224,116 @@ class Subscription:
         self._replaying = requested < position
 
     async def _replay_page(self) -> None:
-        hub = self._hub
+        feed = self._feed
         if self._replay_after >= self._target:
-            if not self.overflowed:
+            if not feed.detached:
                 self._replaying = False
-                hub._caught_up(self)
+                feed.caught_up()
                 return
             # Live events came faster than we read: register again (a fresh channel gets every
             # event above the new position) and read the store up to that position.
-            self._send, self._recv = trio.open_memory_channel(self._buffer)
-            self.overflowed = False
-            self._target = hub._register(self)
+            self._target, self._recv = feed.join()
             return
-        page = await hub._store.read_events(
-            after_id=self._replay_after, limit=hub.replay_limit, types=self.types, device_id=self.device_id
-        )
-        if len(page) < hub.replay_limit:
+        page = await feed.read_page(self._replay_after)
+        if len(page) < feed.page_size:
             # Short page: everything committed up to now is read, which includes the target.
             self._replay_after = max(self._target, page[-1].id if page else 0)
         else:
             self._replay_after = page[-1].id
         self._pending.extend(page)
+
+
+class _Member:
+    """The hub's record of one subscriber, and the subscriber's only view of the hub (a :class:`Feed`).
+
+    The hub calls :meth:`offer`, :meth:`detach`, :meth:`drop` and :meth:`close` (synchronously, so
+    registration and fan-out never interleave); the subscription calls the :class:`Feed` methods.
+    """
+
+    __slots__ = ("_detached", "_dropped", "_hub", "_recv", "_send", "device_id", "types")
+
+    def __init__(self, hub: Hub, types: frozenset[str] | None, device_id: str | None) -> None:
+        self._hub = hub
+        self.types = types
+        self.device_id = device_id
+        self._send: trio.MemorySendChannel[Event] | None = None
+        self._recv: trio.MemoryReceiveChannel[Event] | None = None
+        self._detached = False
+        self._dropped = False
+
+    # -- the Feed, for the subscription --
+
+    @property
+    def page_size(self) -> int:
+        return self._hub.replay_limit
+
+    @property
+    def detached(self) -> bool:
+        return self._detached and not self._dropped and not self._hub._stopped
+
+    @property
+    def dropped(self) -> bool:
+        return self._dropped
+
+    def join(self) -> tuple[int, trio.MemoryReceiveChannel[Event]]:
+        self._send, self._recv = trio.open_memory_channel[Event](self._hub.subscriber_buffer)
+        self._detached = False
+        return self._hub._admit(self), self._recv
+
+    def caught_up(self) -> None:
+        self._hub._lagging.pop(self, None)
+
+    def matches(self, event: Event) -> bool:
+        if self.types is not None and event.type not in self.types:
+            return False
+        return self.device_id is None or event.device_id == self.device_id
+
+    async def event_bounds(self) -> tuple[int, int]:
+        return await self._hub._store.event_bounds()
+
+    async def read_page(self, after_id: int) -> list[Event]:
+        hub = self._hub
+        return await hub._store.read_events(
+            after_id=after_id, limit=hub.replay_limit, types=self.types, device_id=self.device_id
+        )
+
+    # -- for the hub --
+
+    def offer(self, event: Event) -> bool:
+        """Queue a live event; False when the channel is full (the hub then detaches it)."""
+        assert self._send is not None
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return True  # already closed; the hub removes it
+        return True
+
+    def detach(self) -> None:
+        """The channel is full: close it; the subscriber reads what it holds, then catches up."""
+        self._detached = True
+        self.close()
+
+    def drop(self) -> bool:
+        """End the subscriber and free what its channel holds; False when it was dropped already."""
+        if self._dropped:
+            return False
+        self._dropped = True
+        self.close()
+        if self._recv is not None:
+            self._recv.close()  # the buffered events go now, whether or not anyone still reads
+        return True
+
+    def close(self) -> None:
+        """No more live events: the subscriber sees the end of its channel once it is read."""
+        if self._send is not None:
+            self._send.close()
+
+    def describe(self) -> str:
+        """The filters, for logs."""
+        types = ",".join(sorted(self.types)) if self.types else "*"
+        return f"device_id={self.device_id} types={types}"
 
 
 class Hub:
@@ -248,8 +357,8 @@ class Hub:
         self.subscriber_buffer = subscriber_buffer
         self.replay_limit = replay_limit
         self.max_lag = max_lag
-        self._subscribers: set[Subscription] = set()
-        self._lagging: dict[Subscription, float] = {}  # subscriber → when it first fell behind
+        self._members: set[_Member] = set()  # live, attached subscribers
+        self._lagging: dict[_Member, float] = {}  # subscriber → when it first fell behind
         self._position = 0
         self._nudge = Nudge()
         self._ready = trio.Event()
@@ -320,9 +429,9 @@ class Hub:
                 await self._nudge.wait(self.poll_interval)
         finally:
             self._stopped = True
-            for sub in list(self._subscribers):
-                self._subscribers.discard(sub)
-                sub._close()
+            for member in list(self._members):
+                self._members.discard(member)
+                member.close()
 
     async def _tail(self) -> None:
         while True:
@@ -336,52 +445,48 @@ class Hub:
     def _fan_out(self, page: list[Event]) -> None:
         # Synchronous on purpose: no checkpoint between reading the position and sending, so a
         # subscriber registering concurrently sees either all of this page or none of it.
-        if self._subscribers:
+        if self._members:
             # Each event's SSE frame is built here once, not once per subscriber.
             page = [framed(e) for e in page]
-        for sub in list(self._subscribers):
+        for member in list(self._members):
             for event in page:
-                if event.id <= self._position or not sub.matches(event):
+                if event.id <= self._position or not member.matches(event):
                     continue
-                if not sub._offer(event):
+                if not member.offer(event):
                     # Full: detach it; it reads what it has, then catches up from the store.
-                    sub.overflowed = True
-                    sub._close()
-                    self._subscribers.discard(sub)
-                    self._lagging.setdefault(sub, trio.current_time())
+                    member.detach()
+                    self._members.discard(member)
+                    self._lagging.setdefault(member, trio.current_time())
                     break
                 self.delivered += 1
         self._position = max(self._position, page[-1].id)
 
     def _drop_laggards(self) -> None:
         deadline = trio.current_time() - self.max_lag
-        for sub, since in list(self._lagging.items()):
+        for member, since in list(self._lagging.items()):
             if since < deadline:
-                self._drop(sub)
+                self._drop(member)
 
-    def _caught_up(self, sub: Subscription) -> None:
-        self._lagging.pop(sub, None)
-
-    def _register(self, sub: Subscription) -> int:
+    def _admit(self, member: _Member) -> int:
+        """Add ``member`` to the fan-out (or end it when stopped); returns the position."""
         if not self._stopped:
-            self._subscribers.add(sub)
+            self._members.add(member)
         else:
-            sub._close()
+            member.close()
         return self._position
 
-    def _drop(self, sub: Subscription) -> None:
-        self._subscribers.discard(sub)
-        self._lagging.pop(sub, None)
-        if not sub.dropped:
-            sub.dropped = True
-            sub._close()
+    def _leave(self, member: _Member) -> None:
+        self._members.discard(member)
+        self._lagging.pop(member, None)
+        member.close()
+
+    def _drop(self, member: _Member) -> None:
+        self._members.discard(member)
+        self._lagging.pop(member, None)
+        if member.drop():
             self.dropped += 1
             metrics.SSE_DROPPED.inc()
-            log.info(
-                "sse subscriber dropped for being too slow device_id=%s types=%s",
-                sub.device_id,
-                ",".join(sorted(sub.types)) if sub.types else "*",
-            )
+            log.info("sse subscriber dropped for being too slow %s", member.describe())
 
     @asynccontextmanager
     async def subscribe(
@@ -393,10 +498,8 @@ class Hub:
         ``types`` / ``device_id``: filters applied to replay and live alike.
         """
         await self._ready.wait()
-        sub = Subscription(
-            self, last_event_id=last_event_id, types=types, device_id=device_id, buffer=self.subscriber_buffer
-        )
-        sub._attach()
+        member = _Member(self, types, device_id)
+        sub = Subscription(member, last_event_id=last_event_id)
         self.clients += 1
         metrics.SSE_CLIENTS.inc()
         try:
@@ -404,10 +507,4 @@ class Hub:
         finally:
             self.clients -= 1
             metrics.SSE_CLIENTS.dec()
-            self._subscribers.discard(sub)
-            self._lagging.pop(sub, None)
-            sub._close()
-
-    def stats(self) -> dict[str, Any]:
-        """Counts for health detail and /ping."""
-        return {"clients": self.clients, "dropped": self.dropped, "position": self._position}
+            self._leave(member)

@@ -8,14 +8,17 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from gateway import metrics
-from gateway.store.base import NewEvent
+from gateway.http.sse import SseStreams
+from gateway.hub import Hub
+from gateway.store.base import NewEvent, Store
 from tests.support.http import ApiServer
 from tests.test_http_api import assert_problem
 
@@ -55,7 +58,8 @@ async def collect(
     """Open a stream, start ``during`` once the ``retry`` frame arrived, read until ``n`` data frames."""
     out: list[dict[str, str]] = []
     async with (
-        trio.open_nursery() as nursery, server.client(role) as c,
+        trio.open_nursery() as nursery,
+        server.client(role) as c,
         c.stream("GET", "/api/v1/events", params=params, headers=headers) as r,
     ):
         assert r.status_code == 200, await r.aread()
@@ -103,9 +107,7 @@ async def test_replay_after_last_event_id_then_live(api: ApiServer) -> None:
 
 
 async def test_filters_by_type_and_device(api: ApiServer) -> None:
-    await add_events(
-        api, ("packet", "d1"), ("alert", "d1"), ("packet", "d2"), ("alert", "d2"), ("packet", "d1")
-    )
+    await add_events(api, ("packet", "d1"), ("alert", "d1"), ("packet", "d2"), ("alert", "d2"), ("packet", "d1"))
     got = await collect(api, 2, params={"last_event_id": "0", "types": "alert"})
     assert [f["event"] for f in got if "data" in f] == ["alert", "alert"]
     got = await collect(api, 2, params={"last_event_id": "0", "device_id": "d1", "types": "packet,alert"})
@@ -120,14 +122,10 @@ async def test_unknown_last_event_id_gets_reset_first(api: ApiServer) -> None:
     assert first["event"] == "reset"
 
 
-async def test_access_token_query_and_kept_out_of_logs(
-    api: ApiServer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_access_token_query_and_kept_out_of_logs(api: ApiServer, caplog: pytest.LogCaptureFixture) -> None:
     await add_events(api, ("packet", "d1"))
     with caplog.at_level(logging.INFO, logger="gateway.http"):
-        got = await collect(
-            api, 1, role=None, params={"access_token": api.keys["read"], "last_event_id": "0"}
-        )
+        got = await collect(api, 1, role=None, params={"access_token": api.keys["read"], "last_event_id": "0"})
     assert [f["event"] for f in got if "data" in f] == ["packet"]
     assert api.keys["read"] not in caplog.text
     assert re.search(r"access_token=(\*+|(%2A)+)&", caplog.text) and "key=test-read" in caplog.text
@@ -142,9 +140,7 @@ async def test_access_token_query_and_kept_out_of_logs(
         ({"device_id": "bad id"}, {}, "device_id"),
     ],
 )
-async def test_bad_parameters(
-    api: ApiServer, params: dict[str, str], headers: dict[str, str], parameter: str
-) -> None:
+async def test_bad_parameters(api: ApiServer, params: dict[str, str], headers: dict[str, str], parameter: str) -> None:
     async with api.client("read") as c:
         r = await c.get("/api/v1/events", params=params, headers=headers)
     assert assert_problem(r, 400, "query_invalid")["parameter"] == parameter
@@ -164,6 +160,29 @@ async def test_stream_ends_promptly_on_server_stop(api: ApiServer) -> None:
         assert trio.current_time() - started < 1.0
 
 
+async def test_stream_waiting_for_a_hub_not_ready_ends_on_stop() -> None:
+    """The hub may not be ready yet (its database down at start-up): a stream waiting for it still
+    ends at once when the server stops."""
+    streams = SseStreams()
+    hub = Hub(cast(Store, None))  # never run, so never ready
+    ended = trio.Event()
+
+    async def respond() -> None:
+        body = streams.stream(hub, {"last_event_id": None, "types": None, "device_id": None}, heartbeat=1, retry_ms=1)
+        assert [chunk async for chunk in body] == []
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(streams.run)
+        nursery.start_soon(respond)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ended.is_set()
+        streams.close()
+        with trio.fail_after(1):
+            await ended.wait()
+        nursery.cancel_scope.cancel()
+
+
 async def test_stream_ends_when_hub_drops_the_subscriber(api: ApiServer) -> None:
     async with api.client("read") as c, c.stream("GET", "/api/v1/events") as r:
         stream = frames(r)
@@ -171,8 +190,8 @@ async def test_stream_ends_when_hub_drops_the_subscriber(api: ApiServer) -> None
         await add_events(api, ("packet", "d1"))
         assert (await stream.__anext__())["event"] == "packet"
         assert api.hub.clients == 1
-        for sub in list(api.hub._subscribers):
-            api.hub._drop(sub)  # what the hub does to a subscriber too slow to keep up
+        for member in list(api.hub._members):
+            api.hub._drop(member)  # what the hub does to a subscriber too slow to keep up
         with trio.fail_after(3):
             rest = [f async for f in stream]
         assert rest == []

@@ -217,6 +217,26 @@ async def test_replay_catches_up_when_live_overflows_during_replay(store: Store)
         assert hub.dropped == 0
 
 
+async def test_close_ends_a_waiting_step_and_every_later_one(store: Store) -> None:
+    """``close()`` (the server stopping) ends iteration at once, also for a step already waiting."""
+    async with running_hub(store) as hub, hub.subscribe(last_event_id=None, types=None, device_id=None) as sub:
+        ended = trio.Event()
+
+        async def wait_for_one() -> None:
+            with pytest.raises(StopAsyncIteration):
+                await sub.__anext__()
+            ended.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_one)
+            await trio.testing.wait_all_tasks_blocked()
+            sub.close()
+            with trio.fail_after(1):
+                await ended.wait()
+        await append(store, hub, new_events(0, 3))
+        assert [e async for e in sub] == []
+
+
 async def test_hub_stop_ends_subscriptions(store: Store) -> None:
     hub = Hub(store, poll_interval=0.5)
     ended = trio.Event()

@@ -261,7 +261,7 @@ async def run_gateways(
                 while not (sse.poll() or sse.heard):  # the retry: line: the stream is open
                     await trio.sleep(POLL)
             await _probe_subscriber(broker, sub)
-            await trio.sleep(0.5)  # the SSE pump subscribes to the hub just after retry: went out
+            await trio.sleep(0.5)  # margin (the SSE stream subscribes before retry: goes out)
             groups: dict[str, list[int]] = {
                 "gateway": [gw.proc.pid for gw in gws if gw.proc],
                 "broker": [broker.proc.pid] if broker.proc else [],

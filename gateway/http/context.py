@@ -9,6 +9,7 @@ from typing import Any
 from gateway.health import Health
 from gateway.http.cache import PageCache
 from gateway.http.memo import Memo
+from gateway.hub import Hub
 from gateway.latest import LatestReadings
 from gateway.publish import Publisher
 from gateway.settings import HttpSettings, Settings
@@ -31,7 +32,7 @@ class AppContext:
 
     settings: Settings
     store: Store
-    hub: Any
+    hub: Hub
     publisher: Publisher
     health: Health
     on_commit: Callable[[], None]

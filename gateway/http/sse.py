@@ -1,24 +1,24 @@
-"""Server-Sent Events: the per-client pump from the hub to the response.
+"""Server-Sent Events: each response body iterates its hub subscription itself.
 
-Each stream has a pump task (in a nursery owned by :class:`SseStreams`, which :func:`serve` runs)
-that holds the hub subscription and forwards events into a small channel; the response generator
-reads that channel with a timeout, so it can send heartbeat comments without ever cancelling the
-hub's iterator mid-item. On server stop :meth:`SseStreams.close` ends every pump, each channel
-closes, every generator returns, and hypercorn's graceful shutdown finishes in milliseconds.
+The response generator awaits its subscription (cancel-safe) under a cancel scope that ends at the
+next heartbeat, and writes everything the subscription has ready in one chunk: each delivery wakes
+one task, and no task is started per stream. :class:`SseStreams` is the set of open subscriptions (and
+the stream counts); on server stop :meth:`SseStreams.close` closes every subscription, every generator
+returns, and hypercorn's graceful shutdown finishes in milliseconds.
 
 Resource bounds (a client must not be able to make the gateway hold memory for it without limit):
 
 - Streams are counted per API key and in total; past either limit :meth:`SseStreams.reserve`
   refuses (429 ``too_many_streams`` / 503 ``streams_exhausted``, both with ``Retry-After``).
-- Between the hub and the socket a stream holds the frames of at most ``_BATCH_EVENTS`` events
-  in the pump (encoded as soon as it takes them: bytes, not event objects) and one write of about
-  ``_CHUNK_BYTES`` (the hub holds at most one replay page more).
-- A client that stops reading: its write blocks, the response stops taking events, and once the pump
-  has waited ``send_timeout`` to hand one over it ends the subscription and counts
-  ``gateway_sse_stuck_total``. Hypercorn shields its socket writes from cancellation, so the blocked
-  write itself is ended by the kernel: :class:`SendTimeoutConfig` sets ``TCP_USER_TIMEOUT`` on the
-  listening sockets (inherited by every accepted one), which aborts a connection whose peer has taken
-  no data for that long.
+- Between the hub and the socket a stream holds one write: the frames of at most ``_BATCH_EVENTS``
+  events (the hub holds at most one replay page more, and its bounded live channel, which it empties
+  when it drops a subscriber that lags too long).
+- A client that stops reading: its write blocks and the response stops taking events. Hypercorn
+  shields its socket writes from cancellation, so the blocked write is ended by the kernel:
+  :class:`SendTimeoutConfig` sets ``TCP_USER_TIMEOUT`` on the listening sockets (inherited by every
+  accepted one), which aborts a connection whose peer has taken no data for ``send_timeout``. A
+  write that took that long (returned late, or was ended by the abort) ends the stream's
+  subscription and counts ``gateway_sse_stuck_total``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
@@ -34,13 +35,13 @@ from hypercorn.config import Config, Sockets
 
 from gateway import metrics
 from gateway.errors import ApiError, ProblemCode
+from gateway.hub import Hub, Subscription
 from gateway.sse import encode_comment, encode_event, encode_retry
 
 log = logging.getLogger("gateway.http")
 
 HEARTBEAT = encode_comment("keepalive")
-_BATCH_EVENTS = 100  # events the pump takes at once (a replay page; ~45 KB of frames)
-_CHUNK_BYTES = 64 * 1024  # one write gathers the pump's waiting batches up to about this much
+_BATCH_EVENTS = 200  # events one write takes at most (two replay pages; ~90 KB of frames)
 LIMIT_RETRY_AFTER = 5  # seconds; a stream slot frees when any client leaves, so soon is fine
 
 
@@ -83,33 +84,43 @@ class StreamSlot:
 
 
 class SseStreams:
-    """Owns the pump tasks of all open streams. Runs until cancelled (inside :func:`serve`)."""
+    """The open streams: their subscriptions (closed on server stop) and their counts per key."""
 
     def __init__(self) -> None:
-        self._nursery: trio.Nursery | None = None
-        self._closing = trio.Event()
-        self.open = 0
+        self._running = False
+        self._closing = False
+        self._subs: set[Subscription] = set()
+        self._waiting: set[trio.CancelScope] = set()  # streams waiting for the hub to be ready
         self.reserved = 0
         self._per_key: Counter[str] = Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the nursery the pumps run in. Runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        """Accept streams while running; on the way out end every stream. Runs until cancelled."""
+        self._running = True
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            self.close()
 
     def close(self) -> None:
         """End every stream (server stopping); new streams end at once too."""
-        self._closing.set()
+        self._closing = True
+        for scope in self._waiting:
+            scope.cancel()
+        for sub in list(self._subs):
+            sub.close()
 
     @property
     def ready(self) -> bool:
         """Whether streams can be opened (the server is running and not stopping)."""
-        return self._nursery is not None and not self._closing.is_set()
+        return self._running and not self._closing
+
+    @property
+    def open(self) -> int:
+        """Streams sending events now."""
+        return len(self._subs)
 
     def reserve(self, key: str, *, max_total: int, max_per_key: int) -> StreamSlot:
         """Reserve a stream for ``key`` (an API key's name), or refuse.
@@ -145,9 +156,24 @@ class SseStreams:
         if self._per_key[key] <= 0:
             del self._per_key[key]
 
+    async def _subscribe(self, stack: AsyncExitStack, hub: Hub, subscribe: dict[str, Any]) -> Subscription | None:
+        """Enter a hub subscription on ``stack`` and count it as open; None when the server stops
+        first (waiting for a hub that is not ready yet ends on :meth:`close` too)."""
+        sub: Subscription | None = None
+        with trio.CancelScope() as waiting:
+            self._waiting.add(waiting)
+            try:
+                sub = await stack.enter_async_context(hub.subscribe(**subscribe))
+            finally:
+                self._waiting.discard(waiting)
+        if sub is None or self._closing:
+            return None
+        self._subs.add(sub)
+        return sub
+
     async def stream(
         self,
-        hub: Any,
+        hub: Hub,
         subscribe: dict[str, Any],
         *,
         heartbeat: float,
@@ -158,94 +184,77 @@ class SseStreams:
         """The response body: ``retry:`` first, then events and heartbeat comments until the hub
         ends the subscription, the client leaves or stops reading (``send_timeout``), or the server
         stops. Releases ``slot`` when it ends."""
-        nursery = self._nursery
-        if nursery is None or self._closing.is_set():
-            if slot is not None:
-                slot.release()
-            return
-        # Unbuffered: the pump holds the next batch while the response writes one.
-        send, recv = trio.open_memory_channel[bytes](0)
+        write = _Write(send_timeout)
         try:
-            pump_scope: trio.CancelScope = await nursery.start(self._pump, hub, subscribe, send, send_timeout)
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
-        self.open += 1
-        try:
-            yield encode_retry(retry_ms)
-            # A comment every ``heartbeat`` seconds whether or not events flow, so proxies and
-            # clients can rely on hearing from the server that often.
-            next_beat = trio.current_time() + heartbeat
-            while True:
-                frames: bytes | None = None
-                with trio.move_on_after(max(0.0, next_beat - trio.current_time())):
-                    try:
-                        frames = await recv.receive()
-                    except trio.EndOfChannel:
-                        break
-                # Yield outside the cancel scope: a generator must not suspend inside one.
-                if frames is None:
+            async with AsyncExitStack() as stack:
+                sub = await self._subscribe(stack, hub, subscribe) if self.ready else None
+                if sub is None:
+                    return
+                try:
+                    yield encode_retry(retry_ms)
+                    # A comment every ``heartbeat`` seconds whether or not events flow, so proxies
+                    # and clients can rely on hearing from the server that often.
                     next_beat = trio.current_time() + heartbeat
-                    yield HEARTBEAT
-                    continue
-                # Everything waiting goes out in one write (the processor commits in batches).
-                # Bounded in bytes: a write to a client that stopped reading holds one chunk.
-                chunk = [frames]
-                size = len(frames)
-                while size < _CHUNK_BYTES:
-                    try:
-                        chunk.append(recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    size += len(chunk[-1])
-                yield b"".join(chunk)
+                    while (chunk := await _next_chunk(sub, next_beat)) is not None:
+                        if chunk is HEARTBEAT:
+                            next_beat = trio.current_time() + heartbeat
+                        write.begin()
+                        yield chunk
+                        if write.end():
+                            break
+                finally:
+                    self._subs.discard(sub)
         finally:
-            self.open -= 1
-            pump_scope.cancel()
-            recv.close()
             if slot is not None:
                 slot.release()
+            # Counted once the subscription has ended (a cut stream holds nothing in the hub).
+            if write.stuck():
+                metrics.SSE_STUCK.inc()
+                log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
 
-    async def _pump(
-        self,
-        hub: Any,
-        subscribe: dict[str, Any],
-        send: trio.MemorySendChannel[bytes],
-        send_timeout: float,
-        *,
-        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        async with send:
-            with trio.CancelScope() as scope:
-                task_status.started(scope)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._cancel_on_close, nursery.cancel_scope)
-                    try:
-                        async with hub.subscribe(**subscribe) as events:
-                            while True:
-                                # Frames as the hub built them once for all subscribers (live), or
-                                # from the stored JSON (replay); only the bytes are held from here.
-                                try:
-                                    frames = b"".join([encode_event(e) for e in await events.batch(_BATCH_EVENTS)])
-                                except StopAsyncIteration:
-                                    break
-                                # The response takes events as fast as the socket accepts them:
-                                # waiting this long means the client stopped reading.
-                                with trio.move_on_after(send_timeout) as waited:
-                                    await send.send(frames)
-                                if waited.cancelled_caught:
-                                    metrics.SSE_STUCK.inc()
-                                    log.info("sse client stopped reading, stream cut after %.0fs", send_timeout)
-                                    break
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the client went away
-                    except Exception:
-                        # A failing replay (e.g. database down) ends this stream, never the server;
-                        # the client reconnects with Last-Event-ID and resumes.
-                        log.warning("event stream ended by an error", exc_info=True)
-                    nursery.cancel_scope.cancel()
 
-    async def _cancel_on_close(self, scope: trio.CancelScope) -> None:
-        await self._closing.wait()
-        scope.cancel()
+class _Write:
+    """Times one stream's writes: one that took ``send_timeout`` means the client stopped reading."""
+
+    __slots__ = ("_since", "_timeout", "_too_slow")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._since: float | None = None
+        self._too_slow = False
+
+    def begin(self) -> None:
+        self._since = trio.current_time()
+
+    def end(self) -> bool:
+        """The write returned; True when it took too long (the stream should end)."""
+        self._too_slow = self.stuck()
+        self._since = None
+        return self._too_slow
+
+    def stuck(self) -> bool:
+        """Whether the last write took (or the one under way has taken) ``send_timeout``."""
+        if self._since is None:
+            return self._too_slow
+        return trio.current_time() - self._since >= self._timeout
+
+
+async def _next_chunk(sub: Subscription, next_beat: float) -> bytes | None:
+    """The next write: every event ``sub`` has ready (waiting for the first until ``next_beat``)
+    as one chunk, :data:`HEARTBEAT` when none came by then, None when the stream ends."""
+    if trio.current_time() >= next_beat:
+        return HEARTBEAT
+    with trio.move_on_at(next_beat):
+        try:
+            # Frames as the hub built them once for all subscribers (live), or from the stored
+            # JSON (replay). Everything waiting goes out in one write (the processor commits in
+            # batches); cancel-safe, so the heartbeat deadline loses nothing.
+            return b"".join([encode_event(e) for e in await sub.batch(_BATCH_EVENTS)])
+        except StopAsyncIteration:
+            return None
+        except Exception:
+            # A failing replay (e.g. database down) ends this stream, never the server; the
+            # client reconnects with Last-Event-ID and resumes.
+            log.warning("event stream ended by an error", exc_info=True)
+            return None
+    return HEARTBEAT
