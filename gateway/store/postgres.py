@@ -727,10 +727,13 @@ class PostgresStore:
             sql = _PENDING_IN.format(name=part.name)  # a catalog name, never input
             if await self._run(partial(_fetchval, sql)):
                 continue  # unprocessed or dead-lettered readings: the batched delete takes the rest
-            dropped_rows += await self._drop_keys(part.name, limit)
+            rows_in = await self._drop_keys(part.name, limit)
             if not await self._run(partial(_drop_partition, part.name)):
+                # Its keys are gone: a redelivery of these expired readings is a new one, as after
+                # the batched delete.
                 log.info("partition %s not dropped (messages busy), retried later", part.name)
                 continue
+            dropped_rows += rows_in
             ranges.remove(part)
             dropped.append(part.name)
             log.info("retention dropped partition=%s upper=%s", part.name, part.upper.isoformat())
@@ -747,9 +750,9 @@ class PostgresStore:
     async def _drop_keys(self, name: str, limit: int) -> int:
         """Delete the dedupe keys of partition ``name`` in batches; returns its row count."""
         sql = _DROP_KEYS.format(name=name)
-        last, total = 0, 0
+        last, total, limit = 0, 0, max(1, limit)
         while True:
-            row = await self._run(partial(_fetchrow, sql, last, max(1, limit)))
+            row = await self._run(partial(_fetchrow, sql, last, limit))
             count: int = row[0]
             last = row[1]
             total += count
