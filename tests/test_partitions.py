@@ -153,3 +153,32 @@ async def test_retention_drops_whole_partitions(pg_url: str) -> None:
         assert detail["partitions"]["count"] == len(names)
         # A redelivery of a dropped reading is a new reading again (its key went with it).
         assert not (await st.write_batch([old[0]], []))[0].duplicate
+
+
+async def test_a_busy_table_defers_the_drop(pg_url: str) -> None:
+    """DROP waits at most lock_timeout for its lock on messages (ingest would queue behind it),
+    then gives up until the next run."""
+    async with pg_store(pg_url) as st:
+        now = datetime.now(UTC)
+        await st.maintain_partitions(now + timedelta(days=100), None, 100)
+        first = partitions.next_boundary(now + timedelta(days=40), "month")
+        [out] = await st.write_batch([_at("dev-1", 1, first)], [])
+        claimed = await st.claim("me", 10, 30)
+        await st.complete("me", [m.id for m in claimed], [], [])
+        later = partitions.next_boundary(first, "month")
+        await st.maintain_partitions(now, first, 100)  # the empty ones before: only ``first`` is left to drop
+
+        def hold() -> None:  # a long API read: ACCESS SHARE on messages and its partitions
+            psql(pg_url, "BEGIN; SELECT count(*) FROM messages; SELECT pg_sleep(5); COMMIT;")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, hold)
+            await trio.sleep(1.0)  # the read has its lock
+            t = trio.current_time()
+            busy = await st.maintain_partitions(now, later, 100)
+            assert trio.current_time() - t < 3.5  # gave up after lock_timeout (2 s), not after the read (5 s)
+            assert partitions.partition_name(first) not in busy.dropped
+            assert partitions.partition_name(first) in await partition_names(pg_url)
+        free = await st.maintain_partitions(now, later, 100)
+        assert partitions.partition_name(first) in free.dropped and free.dropped_rows >= 1
+        assert await sql(pg_url, f"SELECT count(*) FROM messages WHERE id = {out.id}") == ["0"]
