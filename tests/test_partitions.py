@@ -15,6 +15,7 @@ from gateway.retention import RetentionPolicy, prune_expired
 from gateway.store import migrate, open_store, partitions
 from gateway.store.base import NewMessage, Store
 from tests.support.pg import db_settings, psql
+from tests.test_retention import deleted
 from tests.test_store import msg
 
 _DIGEST = "SELECT md5(string_agg(id || device_id || dedupe_key || measurements::text, ',' ORDER BY id)) FROM messages"
@@ -140,8 +141,10 @@ async def test_retention_drops_whole_partitions(pg_url: str) -> None:
 
         policy = RetentionPolicy(events=None, rejects=None, messages=1.0, batch=4)
         later = partitions.next_boundary(second, "month") + timedelta(days=1)
+        before = deleted("messages")
         removed = await prune_expired(st, policy, later)
         assert removed == {"messages": 39}  # 30 by the drop, 9 by the batched delete
+        assert deleted("messages") - before == 39  # gateway_retention_deleted_total{table="messages"}
         names = await partition_names(pg_url)
         assert partitions.partition_name(first) not in names
         assert partitions.partition_name(second) in names  # an unprocessed reading holds it
