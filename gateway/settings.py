@@ -131,6 +131,7 @@ class DatabaseSettings(_Component):
     event_retention: float = Field(7 * 86400.0, gt=0, alias="EVENT_RETENTION")
     reject_retention: float = Field(30 * 86400.0, gt=0, alias="REJECT_RETENTION")
     message_retention: float | None = Field(None, gt=0, alias="MESSAGE_RETENTION")
+    message_partition: Literal["day", "month"] = Field("month", alias="MESSAGE_PARTITION")
     disk_min_free: float = Field(0.10, ge=0, lt=1, alias="DISK_MIN_FREE")
     api_query_timeout: float = Field(5.0, gt=0, alias="API_QUERY_TIMEOUT")
     api_total_limit: int = Field(10000, ge=1, alias="API_TOTAL_LIMIT")

@@ -5,12 +5,15 @@ disk space shows ``degraded`` in /ping (over real HTTP) and fires the alert, ins
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 import trio.testing
 from prometheus_client import REGISTRY
 
@@ -127,3 +130,84 @@ def test_settings_reach_retention_and_disk_threshold(tmp_path: Path) -> None:
     assert s.database.disk_min_free == 0.2
     default = load_settings(None, environ={}).database
     assert (default.reject_retention, default.message_retention, default.disk_min_free) == (30 * 86400.0, None, 0.1)
+
+
+async def test_sqlite_backlog_goes_in_batches_while_ingest_commits(tmp_path: Path) -> None:
+    """200,000 expired readings are deleted in batches of ``batch`` rows, one short transaction
+    each, while ingest keeps committing: ingest never waits for the whole backlog. The longest
+    prune batch (writer hold) and the longest ingest commit are printed."""
+    backlog, batch = 200_000, 500
+    async with sqlite_store(tmp_path) as store:
+        for start in range(0, backlog, 5000):
+            await store.write_batch([msg("old", n) for n in range(start, start + 5000)], [])
+        db = store._settings.sqlite_path  # type: ignore[attr-defined]
+
+        def mark_processed() -> None:
+            with sqlite3.connect(db) as conn:
+                conn.execute("UPDATE messages SET processed_at = received_at")
+
+        await trio.to_thread.run_sync(mark_processed)
+        holds: list[float] = []
+        commits: list[tuple[float, float]] = []  # (end time, latency) of each ingest batch
+
+        @dataclass
+        class Timed(CountingStore):
+            async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
+                t = time.perf_counter()
+                removed = await super().prune(table, older_than, limit)
+                holds.append(time.perf_counter() - t)
+                return removed
+
+        done = trio.Event()
+        span: list[float] = []
+
+        async def ingest() -> None:
+            n = 0
+            while not done.is_set():
+                t = time.perf_counter()
+                await store.write_batch([msg("new", n + i, received_at=datetime.now(UTC)) for i in range(50)], [])
+                commits.append((time.perf_counter(), time.perf_counter() - t))
+                n += 50
+                await trio.lowlevel.checkpoint()
+
+        policy = RetentionPolicy(events=None, rejects=None, messages=60.0, batch=batch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ingest)
+            await trio.sleep(0.05)
+            span.append(time.perf_counter())
+            removed = await prune_expired(Timed(store), policy, datetime.now(UTC))  # type: ignore[arg-type]
+            span.append(time.perf_counter())
+            done.set()
+        assert removed == {"messages": backlog}
+        assert len(holds) == backlog // batch + 1  # the last one finds nothing
+        during = [lat for end, lat in commits if span[0] <= end <= span[1]]
+        total = span[1] - span[0]
+        print(
+            f"prune {backlog} rows: {total:.2f} s, {len(holds)} batches, longest hold {max(holds) * 1000:.1f} ms;"
+            f" {len(during)} ingest commits meanwhile, longest {max(during) * 1000:.1f} ms"
+        )
+        assert len(during) >= 10  # ingest commits interleave with the batches ...
+        assert max(during) < total / 5  # ... and none waited for the whole backlog
+
+        def count() -> list[tuple[str, int]]:
+            with sqlite3.connect(db) as conn:
+                return list(conn.execute("SELECT device_id, count(*) FROM messages GROUP BY device_id"))
+
+        # Every ingested reading is there, none of the old.
+        assert await trio.to_thread.run_sync(count) == [("new", len(commits) * 50)]
+        detail = store.health.detail["retention"]
+        assert detail["deleted_last_run"] == {"messages": backlog} and "partitions" not in detail
+
+
+async def test_retention_shown_in_ping(api: ApiServer) -> None:
+    api.ctx.health.add(api.store.health)  # as app.build does: the store owns its health record
+    await api.store.write_batch([], [reject(n) for n in range(3)])
+    policy = RetentionPolicy(events=3600.0, rejects=10.0, messages=None)
+    await prune_expired(api.store, policy, T0 + timedelta(days=1))
+    async with api.client("admin") as client:
+        body = (await client.get("/api/v1/ping")).json()
+    retention = body["components"]["database"]["retention"]
+    assert retention["retention_seconds"] == {"events": 3600.0, "rejects": 10.0, "messages": None}
+    assert retention["deleted_last_run"] == {"events": 0, "rejects": 3}
+    assert retention["deleted_total"]["rejects"] == 3
+    assert retention["last_run"] == (T0 + timedelta(days=1)).isoformat()

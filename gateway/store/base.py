@@ -25,6 +25,18 @@ Source = Literal["mqtt", "api"]
 PruneTable = Literal["events", "rejects", "messages"]
 
 
+@dataclass(frozen=True)
+class Partitions:
+    """What :meth:`Store.maintain_partitions` found and did (PostgreSQL; SQLite has none)."""
+
+    count: int = 0  # partitions of messages, the DEFAULT one included
+    oldest: str | None = None  # name of the oldest range partition
+    oldest_ends: datetime | None = None  # its upper bound: it can be dropped once that has expired
+    created: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    dropped_rows: int = 0  # readings that went with the dropped partitions
+
+
 class NewMessage(NamedTuple):
     """A validated reading to store. ``(device_id, dedupe_key)`` is unique: a second insert is a duplicate.
 
@@ -379,6 +391,13 @@ class Store(Protocol):
     async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
         """Delete at most ``limit`` of the oldest rows of ``table`` from before ``older_than``
         (messages: processed ones only), in one short transaction; returns how many."""
+        ...
+
+    async def maintain_partitions(self, now: datetime, older_than: datetime | None, limit: int) -> Partitions:
+        """PostgreSQL: create the partitions of messages ahead (the current and next periods of
+        ``MESSAGE_PARTITION``) and, when ``older_than`` is given, drop each whose whole range is
+        before it and that holds no unprocessed or dead-lettered reading (deleting its dedupe keys
+        first, ``limit`` per transaction). SQLite: nothing (``Partitions()``)."""
         ...
 
     async def query_messages(self, query: MessageQuery) -> Page:

@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ from gateway.jsonenc import dumps, loads
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
+from gateway.store import partitions
 from gateway.store._common import Deduped, by_message, json_text, require_messages
 from gateway.store._query import POSTGRES, PageRead, mark_degraded, mark_ok, message_page, new_health, reject_page
 from gateway.store.base import (
@@ -66,12 +67,14 @@ from gateway.store.base import (
     OutboxItem,
     OutboxStats,
     Page,
+    Partitions,
     PruneTable,
     PublishBuilder,
     PublishFailure,
     StoredMessage,
     StoredReject,
 )
+from gateway.store.partitions import RangePartition
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,38 @@ _MSG_COLS = (
 # order, so when every reading is new the sorted ids are the readings' ids. pg_notify per new
 # row queues ONE notification: PostgreSQL folds identical ones within a transaction.
 _INSERT_BATCH = """
+WITH u AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $7::float8[], $8::text[], $9::timestamptz[], $10::text[])
+                  WITH ORDINALITY AS u(d, ts, s, k, m, st, b, src, ra, t, ord)
+), keyed AS (
+    -- The idempotency key (migration 0004: messages is partitioned, its key lives here). nextval
+    -- is evaluated after the sort, so ids are drawn in ``ord`` order.
+    INSERT INTO message_keys (device_id, dedupe_key, message_id)
+    SELECT d, k, nextval('messages_id_seq') FROM u ORDER BY ord
+    ON CONFLICT (device_id, dedupe_key) DO NOTHING
+    RETURNING device_id, dedupe_key, message_id
+), new AS (
+    INSERT INTO messages (id, device_id, device_ts, seq, dedupe_key, measurements, status, battery, source,
+                          received_at, topic)
+    SELECT keyed.message_id, d, ts, s, k, m::jsonb, st, b, src, ra, t
+    FROM u JOIN keyed ON keyed.device_id = u.d AND keyed.dedupe_key = u.k
+    RETURNING id, pg_notify('gateway_messages', '')
+), rejected AS (
+    INSERT INTO rejects (received_at, source, topic, payload, reason, errors)
+    SELECT ra, src, t, p, r, e::jsonb
+    FROM unnest($11::timestamptz[], $12::text[], $13::text[], $14::bytea[], $15::text[], $16::text[])
+         AS u(ra, src, t, p, r, e)
+)
+SELECT id FROM new
+"""
+_SELECT_EXISTING = """
+SELECT mk.message_id, mk.device_id, mk.dedupe_key
+FROM message_keys mk JOIN unnest($1::text[], $2::text[]) AS u(d, k) ON mk.device_id = u.d AND mk.dedupe_key = u.k
+"""
+# The same before migration 0004 (messages not partitioned, its own unique key): tests write
+# through the store at older versions, then migrate.
+_INSERT_BATCH_0003 = """
 WITH new AS (
     INSERT INTO messages (device_id, device_ts, seq, dedupe_key, measurements, status, battery, source,
                           received_at, topic)
@@ -127,7 +162,7 @@ WITH new AS (
 )
 SELECT id FROM new
 """
-_SELECT_EXISTING = """
+_SELECT_EXISTING_0003 = """
 SELECT m.id, m.device_id, m.dedupe_key
 FROM messages m JOIN unnest($1::text[], $2::text[]) AS u(d, k) ON m.device_id = u.d AND m.dedupe_key = u.k
 """
@@ -191,6 +226,37 @@ _PRUNE = {
     "messages": ("SELECT id FROM messages WHERE received_at < $1 AND processed_at IS NOT NULL ORDER BY id LIMIT $2"),
 }
 _PRUNE_SQL = "WITH d AS (DELETE FROM {table} WHERE id IN ({select}) RETURNING 1) SELECT count(*) FROM d"
+# Readings go with their dedupe keys (message_keys, migration 0004).
+_PRUNE_MESSAGES = f"""
+WITH d AS (DELETE FROM messages WHERE id IN ({_PRUNE["messages"]}) RETURNING id, device_id, dedupe_key),
+k AS (DELETE FROM message_keys mk USING d
+      WHERE mk.device_id = d.device_id AND mk.dedupe_key = d.dedupe_key AND mk.message_id = d.id)
+SELECT count(*) FROM d
+"""
+# The partitions of messages: (name, is DEFAULT, lower or NULL for MINVALUE, upper).
+_PARTITIONS = r"""
+SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT',
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']*)''\)'))[1]::timestamptz,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']*)''\)'))[1]::timestamptz
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'messages'::regclass
+"""
+# Each EXISTS matches a partial index (messages_backlog, messages_dead): no scan of the partition.
+_PENDING_IN = (
+    "SELECT EXISTS (SELECT 1 FROM {name} WHERE processed_at IS NULL AND dead_at IS NULL)"
+    " OR EXISTS (SELECT 1 FROM {name} WHERE dead_at IS NOT NULL)"
+)
+# One batch of a partition's keys, walking it by id (its primary key): linear, whatever its size.
+_DROP_KEYS = """
+WITH p AS (SELECT id, device_id, dedupe_key FROM {name} WHERE id > $1 ORDER BY id LIMIT $2),
+d AS (DELETE FROM message_keys mk USING p
+      WHERE mk.device_id = p.device_id AND mk.dedupe_key = p.dedupe_key AND mk.message_id = p.id)
+SELECT count(*), coalesce(max(id), $1) FROM p
+"""
+_PARTITION_LOCK = 0x6761_7465_7761_7903  # pg_advisory_xact_lock key: one partition maintainer at a time
+# CREATE/ATTACH/DROP of a partition wait for a lock on messages, and ingest would queue behind
+# them: they give up after this long and are tried again at the next housekeeping.
+_PARTITION_LOCK_TIMEOUT_MS = 2000
 _BACKLOG = """
 SELECT (SELECT count(*) FROM messages WHERE processed_at IS NULL AND dead_at IS NULL),
        (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL ORDER BY id LIMIT 1),
@@ -269,6 +335,7 @@ class PostgresStore:
         # API reads take at most half the pool: writes and the processor always find a connection.
         self._read_limiter = trio.CapacityLimiter(max(1, settings.pool_max // 2))
         self.health = new_health(health)
+        self._partitioned = True  # messages as of migration 0004 (checked after migrating)
         # Reconnects and health checks: full jitter, so instances that lost the database together
         # do not come back together.
         self._retry = Backoff(settings.retry_min, max(settings.retry_min, settings.retry_max), jitter="full")
@@ -309,6 +376,7 @@ class PostgresStore:
                     await trio.sleep(self._retry.delay(attempt))
                     attempt += 1
             self._set_ok()
+            await self._partitions_ahead()
             if not started:
                 task_status.started()
             await self._check_health()
@@ -317,6 +385,14 @@ class PostgresStore:
                 pool, self._pool = self._pool, None
                 with trio.CancelScope(shield=True):
                     await self._close_pool(pool)
+
+    async def _partitions_ahead(self) -> None:
+        """Create the coming partitions of messages at start-up (housekeeping keeps them coming);
+        a failure only logs: the DEFAULT partition takes readings meanwhile."""
+        try:
+            await self.maintain_partitions(datetime.now(UTC), None, 1)
+        except (StoreUnavailable, StoreCorrupt) as exc:
+            log.warning("could not create message partitions ahead: %s", exc)
 
     async def _create_pool(self) -> _Pool:
         s = self._settings
@@ -483,7 +559,12 @@ class PostgresStore:
         # Migrations may build indexes: allow them longer than a query.
         seconds = self._settings.query_timeout * 10
 
-        return await self._translate(lambda expired: self._lend(pool, seconds, _apply_migrations, expired), seconds)
+        done = await self._translate(lambda expired: self._lend(pool, seconds, _apply_migrations, expired), seconds)
+        # Migration 0004 partitioned messages and moved its key to message_keys.
+        self._partitioned = await self._translate(
+            lambda expired: self._lend(pool, seconds, _has_keys, expired), seconds
+        )
+        return done
 
     async def _direct(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """``fn`` on a fresh connection (no pool yet), closed afterwards."""
@@ -520,7 +601,8 @@ class PostgresStore:
         async def write(conn: Conn) -> list[InsertOutcome]:
             params = [*_message_columns(batch.unique), *_reject_columns(rejects)]
             try:
-                new = [r[0] for r in await conn.fetch(_INSERT_BATCH, *params)]
+                insert = _INSERT_BATCH if self._partitioned else _INSERT_BATCH_0003
+                new = [r[0] for r in await conn.fetch(insert, *params)]
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
                 # Nothing stored; a value of some row cannot be (the caller isolates it).
                 raise StoreRefused(f"database refused a value: {_describe(exc)}") from exc
@@ -528,7 +610,8 @@ class PostgresStore:
                 new.sort()
                 return batch.outcomes([InsertOutcome(i, False) for i in new])
             # Some were there already (redeliveries, or another instance's): look every key up.
-            rows = await conn.fetch(_SELECT_EXISTING, params[0], params[3])
+            existing = _SELECT_EXISTING if self._partitioned else _SELECT_EXISTING_0003
+            rows = await conn.fetch(existing, params[0], params[3])
             return batch.outcomes(_outcomes(batch.unique, set(new), {(r[1], r[2]): r[0] for r in rows}))
 
         return await self._run(write)
@@ -612,9 +695,69 @@ class PostgresStore:
 
     async def prune(self, table: PruneTable, older_than: datetime, limit: int) -> int:
         """Delete up to ``limit`` of the oldest expired rows of ``table``; returns how many."""
-        sql = _PRUNE_SQL.format(table=table, select=_PRUNE[table])  # fixed names, never input
+        # Fixed names, never input.
+        if table == "messages" and self._partitioned:
+            sql = _PRUNE_MESSAGES
+        else:
+            sql = _PRUNE_SQL.format(table=table, select=_PRUNE[table])
         count: int = await self._run(lambda conn: conn.fetchval(sql, older_than, limit))
         return count
+
+    async def maintain_partitions(self, now: datetime, older_than: datetime | None, limit: int) -> Partitions:
+        """Create the partitions of messages ahead and drop expired ones whose readings are all
+        processed (their dedupe keys first, ``limit`` per transaction); see
+        :mod:`gateway.store.partitions`. A partition whose lock is not granted within 2 s is
+        left for the next call. Returns what there is and what was done."""
+        if not self._partitioned:
+            return Partitions()
+        rows = await self._run(lambda conn: conn.fetch(_PARTITIONS))
+        ranges = [RangePartition(r[0], r[2], r[3]) for r in rows if not r[1] and r[3] is not None]
+        has_default = any(r[1] for r in rows)
+        created: list[str] = []
+        for lower, upper in partitions.missing(ranges, now, self._settings.message_partition):
+            name = partitions.partition_name(lower)
+            if not await self._run(partial(_create_partition, name, lower, upper, has_default)):
+                log.info("partition %s not created (messages busy), retried later", name)
+                break
+            ranges.append(RangePartition(name, lower, upper))
+            created.append(name)
+        dropped: list[str] = []
+        dropped_rows = 0
+        for part in partitions.expired(ranges, older_than) if older_than is not None else []:
+            sql = _PENDING_IN.format(name=part.name)  # a catalog name, never input
+            if await self._run(partial(_fetchval, sql)):
+                continue  # unprocessed or dead-lettered readings: the batched delete takes the rest
+            rows_in = await self._drop_keys(part.name, limit)
+            if not await self._run(partial(_drop_partition, part.name)):
+                # Its keys are gone: a redelivery of these expired readings is a new one, as after
+                # the batched delete.
+                log.info("partition %s not dropped (messages busy), retried later", part.name)
+                continue
+            dropped_rows += rows_in
+            ranges.remove(part)
+            dropped.append(part.name)
+            log.info("retention dropped partition=%s upper=%s", part.name, part.upper.isoformat())
+        oldest = min(ranges, key=lambda p: p.upper, default=None)
+        return Partitions(
+            count=len(ranges) + has_default,
+            oldest=oldest.name if oldest else None,
+            oldest_ends=oldest.upper if oldest else None,
+            created=tuple(created),
+            dropped=tuple(dropped),
+            dropped_rows=dropped_rows,
+        )
+
+    async def _drop_keys(self, name: str, limit: int) -> int:
+        """Delete the dedupe keys of partition ``name`` in batches; returns its row count."""
+        sql = _DROP_KEYS.format(name=name)
+        last, total, limit = 0, 0, max(1, limit)
+        while True:
+            row = await self._run(partial(_fetchrow, sql, last, limit))
+            count: int = row[0]
+            last = row[1]
+            total += count
+            if count < limit:
+                return total
 
     async def query_messages(self, query: MessageQuery) -> Page:
         """A page of messages, newest first, with the total matching and the next cursor.
@@ -839,6 +982,65 @@ def _reject_columns(rejects: list[NewReject]) -> list[list[Any]]:
         for r in rejects
     ]
     return _columns(rows, 6)
+
+
+async def _has_keys(conn: Conn) -> bool:
+    found: bool = await conn.fetchval("SELECT to_regclass('message_keys') IS NOT NULL")
+    return found
+
+
+async def _fetchval(sql: str, conn: Conn) -> Any:
+    return await conn.fetchval(sql)
+
+
+async def _fetchrow(sql: str, *args_and_conn: Any) -> Any:
+    *args, conn = args_and_conn
+    return await conn.fetchrow(sql, *args)
+
+
+async def _create_partition(name: str, lower: datetime, upper: datetime, has_default: bool, conn: Conn) -> bool:
+    """Create partition ``name`` for ``[lower, upper)``: a table like messages, filled with the
+    rows of that range the DEFAULT partition holds (ATTACH refuses while it holds any), attached.
+    False when a lock was not granted in time. ATTACH locks messages less than CREATE ... PARTITION OF."""
+    try:
+        async with _transaction(conn):
+            await conn.execute(f"SET LOCAL lock_timeout = {_PARTITION_LOCK_TIMEOUT_MS}")
+            await conn.execute(f"SELECT pg_advisory_xact_lock({_PARTITION_LOCK})")
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                return True  # another instance made it
+            await conn.execute(f"CREATE TABLE {name} (LIKE messages INCLUDING DEFAULTS)")
+            if has_default:
+                await conn.execute(
+                    f"WITH moved AS (DELETE FROM {partitions.DEFAULT_PARTITION}"
+                    " WHERE received_at >= $1 AND received_at < $2 RETURNING *)"
+                    f" INSERT INTO {name} SELECT * FROM moved",
+                    lower,
+                    upper,
+                )
+            # Bounds are our own datetimes (DDL takes no parameters).
+            await conn.execute(
+                f"ALTER TABLE messages ATTACH PARTITION {name}"
+                f" FOR VALUES FROM ('{lower.isoformat()}') TO ('{upper.isoformat()}')"
+            )
+    except asyncpg.exceptions.LockNotAvailableError:
+        return False
+    return True
+
+
+async def _drop_partition(name: str, conn: Conn) -> bool:
+    """Drop partition ``name`` (its keys are gone already); False when the lock on messages was
+    not granted in time. Not DETACH ... CONCURRENTLY: PostgreSQL refuses it while a DEFAULT
+    partition exists, and it cannot run in a transaction; the plain DROP holds its lock for a
+    catalog change only (milliseconds), and lock_timeout keeps ingest from queueing behind it."""
+    try:
+        async with _transaction(conn):
+            await conn.execute(f"SET LOCAL lock_timeout = {_PARTITION_LOCK_TIMEOUT_MS}")
+            await conn.execute(f"SELECT pg_advisory_xact_lock({_PARTITION_LOCK})")
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                await conn.execute(f"DROP TABLE {name}")
+    except asyncpg.exceptions.LockNotAvailableError:
+        return False
+    return True
 
 
 async def _apply_migrations(conn: Conn) -> list[Migration]:

@@ -48,6 +48,7 @@ from gateway.store.base import (
     OutboxItem,
     OutboxStats,
     Page,
+    Partitions,
     PruneTable,
     PublishBuilder,
     PublishFailure,
@@ -466,6 +467,10 @@ class SqliteStore:
                 return conn.execute(_PRUNE[table], (ts_text(older_than), limit)).rowcount
 
         return await self._call(prune)
+
+    async def maintain_partitions(self, now: datetime, older_than: datetime | None, limit: int) -> Partitions:
+        """SQLite has no partitions: retention is the batched delete (:meth:`prune`)."""
+        return Partitions()
 
     async def query_messages(self, query: MessageQuery) -> Page:
         """A page of messages, newest first, with the total matching and the next cursor.
