@@ -148,7 +148,7 @@ class RejectPage(BaseModel):
 
 
 class Latest(BaseModel):
-    """The latest reading seen per device since start (in memory)."""
+    """The latest reading per device (in memory, loaded from the database at start-up)."""
 
     devices: dict[str, dict[str, Any]]
 

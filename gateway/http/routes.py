@@ -390,7 +390,9 @@ async def rejects() -> Response:
 async def latest() -> Response:
     """The latest reading per device
 
-    Kept in memory since start, from packets stored through this instance.
+    Kept in memory: loaded from the database at start-up (each device's reading with the newest
+    timestamp), then updated by every packet this instance stores (the last one stored wins).
+    At most 10,000 devices, those heard from most recently.
     """
     _args(frozenset())
     return json_response({"devices": ctx().latest.latest()})
