@@ -19,6 +19,7 @@ from gateway.errors import ApiError, ProblemCode, StoreError
 from gateway.http.auth import Principal
 from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
+from gateway.http.gate import Admission
 from gateway.http.openapi import (
     CURSOR_PATTERN,
     EVENT_TYPE_PATTERN,
@@ -189,17 +190,38 @@ async def post_packet() -> Response:
     return json_response({"id": outcome.id, "duplicate": False}, 201)
 
 
-@api(role=None, ok={200: (Ping, JSON), 503: (Ping, JSON)})
+@api(
+    role=None,
+    ok={200: (Ping, JSON), 503: (Ping, JSON)},
+    ok_headers={
+        "WWW-Authenticate": 'Sent when the key given is not valid (`Bearer realm="gateway", error="invalid_token"`): '
+        "the body is then the answer without a key"
+    },
+)
 async def ping() -> Response:
     """Liveness and, with any valid key, component detail
 
     Without a key: status and time. With a key: components, backlog and lag, SSE clients, uptime.
     Each component shows its state and a generic ``cause`` code; the error text (which names users
     and hosts) only to admin keys. 503 with status ``starting`` until every component has started.
+    A key that is not valid gets the answer without a key, with the header
+    ``WWW-Authenticate: Bearer realm="gateway", error="invalid_token"`` saying it was refused.
     """
     _args(frozenset())
-    status, body = await ping_body(ctx(), g.get("principal"))
-    return Response(body, status=status, content_type=JSON)
+    admitted: Admission = g.admitted
+    status, body = await ping_body(ctx(), admitted.principal)
+    return Response(body, status=status, content_type=JSON, headers=ping_headers(admitted))
+
+
+# What ``/ping`` adds when the key sent matches no ``API_KEYS`` entry: the answer stays the
+# public one (200), and this standard challenge (RFC 9110 allows it on any response, RFC 6750
+# names the error) says the key was refused, so a client can tell "wrong key" from "no detail".
+KEY_REFUSED = {"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'}
+
+
+def ping_headers(admitted: Admission) -> dict[str, str]:
+    """``/ping``'s own headers (both routes): :data:`KEY_REFUSED` for a key that is not valid."""
+    return KEY_REFUSED if admitted.key is not None and admitted.principal is None else {}
 
 
 async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, bytes]:
