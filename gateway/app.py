@@ -25,6 +25,7 @@ from gateway.errors import ConfigError, StartupRefused, StoreUnavailable
 from gateway.health import ComponentHealth, Health
 from gateway.http.context import AppContext
 from gateway.http.front import HttpFront
+from gateway.http.query import event_types
 from gateway.hub import Hub
 from gateway.ingest import Ingest
 from gateway.latest import LatestReadings
@@ -79,7 +80,7 @@ def build(settings: Settings, store: Store, *, env_file: str | None = None) -> G
     ctx = AppContext(
         settings=settings, store=store, hub=hub, publisher=bridge, health=health,
         on_commit=nudge.set,  # the API's own commits: it refreshes its caches itself
-        reload=lambda: gw.reload(), version=__version__,
+        reload=lambda: gw.reload(), version=__version__, event_types=lambda: event_types(processor.rules),
     )  # fmt: skip
     stop_requested = trio.Event()
     http = HttpFront(ctx, health.component("http"), settings.supervisor, stop_requested)

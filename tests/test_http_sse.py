@@ -55,7 +55,8 @@ async def collect(
     """Open a stream, start ``during`` once the ``retry`` frame arrived, read until ``n`` data frames."""
     out: list[dict[str, str]] = []
     async with (
-        trio.open_nursery() as nursery, server.client(role) as c,
+        trio.open_nursery() as nursery,
+        server.client(role) as c,
         c.stream("GET", "/api/v1/events", params=params, headers=headers) as r,
     ):
         assert r.status_code == 200, await r.aread()
@@ -103,14 +104,23 @@ async def test_replay_after_last_event_id_then_live(api: ApiServer) -> None:
 
 
 async def test_filters_by_type_and_device(api: ApiServer) -> None:
-    await add_events(
-        api, ("packet", "d1"), ("alert", "d1"), ("packet", "d2"), ("alert", "d2"), ("packet", "d1")
-    )
+    await add_events(api, ("packet", "d1"), ("alert", "d1"), ("packet", "d2"), ("alert", "d2"), ("packet", "d1"))
     got = await collect(api, 2, params={"last_event_id": "0", "types": "alert"})
     assert [f["event"] for f in got if "data" in f] == ["alert", "alert"]
     got = await collect(api, 2, params={"last_event_id": "0", "device_id": "d1", "types": "packet,alert"})
     data = [f for f in got if "data" in f]
     assert [f["event"] for f in data] == ["packet", "alert"] and all('"d1"' in f["data"] for f in data)
+
+
+async def test_types_are_those_the_gateway_emits(api: ApiServer) -> None:
+    async with api.client("read") as c:
+        r = await c.get("/api/v1/events", params={"types": "packet,overheat,alrt"})
+    detail = assert_problem(r, 400, "query_invalid")["detail"]
+    assert detail == "types: unknown event type alrt, overheat (known: alert, packet, reset)"
+    api.ctx.event_types = lambda: frozenset({"packet", "overheat"})  # as the rules in force say
+    await add_events(api, ("overheat", "d1"), ("packet", "d1"))
+    got = await collect(api, 1, params={"last_event_id": "0", "types": "overheat"})
+    assert [f["event"] for f in got if "data" in f] == ["overheat"]
 
 
 async def test_unknown_last_event_id_gets_reset_first(api: ApiServer) -> None:
@@ -120,14 +130,10 @@ async def test_unknown_last_event_id_gets_reset_first(api: ApiServer) -> None:
     assert first["event"] == "reset"
 
 
-async def test_access_token_query_and_kept_out_of_logs(
-    api: ApiServer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_access_token_query_and_kept_out_of_logs(api: ApiServer, caplog: pytest.LogCaptureFixture) -> None:
     await add_events(api, ("packet", "d1"))
     with caplog.at_level(logging.INFO, logger="gateway.http"):
-        got = await collect(
-            api, 1, role=None, params={"access_token": api.keys["read"], "last_event_id": "0"}
-        )
+        got = await collect(api, 1, role=None, params={"access_token": api.keys["read"], "last_event_id": "0"})
     assert [f["event"] for f in got if "data" in f] == ["packet"]
     assert api.keys["read"] not in caplog.text
     assert re.search(r"access_token=(\*+|(%2A)+)&", caplog.text) and "key=test-read" in caplog.text
@@ -139,12 +145,11 @@ async def test_access_token_query_and_kept_out_of_logs(
         ({"last_event_id": "-1"}, {}, "last_event_id"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),
         ({"types": "a b"}, {}, "types"),
+        ({"types": "packet,nope"}, {}, "types"),  # a type the gateway never emits
         ({"device_id": "bad id"}, {}, "device_id"),
     ],
 )
-async def test_bad_parameters(
-    api: ApiServer, params: dict[str, str], headers: dict[str, str], parameter: str
-) -> None:
+async def test_bad_parameters(api: ApiServer, params: dict[str, str], headers: dict[str, str], parameter: str) -> None:
     async with api.client("read") as c:
         r = await c.get("/api/v1/events", params=params, headers=headers)
     assert assert_problem(r, 400, "query_invalid")["parameter"] == parameter

@@ -202,7 +202,14 @@ class EventsQuery(BaseModel):
     """Filters and resume point for the event stream."""
 
     device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
-    types: Annotated[str | None, Field(pattern=TYPES_PATTERN, description="comma-separated event types")] = None
+    types: Annotated[
+        str | None,
+        Field(
+            pattern=TYPES_PATTERN,
+            description="comma-separated event types: `packet`, `alert`, `reset` and those the rules emit; "
+            "any other is refused (400 `query_invalid`)",
+        ),
+    ] = None
     last_event_id: Annotated[int | None, Field(ge=0, le=2**63 - 1)] = None
     access_token: str | None = Field(None, description="API key, for EventSource (cannot send headers)")
 

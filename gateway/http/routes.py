@@ -22,7 +22,6 @@ from gateway.http.context import AppContext
 from gateway.http.gate import Admission
 from gateway.http.openapi import (
     CURSOR_PATTERN,
-    EVENT_TYPE_PATTERN,
     EventsHeaders,
     EventsQuery,
     JsonSchemaDoc,
@@ -37,6 +36,7 @@ from gateway.http.openapi import (
     api,
     spec_of,
 )
+from gateway.http.query import bad_parameter, parse_types
 from gateway.http.sse import SseStreams
 from gateway.ingest import Posted, observe, store_batch
 from gateway.jsonenc import dumps
@@ -55,7 +55,6 @@ JSON = "application/json"
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 _KEY_RE = re.compile(MEASUREMENT_NAME_PATTERN)
 _CURSOR_RE = re.compile(CURSOR_PATTERN)
-_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
 PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
@@ -83,8 +82,7 @@ def _now() -> str:
 # ---- strict parameter parsing -------------------------------------------------------------------
 
 
-def _bad(param: str, detail: str) -> ApiError:
-    return ApiError(ProblemCode.QUERY_INVALID, f"{param}: {detail}", parameter=param)
+_bad = bad_parameter
 
 
 def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
@@ -452,12 +450,7 @@ async def events() -> Response:
         if not _INT_RE.match(header.strip()):
             raise _bad("Last-Event-ID", "must be an event id (a non-negative integer)")
         last = int(header.strip())
-    types: frozenset[str] | None = None
-    if "types" in args:
-        names = args["types"].split(",")
-        if len(names) > 16 or not all(_TYPE_RE.match(n) for n in names):
-            raise _bad("types", "comma-separated event types (up to 16)")
-        types = frozenset(names)
+    types = parse_types(args["types"], c.event_types()) if "types" in args else None
     device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
     owner = streams()
     if not owner.ready:
