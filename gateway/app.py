@@ -21,12 +21,14 @@ import trio
 
 from gateway import __version__, metrics
 from gateway.alerts import Alerts, AlertThresholds, disk_paths_for
-from gateway.errors import ConfigError, StartupRefused
+from gateway.errors import ConfigError, StartupRefused, StoreUnavailable
 from gateway.health import ComponentHealth, Health
 from gateway.http.context import AppContext
 from gateway.http.front import HttpFront
+from gateway.http.query import event_types
 from gateway.hub import Hub
 from gateway.ingest import Ingest
+from gateway.latest import LatestReadings
 from gateway.mqtt import Inbound, MqttBridge
 from gateway.processor import Processor
 from gateway.publish import OutboxPublisher
@@ -78,7 +80,7 @@ def build(settings: Settings, store: Store, *, env_file: str | None = None) -> G
     ctx = AppContext(
         settings=settings, store=store, hub=hub, publisher=bridge, health=health,
         on_commit=nudge.set,  # the API's own commits: it refreshes its caches itself
-        reload=lambda: gw.reload(), version=__version__,
+        reload=lambda: gw.reload(), version=__version__, event_types=lambda: event_types(processor.rules),
     )  # fmt: skip
     stop_requested = trio.Event()
     http = HttpFront(ctx, health.component("http"), settings.supervisor, stop_requested)
@@ -102,18 +104,34 @@ def _group(gw: Gateway) -> list[Component]:
     health = gw.health.component("ingest")
     ingest = Ingest(gw.settings.ingest, gw.store, gw.bridge.ack, on_commit, health, on_stored=gw.ctx.latest.stored)
     gw.ingest = ingest
+
+    async def run_ingest(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await _seed_latest(gw.store, gw.ctx.latest)  # before ingest feeds it, after the store is up
+        await ingest.run(receive, task_status=task_status)
+
     return [
         Component("database", gw.store.run),
         Component("status", partial(gw.notifier.run_status, gw.health.summary)),
         Component("watch", partial(gw.store.watch, gw.nudge.set, gw.hub.notify)),
         Component("hub", gw.hub.run),
         Component("processor", gw.processor.run),
-        Component("ingest", partial(ingest.run, receive)),
+        Component("ingest", run_ingest),
         Component("mqtt", partial(gw.bridge.run, send)),
         Component("outbox", gw.outbox.run),
         Component("alerts", gw.alerts.run),
         Component("watchdog", gw.notifier.run_watchdog),
     ]
+
+
+async def _seed_latest(store: Store, latest: LatestReadings) -> None:
+    """Load each device's newest stored reading into the latest-per-device view, so a restart
+    keeps it; a failure is only logged (live commits fill the view anyway)."""
+    try:
+        added = latest.seed(await store.latest_per_device(latest.max_devices))
+    except StoreUnavailable as exc:
+        log.warning("latest readings not loaded error=%s", exc)
+    else:
+        log.info("latest readings loaded devices=%d", added)
 
 
 def _component_up(component: ComponentHealth) -> None:

@@ -220,7 +220,14 @@ class Ingest:
         self.received = 0
         """Messages taken from the channel since start."""
         self.committed = 0
-        """Messages (readings and rejects) committed since start."""
+        """Messages committed (and acked) since start, whatever became of each: it is always
+        ``stored + duplicates + rejected``."""
+        self.stored = 0
+        """Readings stored new since start."""
+        self.duplicates = 0
+        """Redeliveries of readings already stored (committed and acked, stored once)."""
+        self.rejected = 0
+        """Messages stored as rejects since start."""
 
     @property
     def held(self) -> int:
@@ -298,8 +305,14 @@ class Ingest:
         stored = await store_batch(self._write, chunk, "mqtt", self._settings.max_payload)
         self._ack(chunk)
         self.committed += len(chunk)
+        duplicates = sum(o.duplicate for o in stored.outcomes)
+        self.stored += len(stored.outcomes) - duplicates
+        self.duplicates += duplicates
+        self.rejected += len(stored.rejects)
         observe(chunk, stored, "mqtt")
-        self._health.detail.update(committed=self.committed)
+        self._health.detail.update(
+            committed=self.committed, stored=self.stored, duplicates=self.duplicates, rejected=self.rejected
+        )
         if self._on_stored is not None:
             self._on_stored(stored.messages, stored.outcomes)
         self._on_commit()

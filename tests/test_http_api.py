@@ -154,6 +154,23 @@ async def test_ping_without_and_with_key(api: ApiServer) -> None:
         assert (await c.get("/api/v1/ping")).json()["status"] == "degraded"
 
 
+async def test_ping_with_a_wrong_key_says_so_on_both_routes_and_stays_200(api: ApiServer) -> None:
+    api.ctx.health.component("database").set("ok")
+    refused = 'Bearer realm="gateway", error="invalid_token"'
+    async with api.client(headers={"X-API-Key": "nope", "Origin": "https://elsewhere.example"}) as c:
+        raw = await c.get("/api/v1/ping")  # gateway.http.fast
+        head = await c.head("/api/v1/ping")  # Quart
+        bearer = await c.get("/api/v1/ping", headers={"X-API-Key": "", "Authorization": "Bearer nope"})
+    for r in (raw, head, bearer):
+        assert r.status_code == 200 and r.headers["www-authenticate"] == refused
+    assert set(raw.json()) == {"status", "time"}  # the public answer
+    async with api.client() as c:
+        assert "www-authenticate" not in (await c.get("/api/v1/ping")).headers  # no key: nothing refused
+    async with api.client("read") as c:
+        assert "www-authenticate" not in (await c.get("/api/v1/ping")).headers
+        assert "www-authenticate" not in (await c.head("/api/v1/ping")).headers
+
+
 async def test_ping_reports_degraded_when_database_fails(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
     async def down() -> Any:
         raise StoreUnavailable("gone")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from html.parser import HTMLParser
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from gateway.errors import ProblemCode
@@ -94,3 +95,50 @@ async def test_openapi_problem_lists_the_stable_codes(api: ApiServer) -> None:
     assert events["responses"]["429"]["description"] == "Too many requests: `too_many_streams`, `rate_limited`"
     assert messages["responses"]["503"]["description"].endswith(": `db_unavailable`, `query_timeout`")
     assert messages["responses"]["401"]["description"].endswith(": `auth_missing`, `auth_invalid`")
+
+
+async def test_openapi_gives_each_operations_role_timestamps_as_date_time_and_markdown(api: ApiServer) -> None:
+    async with api.client() as c:
+        spec = (await c.get("/openapi.json")).json()
+    expected = {
+        ("/api/v1/ping", "get"): "none",
+        ("/api/v1/messages", "get"): "read",
+        ("/api/v1/events", "get"): "read",
+        ("/api/v1/packets", "post"): "write",
+        ("/api/v1/rereadenv", "post"): "admin",
+    }
+    roles = {
+        (path, method): op["x-required-role"] for path, item in spec["paths"].items() for method, op in item.items()
+    }
+    assert expected.items() <= roles.items() and set(roles.values()) <= {"none", "read", "write", "admin"}
+    for (path, method), role in roles.items():
+        op = spec["paths"][path][method]
+        wanted = "**Role:** none" if role == "none" else f"**Role:** `{role}`"
+        assert op["description"].startswith(wanted), (path, method)
+        assert (op["security"] == []) == (role == "none"), (path, method)
+    # Markdown everywhere, no reStructuredText literals (the docstrings have them).
+    assert "``" not in json.dumps(spec)
+    assert "`cause`" in spec["paths"]["/api/v1/ping"]["get"]["description"]
+    # Every time is a date-time: body fields and query parameters.
+    schemas = spec["components"]["schemas"]
+
+    def formats(prop: dict[str, Any]) -> set[str | None]:
+        return {b.get("format") for b in prop.get("anyOf", [prop]) if b.get("type") != "null"}
+
+    for model, fields in {
+        "MessageItem": ("timestamp", "received_at", "processed_at"),
+        "Reading": ("timestamp", "received_at"),
+        "RejectItem": ("received_at",),
+        "Ping": ("time",),
+    }.items():
+        for name in fields:
+            assert formats(schemas[model]["properties"][name]) == {"date-time"}, (model, name)
+    assert schemas["Latest"]["properties"]["devices"]["additionalProperties"] == {
+        "$ref": "#/components/schemas/Reading"
+    }
+    params = {p["name"]: p for p in spec["paths"]["/api/v1/messages"]["get"]["parameters"]}
+    for name in ("start_time", "end_time"):
+        assert formats(params[name]["schema"]) == {"date-time"}, name
+    # /ping documents the header a refused key gets.
+    ping_ok = spec["paths"]["/api/v1/ping"]["get"]["responses"]["200"]
+    assert "invalid_token" in ping_ok["headers"]["WWW-Authenticate"]["description"]

@@ -115,6 +115,17 @@ async def test_filters_by_type_and_device(api: ApiServer) -> None:
     assert [f["event"] for f in data] == ["packet", "alert"] and all('"d1"' in f["data"] for f in data)
 
 
+async def test_types_are_those_the_gateway_emits(api: ApiServer) -> None:
+    async with api.client("read") as c:
+        r = await c.get("/api/v1/events", params={"types": "packet,overheat,alrt"})
+    detail = assert_problem(r, 400, "query_invalid")["detail"]
+    assert detail == "types: unknown event type alrt, overheat (known: alert, packet, reset)"
+    api.ctx.event_types = lambda: frozenset({"packet", "overheat"})  # as the rules in force say
+    await add_events(api, ("overheat", "d1"), ("packet", "d1"))
+    got = await collect(api, 1, params={"last_event_id": "0", "types": "overheat"})
+    assert [f["event"] for f in got if "data" in f] == ["overheat"]
+
+
 async def test_unknown_last_event_id_gets_reset_first(api: ApiServer) -> None:
     await add_events(api, ("packet", "d1"))
     got = await collect(api, 1, headers={"Last-Event-ID": "999999"})
@@ -137,6 +148,7 @@ async def test_access_token_query_and_kept_out_of_logs(api: ApiServer, caplog: p
         ({"last_event_id": "-1"}, {}, "last_event_id"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),
         ({"types": "a b"}, {}, "types"),
+        ({"types": "packet,nope"}, {}, "types"),  # a type the gateway never emits
         ({"device_id": "bad id"}, {}, "device_id"),
     ],
 )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from gateway.errors import ApiError, ProblemCode
 from gateway.http import cache
 from gateway.http.cache import PageCache
+from gateway.http.query import BUILTIN_EVENT_TYPES, event_types, parse_types
+from gateway.rules import default_rules, load_rules
 
 
 def test_cache_generation_ttl_and_bound() -> None:
@@ -82,3 +87,17 @@ def test_a_read_begun_before_a_commit_is_cached_only_within_the_bound(monkeypatc
     clock.now += 0.01
     live.put("q", live.generation, b"c")
     assert live.get("q") is not None
+
+
+def test_event_types_are_the_builtin_ones_and_each_sse_actions(tmp_path: Path) -> None:
+    assert event_types(default_rules()) == BUILTIN_EVENT_TYPES == {"packet", "alert", "reset"}
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rule]]\nname = "hot"\nactions = [{ type = "sse", event = "overheat" }, { type = "mqtt" }]\n',
+        encoding="utf-8",
+    )
+    assert event_types(load_rules(rules)) == {"packet", "alert", "reset", "overheat"}
+    assert parse_types("overheat,packet", frozenset({"packet", "overheat"})) == {"packet", "overheat"}
+    with pytest.raises(ApiError) as refused:
+        parse_types(",".join(["packet"] * 17), BUILTIN_EVENT_TYPES)
+    assert refused.value.code == ProblemCode.QUERY_INVALID

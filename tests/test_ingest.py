@@ -214,6 +214,22 @@ async def test_redelivery_stored_once(store: Store) -> None:
     assert len(rec.acked) == 41  # duplicates are acked too (they are committed)
 
 
+async def test_the_detail_counts_stored_readings_duplicates_and_rejects_apart(store: Store) -> None:
+    rec = Recorder()
+    health = ComponentHealth("ingest")
+    ingest = make_ingest(store, rec, health)
+    first = [inbound(packet("c", i), i) for i in range(5)] + [inbound(b"{oops", 9)]
+    again = [inbound(packet("c", i), 10 + i, dup=True) for i in range(3)] + [inbound(packet("c", 5), 20)]
+    send, recv = trio.open_memory_channel[list[Inbound]](8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run, recv)
+        for b in (first, again):
+            await send.send(b)
+        await send.aclose()
+    assert health.detail == {"committed": 10, "stored": 6, "duplicates": 3, "rejected": 1}
+    assert (ingest.committed, ingest.stored, ingest.duplicates, ingest.rejected) == (10, 6, 3, 1)
+
+
 async def test_malformed_interleaved_with_good(store: Store) -> None:
     kinds = malformed_packets()
     bad = [kinds[i % len(kinds)] for i in range(1000)]

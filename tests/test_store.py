@@ -86,6 +86,37 @@ async def test_stored_message_round_trip(store: Store) -> None:
     assert await store.get_message(out.id + 1000) is None
 
 
+async def test_latest_per_device_is_each_devices_newest_reading(store: Store) -> None:
+    assert await store.latest_per_device(10) == []
+    # dev-a's newest reading by device time arrived first (a device replaying its buffer later);
+    # dev-b has two readings with the same timestamp: the later id wins.
+    await store.write_batch([msg("dev-a", 9), msg("dev-b", 1), msg("dev-c", 3)], [])
+    outcomes = await store.write_batch([msg("dev-a", 2), msg("dev-b", 5, seq=None, dedupe_key="h:1")], [])
+    [b_last] = await store.write_batch([msg("dev-b", 5, seq=None, dedupe_key="h:2", battery=12.5)], [])
+    assert not any(o.duplicate for o in outcomes)
+    got = await store.latest_per_device(10)
+    assert [(m.device_id, m.device_ts) for m in got] == [
+        ("dev-a", T0 + timedelta(seconds=9)),
+        ("dev-b", T0 + timedelta(seconds=5)),
+        ("dev-c", T0 + timedelta(seconds=3)),
+    ]  # newest first
+    assert got[1].id == b_last.id and got[1].battery == 12.5
+    assert got[0] == await store.get_message(got[0].id)  # whole rows
+    # Bounded: the devices with the newest readings.
+    assert [m.device_id for m in await store.latest_per_device(2)] == ["dev-a", "dev-b"]
+
+
+async def test_battery_reads_back_as_a_float_on_every_path(store: Store) -> None:
+    """SSE shows the claimed row, REST the queried one: an integral battery is 87.0 on both."""
+    [out] = await store.write_batch([msg(n=1, battery=87.0)], [])
+    [claimed] = await store.claim("owner", 10, 30)
+    read = await store.get_message(out.id)
+    [queried] = (await store.query_messages(MessageQuery())).items
+    [latest] = await store.latest_per_device(1)
+    for m in (claimed, read, queried, latest):
+        assert m is not None and type(m.battery) is float and m.battery == 87.0
+
+
 async def test_rejects_stored_with_messages(store: Store) -> None:
     await store.write_batch([msg(n=1)], [reject(1), reject(2)])
     await store.write_batch([], [reject(3)])

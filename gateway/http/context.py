@@ -9,6 +9,7 @@ from typing import Any
 from gateway.health import Health
 from gateway.http.cache import PageCache
 from gateway.http.memo import Memo
+from gateway.http.query import BUILTIN_EVENT_TYPES
 from gateway.hub import Hub
 from gateway.latest import LatestReadings
 from gateway.publish import Publisher
@@ -41,6 +42,8 @@ class AppContext:
     pages: PageCache = field(default_factory=PageCache)
     latest: LatestReadings = field(default_factory=LatestReadings)
     backlog: Memo[Backlog] = field(default_factory=Memo)
+    event_types: Callable[[], frozenset[str]] = field(default=lambda: BUILTIN_EVENT_TYPES)
+    """The event types the gateway emits now (``GET /events?types=`` refuses others)."""
     sse_heartbeat: float = 14.0  # the contract promises a comment at least every 15 s
     sse_retry_ms: int = 3000
 

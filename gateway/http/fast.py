@@ -68,7 +68,8 @@ class FastRoutes:
         if admitted.wait > 0:  # Quart answers the 429 (problem body, headers) with this admission
             return await self._hand_on(scope, receive, send, admitted)
         status, body = await routes.ping_body(self.ctx, admitted.principal)
-        await self._respond(scope, send, admitted, origin, PING, status, body, {"Content-Type": _JSON})
+        headers = {"Content-Type": _JSON, **routes.ping_headers(admitted)}
+        await self._respond(scope, send, admitted, origin, PING, status, body, headers)
 
     async def _messages(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         raw_query = scope["query_string"]

@@ -25,7 +25,7 @@ log = logging.getLogger("gateway.http")
 
 # Query parameters whose values never reach the log.
 _SECRET_PARAMS = ("access_token", "api_key", "key_token")
-_EXPOSED = "X-Request-ID, ETag, Retry-After"
+_EXPOSED = "X-Request-ID, ETag, Retry-After, WWW-Authenticate"  # the last: /ping's refused key
 _ALLOWED_HEADERS = "X-API-Key, Authorization, Content-Type, Last-Event-ID, If-None-Match"
 
 

@@ -4,6 +4,7 @@ declares every response a route can give (problem+json errors included), so the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,8 @@ SPEC_ATTR = "_gateway_api_spec"
 EVENT_TYPE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 TYPES_PATTERN = r"^[A-Za-z0-9._-]{1,64}(,[A-Za-z0-9._-]{1,64}){0,15}$"
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# A time in a response body: RFC 3339 in UTC (``...Z``), as text (the routes build the bodies).
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 
 # ---- response bodies ----------------------------------------------------------------------------
@@ -83,7 +86,7 @@ class Ping(BaseModel):
     """Liveness; with a valid key also component detail."""
 
     status: Literal["starting", "ok", "degraded"]
-    time: str
+    time: Timestamp
     version: str | None = None
     uptime_seconds: float | None = None
     components: dict[str, Any] | None = None
@@ -104,14 +107,14 @@ class MessageItem(BaseModel):
 
     id: int
     device_id: str
-    timestamp: str
-    received_at: str
+    timestamp: Timestamp
+    received_at: Timestamp
     seq: int | None
     measurements: dict[str, float | int]
     status: str
     battery: float | None
     source: str
-    processed_at: str | None
+    processed_at: Timestamp | None
     attempts: int
     last_error: str | None
     dead: bool
@@ -130,7 +133,7 @@ class RejectItem(BaseModel):
     """A refused packet with its reason and field errors."""
 
     id: int
-    received_at: str
+    received_at: Timestamp
     source: str
     topic: str | None
     payload: str
@@ -147,10 +150,24 @@ class RejectPage(BaseModel):
     next_cursor: str | None
 
 
-class Latest(BaseModel):
-    """The latest reading seen per device since start (in memory)."""
+class Reading(BaseModel):
+    """A stored reading as `/latest` shows it (no processing state)."""
 
-    devices: dict[str, dict[str, Any]]
+    id: int
+    device_id: str
+    timestamp: Timestamp
+    received_at: Timestamp
+    seq: int | None
+    measurements: dict[str, float | int]
+    status: str
+    battery: float | None
+    source: str
+
+
+class Latest(BaseModel):
+    """The latest reading per device (in memory, loaded from the database at start-up)."""
+
+    devices: dict[str, Reading]
 
 
 class JsonSchemaDoc(BaseModel):
@@ -185,7 +202,14 @@ class EventsQuery(BaseModel):
     """Filters and resume point for the event stream."""
 
     device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
-    types: Annotated[str | None, Field(pattern=TYPES_PATTERN, description="comma-separated event types")] = None
+    types: Annotated[
+        str | None,
+        Field(
+            pattern=TYPES_PATTERN,
+            description="comma-separated event types: `packet`, `alert`, `reset` and those the rules emit; "
+            "any other is refused (400 `query_invalid`)",
+        ),
+    ] = None
     last_event_id: Annotated[int | None, Field(ge=0, le=2**63 - 1)] = None
     access_token: str | None = Field(None, description="API key, for EventSource (cannot send headers)")
 
@@ -208,6 +232,7 @@ class ApiSpec:
     ok: dict[int, tuple[type[BaseModel] | None, str]]
     errors: tuple[ProblemCode, ...] = ()
     query_token: bool = False
+    ok_headers: tuple[tuple[str, str], ...] = ()  # (header, description) on its ok responses
 
 
 def api(
@@ -219,11 +244,16 @@ def api(
     headers: type[BaseModel] | None = None,
     body: type[BaseModel] | None = None,
     query_token: bool = False,
+    ok_headers: dict[str, str] | None = None,
 ) -> Callable[[F], F]:
-    """Attach the route's role and responses (read by the app's auth hook and the provider)."""
+    """Attach the route's role and responses (read by the app's auth hook and the provider).
+
+    ``ok_headers``: header name → description, documented on the ok responses.
+    """
 
     def decorator(func: F) -> F:
-        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token))
+        extra = tuple((ok_headers or {}).items())
+        setattr(func, SPEC_ATTR, ApiSpec(role, ok, tuple(errors), query_token, extra))
         if query is not None:
             func = document_querystring(query)(func)
         if headers is not None:
@@ -277,8 +307,45 @@ def _schema_of(model: type[BaseModel], components: dict[str, Any]) -> dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+_ROLE_TEXT: dict[Role | None, str] = {
+    None: "**Role:** none, public (a key adds detail where the description says so).",
+    "read": "**Role:** `read` (a `write` or `admin` key also may).",
+    "write": "**Role:** `write` (an `admin` key also may).",
+    "admin": "**Role:** `admin`.",
+}
+ROLE_EXTENSION = "x-required-role"  # the lowest role a key needs; "none" for public operations
+_RST_LITERAL = re.compile(r"``(.+?)``", re.S)
+
+
+def markdown(text: str) -> str:
+    """Docstring text as Markdown: reStructuredText literals (two backticks) become code spans."""
+    return _RST_LITERAL.sub(r"`\1`", text)
+
+
+def _as_markdown(node: Any) -> Any:
+    """``node`` (a piece of the spec) with every ``description`` and ``summary`` in Markdown."""
+    if isinstance(node, dict):
+        return {
+            k: markdown(v) if k in ("description", "summary") and isinstance(v, str) else _as_markdown(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_as_markdown(v) for v in node]
+    return node
+
+
 class GatewayOpenAPIProvider(OpenAPIProvider):
-    """quart-schema's provider, with every response of every route declared from its ``@api`` spec."""
+    """quart-schema's provider, with every response of every route declared from its ``@api`` spec,
+    the role each operation needs (in its description and as ``x-required-role``), and every
+    description in Markdown (docstrings are written with reST literals).
+
+    The role is an extension, not security requirement scopes: OpenAPI 3.1 lets an API key
+    scheme list role names, but as roles *all* required, which cannot say "read, or any higher".
+    """
+
+    def schema(self) -> dict[str, Any]:
+        spec: dict[str, Any] = _as_markdown(super().schema())
+        return spec
 
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)
@@ -296,6 +363,10 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
                     op["security"] = _SECURITY + ([{"AccessToken": []}] if spec.query_token else [])
                 else:
                     op["security"] = []
+                op[ROLE_EXTENSION] = spec.role or "none"
+                op["description"] = "\n\n".join(
+                    filter(None, [_ROLE_TEXT[spec.role], op.get("description", "").strip()])
+                )
                 path_item[method] = op
         return paths, components
 
@@ -303,6 +374,8 @@ class GatewayOpenAPIProvider(OpenAPIProvider):
         out: dict[str, Any] = {}
         for status, (model, content_type) in spec.ok.items():
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "OK"), "headers": dict(_HEADER_REF)}
+            for name, text in spec.ok_headers:
+                response["headers"][name] = {"description": text, "schema": {"type": "string"}}
             if status != 304:
                 schema = _schema_of(model, components) if model is not None else {"type": "string"}
                 response["content"] = {content_type: {"schema": schema}}

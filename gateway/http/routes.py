@@ -19,9 +19,9 @@ from gateway.errors import ApiError, ProblemCode, StoreError
 from gateway.http.auth import Principal
 from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
+from gateway.http.gate import Admission
 from gateway.http.openapi import (
     CURSOR_PATTERN,
-    EVENT_TYPE_PATTERN,
     EventsHeaders,
     EventsQuery,
     JsonSchemaDoc,
@@ -36,6 +36,7 @@ from gateway.http.openapi import (
     api,
     spec_of,
 )
+from gateway.http.query import bad_parameter, parse_types
 from gateway.http.sse import SseStreams
 from gateway.ingest import Posted, observe, store_batch
 from gateway.jsonenc import dumps
@@ -54,7 +55,6 @@ JSON = "application/json"
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 _KEY_RE = re.compile(MEASUREMENT_NAME_PATTERN)
 _CURSOR_RE = re.compile(CURSOR_PATTERN)
-_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 _INT_RE = re.compile(r"^[0-9]{1,19}$")
 _PACKET_SCHEMA: bytes | None = None
 PAGE_CACHE_CONTROL = "private, no-cache"  # the ETag may be used, the page not reused unasked
@@ -82,8 +82,7 @@ def _now() -> str:
 # ---- strict parameter parsing -------------------------------------------------------------------
 
 
-def _bad(param: str, detail: str) -> ApiError:
-    return ApiError(ProblemCode.QUERY_INVALID, f"{param}: {detail}", parameter=param)
+_bad = bad_parameter
 
 
 def _args(allowed: frozenset[str], given: Mapping[str, list[str]] | None = None) -> dict[str, str]:
@@ -189,17 +188,38 @@ async def post_packet() -> Response:
     return json_response({"id": outcome.id, "duplicate": False}, 201)
 
 
-@api(role=None, ok={200: (Ping, JSON), 503: (Ping, JSON)})
+@api(
+    role=None,
+    ok={200: (Ping, JSON), 503: (Ping, JSON)},
+    ok_headers={
+        "WWW-Authenticate": 'Sent when the key given is not valid (`Bearer realm="gateway", error="invalid_token"`): '
+        "the body is then the answer without a key"
+    },
+)
 async def ping() -> Response:
     """Liveness and, with any valid key, component detail
 
     Without a key: status and time. With a key: components, backlog and lag, SSE clients, uptime.
     Each component shows its state and a generic ``cause`` code; the error text (which names users
     and hosts) only to admin keys. 503 with status ``starting`` until every component has started.
+    A key that is not valid gets the answer without a key, with the header
+    ``WWW-Authenticate: Bearer realm="gateway", error="invalid_token"`` saying it was refused.
     """
     _args(frozenset())
-    status, body = await ping_body(ctx(), g.get("principal"))
-    return Response(body, status=status, content_type=JSON)
+    admitted: Admission = g.admitted
+    status, body = await ping_body(ctx(), admitted.principal)
+    return Response(body, status=status, content_type=JSON, headers=ping_headers(admitted))
+
+
+# What ``/ping`` adds when the key sent matches no ``API_KEYS`` entry: the answer stays the
+# public one (200), and this standard challenge (RFC 9110 allows it on any response, RFC 6750
+# names the error) says the key was refused, so a client can tell "wrong key" from "no detail".
+KEY_REFUSED = {"WWW-Authenticate": 'Bearer realm="gateway", error="invalid_token"'}
+
+
+def ping_headers(admitted: Admission) -> dict[str, str]:
+    """``/ping``'s own headers (both routes): :data:`KEY_REFUSED` for a key that is not valid."""
+    return KEY_REFUSED if admitted.key is not None and admitted.principal is None else {}
 
 
 async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, bytes]:
@@ -390,7 +410,9 @@ async def rejects() -> Response:
 async def latest() -> Response:
     """The latest reading per device
 
-    Kept in memory since start, from packets stored through this instance.
+    Kept in memory: loaded from the database at start-up (each device's reading with the newest
+    timestamp), then updated by every packet this instance stores (the last one stored wins).
+    At most 10,000 devices, those heard from most recently.
     """
     _args(frozenset())
     return json_response({"devices": ctx().latest.latest()})
@@ -428,12 +450,7 @@ async def events() -> Response:
         if not _INT_RE.match(header.strip()):
             raise _bad("Last-Event-ID", "must be an event id (a non-negative integer)")
         last = int(header.strip())
-    types: frozenset[str] | None = None
-    if "types" in args:
-        names = args["types"].split(",")
-        if len(names) > 16 or not all(_TYPE_RE.match(n) for n in names):
-            raise _bad("types", "comma-separated event types (up to 16)")
-        types = frozenset(names)
+    types = parse_types(args["types"], c.event_types()) if "types" in args else None
     device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
     owner = streams()
     if not owner.ready:

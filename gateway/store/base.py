@@ -413,6 +413,15 @@ class Store(Protocol):
         """One message by id."""
         ...
 
+    async def latest_per_device(self, limit: int) -> list[StoredMessage]:
+        """Each device's newest message (latest ``device_ts``, then highest id), for at most
+        ``limit`` devices: those with the newest readings, newest first.
+
+        Runs under the query timeout. Cost grows with the number of devices, not of rows: both
+        stores walk the ``(device_id, device_ts)`` index once per device (a loose index scan).
+        """
+        ...
+
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of :class:`StoredReject`, newest first."""
         ...

@@ -257,6 +257,23 @@ _PARTITION_LOCK = 0x6761_7465_7761_7903  # pg_advisory_xact_lock key: one partit
 # CREATE/ATTACH/DROP of a partition wait for a lock on messages, and ingest would queue behind
 # them: they give up after this long and are tried again at the next housekeeping.
 _PARTITION_LOCK_TIMEOUT_MS = 2000
+# Each device's newest message, at a cost per device rather than per row: PostgreSQL 15 has no
+# skip scan, so DISTINCT ON (device_id) (or GROUP BY) reads the whole messages_device_ts index.
+# The recursive CTE jumps from one device to the next in that index (one descent each), and the
+# LATERAL lookup reads each device's newest entry from the same index backwards (LIMIT 1).
+_LATEST_PER_DEVICE = f"""
+WITH RECURSIVE devices(device_id) AS (
+    (SELECT device_id FROM messages ORDER BY device_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.device_id FROM messages m WHERE m.device_id > d.device_id ORDER BY m.device_id LIMIT 1)
+    FROM devices d WHERE d.device_id IS NOT NULL
+)
+SELECT newest.* FROM devices d CROSS JOIN LATERAL (
+    SELECT {_MSG_COLS} FROM messages m WHERE m.device_id = d.device_id ORDER BY m.device_ts DESC, m.id DESC LIMIT 1
+) newest
+ORDER BY newest.device_ts DESC, newest.id DESC
+LIMIT $1
+"""
 _BACKLOG = """
 SELECT (SELECT count(*) FROM messages WHERE processed_at IS NULL AND dead_at IS NULL),
        (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL ORDER BY id LIMIT 1),
@@ -773,6 +790,11 @@ class PostgresStore:
         sql = f"SELECT {_MSG_COLS} FROM messages WHERE id = $1"
         row = await self._read(lambda conn: conn.fetchrow(sql, message_id))
         return _message(row) if row is not None else None
+
+    async def latest_per_device(self, limit: int) -> list[StoredMessage]:
+        """Each device's newest message, at most ``limit`` devices, newest first (see Store)."""
+        rows = await self._run(lambda conn: conn.fetch(_LATEST_PER_DEVICE, limit))
+        return [_message(r) for r in rows]
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""

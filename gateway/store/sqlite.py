@@ -90,6 +90,23 @@ _INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_
 _LAST_EVENT_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
 _EVENT_COLS = "id, type, data, created_at, device_id, message_id"
 _REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+# Each device's newest message at a cost per device, not per row: the recursive CTE steps from
+# one device to the next in messages_device_ts, the inner lookup reads that device's newest entry
+# from the same index (which holds the rowid, so "device_ts DESC, id DESC" needs no sort).
+_LATEST_PER_DEVICE = f"""
+WITH RECURSIVE devices(device_id) AS (
+    SELECT (SELECT device_id FROM messages ORDER BY device_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.device_id FROM messages m WHERE m.device_id > d.device_id ORDER BY m.device_id LIMIT 1)
+    FROM devices d WHERE d.device_id IS NOT NULL
+)
+SELECT {_MSG_COLS} FROM messages WHERE id IN (
+    SELECT (SELECT m.id FROM messages m WHERE m.device_id = d.device_id ORDER BY m.device_ts DESC, m.id DESC LIMIT 1)
+    FROM devices d WHERE d.device_id IS NOT NULL
+)
+ORDER BY device_ts DESC, id DESC
+LIMIT ?
+"""
 _BACKLOG = (
     "SELECT count(*), (SELECT received_at FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
     " ORDER BY id LIMIT 1), (SELECT count(*) FROM messages WHERE dead_at IS NOT NULL)"
@@ -487,6 +504,15 @@ class SqliteStore:
         row = await self._call(lambda conn: conn.execute(sql, (message_id,)).fetchone(), read=True)
         return _message(row) if row is not None else None
 
+    async def latest_per_device(self, limit: int) -> list[StoredMessage]:
+        """Each device's newest message, at most ``limit`` devices, newest first (see Store)."""
+        rows = await self._call(
+            lambda conn: conn.execute(_LATEST_PER_DEVICE, (limit,)).fetchall(),
+            read=True,
+            seconds=self._settings.query_timeout,
+        )
+        return [_message(r) for r in rows]
+
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
         read = reject_page(SQLITE, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
@@ -715,7 +741,9 @@ def _message(r: Any) -> StoredMessage:
         seq=r[4],
         measurements=loads(r[5]),
         status=r[6],
-        battery=r[7],
+        # A REAL column gives back an int from UPDATE ... RETURNING (the claim) when the value is
+        # integral: float() keeps battery one JSON number type (87.0) in SSE and REST alike.
+        battery=None if r[7] is None else float(r[7]),
         source=r[8],
         processed_at=ts_parse(r[9]) if r[9] else None,
         attempts=r[10],
