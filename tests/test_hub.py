@@ -17,9 +17,10 @@ import trio.lowlevel
 import trio.testing
 
 from gateway import metrics
-from gateway.hub import Hub, Subscription
+from gateway.hub import Hub
 from gateway.store import open_store
 from gateway.store.base import Event, NewEvent, Store
+from gateway.subscription import Subscription
 from tests.support.pg import db_settings
 
 

@@ -35,8 +35,9 @@ from hypercorn.config import Config, Sockets
 
 from gateway import metrics
 from gateway.errors import ApiError, ProblemCode
-from gateway.hub import Hub, Subscription
+from gateway.hub import Hub
 from gateway.sse import encode_comment, encode_event, encode_retry
+from gateway.subscription import Subscription
 
 log = logging.getLogger("gateway.http")
 
