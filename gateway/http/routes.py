@@ -244,7 +244,7 @@ async def ping_body(c: AppContext, principal: Principal | None) -> tuple[int, by
             uptime_seconds=round(time.time() - c.health.started_at, 3),
             components=c.health.as_dict(full=principal.may("admin")),
             backlog=backlog,
-            sse_clients=int(getattr(c.hub, "clients", 0)),
+            sse_clients=c.hub.clients,
             devices=c.latest.devices,
         )
     return 503 if status == "starting" else 200, dumps(body)
