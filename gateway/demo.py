@@ -274,7 +274,7 @@ async def demo(
             gateway_env(workdir, mqtt_port=mqtt_port, protocol=protocol, http_port=http_port, key_entries=[entry])
         )
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            async with contextlib.AsyncExitStack() as stack:
                 broker = await stack.enter_async_context(child("broker", broker_argv, workdir))
                 await wait_port(mqtt_port, broker)
                 gateway_argv = [sys.executable, "-m", "gateway", "serve", "--env-file", str(workdir / ".env")]
@@ -292,33 +292,49 @@ async def demo(
                     opts=opts,
                 )
                 task_status.started(f"http://127.0.0.1:{http_port}/#key={key}")
-                ended: list[tuple[str, str]] = []  # (name, the end of its log)
-
-                async def watch(c: Child) -> None:
-                    await c.process.wait()
-                    ended.append((c.name, c.tail()))
-                    nursery.cancel_scope.cancel()
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        print("\nstopping the demo…", file=out, flush=True)
-                        nursery.cancel_scope.cancel()
-
-                async def simulator() -> None:
-                    await simulate_rounds(opts, mqtt_port, protocol, workdir)
-                    ended.append(("simulator", _tail(workdir / "simulator.log")))
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch, broker)
-                nursery.start_soon(watch, gateway)
-                nursery.start_soon(on_signal)
-                nursery.start_soon(simulator)
+                ended = await _until_one_ends([broker, gateway], signals, opts, mqtt_port, protocol, workdir, out)
             if ended:
-                name, tail = ended[0]
+                name, tail = ended
                 raise DemoError(f"the {name} stopped; the demo ends:\n{tail}")
     finally:
         if opts.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _until_one_ends(
+    children: list[Child],
+    signals: AsyncIterator[int],
+    opts: DemoOptions,
+    mqtt_port: int,
+    protocol: str,
+    workdir: Path,
+    out: TextIO,
+) -> tuple[str, str] | None:
+    """Run the simulator rounds until Ctrl-C/SIGTERM (returns None) or until a child or the
+    simulator ends by itself (returns its name and the end of its log)."""
+    ended: list[tuple[str, str]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watch(c: Child) -> None:
+            await c.process.wait()
+            ended.append((c.name, c.tail()))
+            nursery.cancel_scope.cancel()
+
+        async def on_signal() -> None:
+            async for _ in signals:
+                print("\nstopping the demo…", file=out, flush=True)
+                nursery.cancel_scope.cancel()
+
+        async def simulator() -> None:
+            await simulate_rounds(opts, mqtt_port, protocol, workdir)
+            ended.append(("simulator", _tail(workdir / "simulator.log")))
+            nursery.cancel_scope.cancel()
+
+        for c in children:
+            nursery.start_soon(watch, c)
+        nursery.start_soon(on_signal)
+        nursery.start_soon(simulator)
+    return ended[0] if ended else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -537,28 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protocol", choices=("5", "3.1.1"), default=None, help="MQTT version (default: MQTT_PROTOCOL)"
     )
-    parser.add_argument(
-        "--env-file",
-        default=None,
-        help="take the broker options not given here from this file, as `gateway serve` does (default: ./.env)",
-    )
-    parser.add_argument(
-        "--url",
-        default=None,
-        help="broker, mqtt:// or mqtts:// (default: MQTT_URL from the environment or .env, else mqtt://127.0.0.1:1883)",
-    )
-    parser.add_argument(
-        "--topic-template",
-        default=DEFAULT_TOPIC_TEMPLATE,
-        help="each device's topic; {device_id} is replaced by the device's id (default: %(default)s)",
-    )
-    parser.add_argument("--ca-file", help="CA bundle to verify the broker (TLS; default: MQTT_CA_FILE)")
-    parser.add_argument("--cert-file", help="client certificate (TLS; default: MQTT_CERT_FILE)")
-    parser.add_argument("--key-file", help="client key (TLS; default: MQTT_KEY_FILE)")
-    parser.add_argument("--username", default=None, help="broker user name (default: MQTT_USERNAME)")
-    parser.add_argument(
-        "--password", default=None, help="broker password (default: MQTT_PASSWORD; prefer that: argv is visible to ps)"
-    )
+    _broker_arguments(parser)
     parser.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
     parser.add_argument(
         "--device-prefix",
@@ -590,6 +569,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a machine-readable summary")
     # Internal: set by the parent of a multi-process run.
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def _broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker options; each defaults to the gateway's own configuration (:func:`_broker_defaults`)."""
+    parser.add_argument(
+        "--env-file",
+        default=None,
+        help="take the broker options not given here from this file, as `gateway serve` does (default: ./.env)",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="broker, mqtt:// or mqtts:// (default: MQTT_URL from the environment or .env, else mqtt://127.0.0.1:1883)",
+    )
+    parser.add_argument(
+        "--topic-template",
+        default=DEFAULT_TOPIC_TEMPLATE,
+        help="each device's topic; {device_id} is replaced by the device's id (default: %(default)s)",
+    )
+    parser.add_argument("--ca-file", help="CA bundle to verify the broker (TLS; default: MQTT_CA_FILE)")
+    parser.add_argument("--cert-file", help="client certificate (TLS; default: MQTT_CERT_FILE)")
+    parser.add_argument("--key-file", help="client key (TLS; default: MQTT_KEY_FILE)")
+    parser.add_argument("--username", default=None, help="broker user name (default: MQTT_USERNAME)")
+    parser.add_argument(
+        "--password", default=None, help="broker password (default: MQTT_PASSWORD; prefer that: argv is visible to ps)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
