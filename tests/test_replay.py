@@ -14,16 +14,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 
 from gateway import cli
+from gateway.errors import StoreRefused
 from gateway.ingest import Posted, message_from_packet, to_records
 from gateway.packets import SCHEMA_VERSION, parse_packet
 from gateway.replay import ReplayRequest, replay
 from gateway.store import open_store
+from gateway.store._query import decode_cursor
 from gateway.store.base import DEFAULT_SCHEMA_VERSION, MessageQuery, NewReject, RejectSelection, Store, StoredReject
 from gateway.wake import Nudge
 from tests.support.http import ApiServer
@@ -126,8 +128,6 @@ async def test_selection_by_ids_window_reason_and_cursor(store: Store) -> None:
     # Paged: at most `limit`, the cursor continues after the last one examined.
     page = await run(store, limit=3, **WINDOW)
     assert counts(page) == (3, 2, 2, 0, 1) and page["next_cursor"] is not None
-    from gateway.store._query import decode_cursor
-
     rest = await run(store, after_id=decode_cursor(page["next_cursor"]), **WINDOW)
     assert counts(rest) == (1, 1, 0, 1, 0) and rest["next_cursor"] is None
     # Exactly `limit` left: no cursor when nothing remains.
@@ -277,3 +277,33 @@ def test_cli_replays_the_configured_store(tmp_path: Path, capsys: pytest.Capture
     assert "examined 4, passed 3: stored 1, duplicates 2; still rejected 1" in capsys.readouterr().out
     assert trio.run(total) == 2
     assert cli.main([*common, "--since", until, "--until", since]) == 2
+
+
+class _RefusingStore:
+    """A real store whose ``replay_rejects`` refuses (StoreRefused, nothing written) any call that
+    would store reject ``poison`` as a reading: how a value the database cannot store shows."""
+
+    def __init__(self, inner: Store, poison: int) -> None:
+        self._inner = inner
+        self._poison = poison
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def replay_rejects(self, replayed: list[Any], refused: list[Any]) -> Any:
+        if any(r.reject_id == self._poison for r in replayed):
+            raise StoreRefused("database refused a value")
+        return await self._inner.replay_rejects(replayed, refused)
+
+
+async def test_a_reading_the_database_refuses_stays_an_unstorable_reject(store: Store) -> None:
+    ids = [r.id for r in await store_scenario(store)]
+    refusing = cast(Store, _RefusingStore(store, ids[1]))
+    result = await run(refusing, **WINDOW)
+    # The others of the chunk are stored one by one; the refused one is still a reject.
+    assert counts(result) == (4, 2, 1, 1, 2)
+    rows = {r.id: r for r in await store.select_rejects(RejectSelection(**WINDOW), 100)}
+    assert (rows[ids[1]].reason, rows[ids[1]].replayed_at, rows[ids[1]].schema_version) == ("unstorable", None, 1)
+    assert rows[ids[2]].reason == "bad_json"
+    assert rows[ids[0]].message_id is not None and rows[ids[3]].message_id == rows[ids[0]].message_id
+    assert (await store.query_messages(MessageQuery(limit=10))).total == 1
