@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, migrate, check-config, simulate, demo, apikey, secrets.
+"""The ``gateway`` command: serve, migrate, check-config, simulate, demo, apikey, secrets, rejects.
 
 Exit codes (:func:`exit_code` is the one mapping; README, "Command line", documents it):
 
@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         "--role", required=True, choices=["read", "write", "admin"], help="read < write (POST /packets) < admin"
     )
     env_opt(new)
+
+    p = sub.add_parser("rejects", help="stored rejects")
+    rj = p.add_subparsers(dest="rejects_command", required=True)
+    rp = rj.add_parser("replay", help="validate rejects again against today's schema; store those that pass")
+    which = rp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", type=_ids, help="comma-separated reject ids")
+    which.add_argument("--since", type=_aware_time, help="received at or after (RFC 3339 with a zone offset)")
+    rp.add_argument("--until", type=_aware_time, help="received before (with --since; default: now)")
+    rp.add_argument("--reason", help="only rejects of this reason (e.g. schema)")
+    rp.add_argument("--limit", type=int, default=None, help="examine at most this many (default: all, 10,000 a round)")
+    rp.add_argument("--dry-run", action="store_true", help="validate and count only; change nothing")
+    env_opt(rp)
 
     p = sub.add_parser("secrets", help="secrets encrypted at rest in .env (enc:...)")
     sc = p.add_subparsers(dest="secrets_command", required=True)
@@ -158,6 +171,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _apikey_new(args)
     if command == "secrets":
         return _secrets(args)
+    if command == "rejects":
+        return trio.run(_replay, _load(args), args)
     raise AssertionError(command)  # pragma: no cover - argparse refuses unknown commands
 
 
@@ -292,6 +307,85 @@ async def _migrate(settings: Settings, status_only: bool) -> int:
             print(f"applied  {m.version:04d}_{m.name}")
         if not applied:
             print("nothing to apply: the schema is up to date")
+    return EXIT_OK
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("comma-separated reject ids") from None
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError("comma-separated reject ids")
+    return ids
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("RFC 3339 with a zone offset, e.g. 2026-11-27T09:00:00Z") from None
+    if ts.utcoffset() is None:
+        raise argparse.ArgumentTypeError("needs a zone offset, e.g. 2026-11-27T09:00:00Z")
+    return ts
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    """``gateway rejects replay``: :func:`gateway.replay.replay` on the configured database, in
+    rounds of 10,000 until done (or ``--limit``), printing the counts. A running gateway processes
+    what it stores (PostgreSQL: woken by NOTIFY; SQLite: at its next ``PROCESSOR_INTERVAL``)."""
+    from gateway.replay import MAX_PER_REQUEST, ReplayRequest, ReplayResult, replay
+    from gateway.store import open_store
+    from gateway.store._common import now_utc
+    from gateway.store._query import decode_cursor
+
+    ids: tuple[int, ...] | None = args.ids
+    until: datetime | None = None
+    if ids is None:
+        until = args.until if args.until is not None else now_utc()
+        if until <= args.since:
+            print("gateway: --until must be after --since", file=sys.stderr)
+            return EXIT_CONFIG
+    elif args.until is not None:
+        print("gateway: --until goes with --since, not --ids", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.limit is not None and args.limit < 1:
+        print("gateway: --limit must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    left: int | None = args.limit
+    total = ReplayResult(dry_run=args.dry_run)
+    after = 0
+    db = settings.database
+    async with open_store(db) as store, trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(db.connect_timeout + db.query_timeout * 10):
+                await nursery.start(store.run)
+            while left is None or left > 0:
+                limit = MAX_PER_REQUEST if left is None else min(left, MAX_PER_REQUEST)
+                request = ReplayRequest(ids, args.since, until, args.reason, limit, after, args.dry_run)
+                got = await replay(
+                    store, request, max_payload=settings.ingest.max_payload, device_level=settings.mqtt.device_level
+                )
+                for name in ("examined", "passed", "stored", "duplicates", "still_rejected"):
+                    setattr(total, name, getattr(total, name) + getattr(got, name))
+                if left is not None:
+                    left -= got.examined
+                total.next_cursor = got.next_cursor
+                if got.next_cursor is None:
+                    break
+                after = decode_cursor(got.next_cursor)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            print(f"gateway: database unavailable: {exc or 'timed out'}", file=sys.stderr)
+            return EXIT_FATAL
+        finally:
+            nursery.cancel_scope.cancel()
+    if total.next_cursor is not None:
+        print(f"more remain: continue after reject id {after}", file=sys.stderr)
+    dry = " (dry run: nothing changed)" if args.dry_run else ""
+    print(
+        f"examined {total.examined}, passed {total.passed}: stored {total.stored}, duplicates {total.duplicates};"
+        f" still rejected {total.still_rejected}{dry}"
+    )
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from gateway.backoff import Backoff
 from gateway.errors import PacketInvalid, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound
-from gateway.packets import Packet, parse_packet
+from gateway.packets import SCHEMA_VERSION, Packet, parse_packet
 from gateway.settings import IngestSettings
 from gateway.store.base import InsertOutcome, NewMessage, NewReject, Source, Store
 
@@ -51,8 +51,20 @@ class Posted:
     truncated_from: None = None
 
 
-Received = Inbound | Posted
-"""One packet to store, from either source."""
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A stored reject validated again (:mod:`gateway.replay`): its payload, topic and the topic's
+    device (``MQTT_DEVICE_FROM_TOPIC`` applies as it did when it arrived)."""
+
+    payload: bytes
+    received_at: datetime
+    topic: str | None
+    topic_device: str | None
+    truncated_from: None = None
+
+
+Received = Inbound | Posted | Replayed
+"""One packet to store, from any source."""
 
 Write = Callable[[list[NewMessage], list[NewReject]], Awaitable[list[InsertOutcome]]]
 """``Store.write_batch``, or a wrapper of it (ingest's retries while the database is down)."""
@@ -80,6 +92,7 @@ def message_from_packet(packet: Packet, source: Source, received_at: datetime, t
         source,
         received_at,
         topic,
+        SCHEMA_VERSION,
     )
 
 
@@ -87,7 +100,7 @@ def unstorable_reject(received_at: datetime, source: Source, topic: str | None, 
     """The reject kept for a message the database refused to store (its raw bytes and a fixed
     error: the database's text may quote the value, so it goes to the log only)."""
     errors = [{"loc": [], "msg": "the database cannot store a value of this packet", "type": "unstorable"}]
-    return NewReject(received_at, source, topic, payload, "unstorable", errors)
+    return NewReject(received_at, source, topic, payload, "unstorable", errors, SCHEMA_VERSION)
 
 
 def to_records(
@@ -109,13 +122,13 @@ def to_records(
                 raise _topic_mismatch(p.device_id, m.topic_device)
         except PacketInvalid as exc:
             raw = m.payload[:max_payload]
-            rejects.append(NewReject(m.received_at, source, m.topic, raw, exc.reason, exc.errors))
+            rejects.append(NewReject(m.received_at, source, m.topic, raw, exc.reason, exc.errors, SCHEMA_VERSION))
             continue
         except Exception as exc:  # a bug in validation must not stall the stream: keep it as a reject
             log.exception("validation crashed topic=%s", m.topic)
             errors = [{"loc": [], "msg": f"validation failed: {type(exc).__name__}", "type": "internal"}]
             raw = m.payload[:max_payload]
-            rejects.append(NewReject(m.received_at, source, m.topic, raw, "internal", errors))
+            rejects.append(NewReject(m.received_at, source, m.topic, raw, "internal", errors, SCHEMA_VERSION))
             continue
         messages.append(message_from_packet(p, source, m.received_at, m.topic))
     return messages, rejects
@@ -163,11 +176,7 @@ def observe(batch: Sequence[Received], stored: Stored, source: Source) -> None:
     """Count a committed batch: readings stored and duplicate, rejects by reason, the batch size,
     and receive-to-commit latency, with one clock read and one observation per receive time (a
     read burst shares one) instead of one per message."""
-    dup = sum(o.duplicate for o in stored.outcomes)
-    if len(stored.outcomes) - dup:
-        metrics.INGEST_STORED.labels(source).inc(len(stored.outcomes) - dup)
-    if dup:
-        metrics.INGEST_DUPLICATES.labels(source).inc(dup)
+    count_outcomes(stored.outcomes, source)
     for r in stored.rejects:
         metrics.INGEST_REJECTED.labels(r.reason).inc()
     metrics.INGEST_BATCH.observe(len(batch))
@@ -182,6 +191,15 @@ def observe(batch: Sequence[Received], stored: Stored, source: Source) -> None:
         count += 1
     if last is not None:
         observe_many(metrics.INGEST_LATENCY, (now - last).total_seconds(), count)
+
+
+def count_outcomes(outcomes: Sequence[InsertOutcome], source: Source) -> None:
+    """Count readings stored and duplicate (also for a replay, which counts nothing else)."""
+    dup = sum(o.duplicate for o in outcomes)
+    if len(outcomes) - dup:
+        metrics.INGEST_STORED.labels(source).inc(len(outcomes) - dup)
+    if dup:
+        metrics.INGEST_DUPLICATES.labels(source).inc(dup)
 
 
 def observe_many(histogram: Histogram, amount: float, count: int) -> None:

@@ -19,6 +19,10 @@ from gateway.errors import PacketInvalid
 from gateway.safetext import safe_text
 from gateway.store._common import ts_text
 
+SCHEMA_VERSION = 1
+"""The version of the packet schema below, stored with every reading and reject. Bump it whenever
+the schema accepts or refuses something new (then ``POST /rejects/replay`` can tell which rejects a
+past version refused). Keep ``gateway.store.base.DEFAULT_SCHEMA_VERSION`` equal (a test checks)."""
 MAX_PACKET_BYTES = 64 * 1024
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 MEASUREMENT_NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"

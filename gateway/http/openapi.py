@@ -118,6 +118,7 @@ class MessageItem(BaseModel):
     attempts: int
     last_error: str | None
     dead: bool
+    schema_version: int = Field(description="The packet schema version it was validated against")
 
 
 class MessagePage(BaseModel):
@@ -139,6 +140,9 @@ class RejectItem(BaseModel):
     payload: str
     reason: str
     errors: list[dict[str, Any]]
+    schema_version: int = Field(description="The packet schema version that refused it (last replay: the newest)")
+    replayed_at: Timestamp | None = Field(description="When a replay last stored it as a reading")
+    message_id: int | None = Field(description="That reading's id")
 
 
 class RejectPage(BaseModel):
@@ -148,6 +152,34 @@ class RejectPage(BaseModel):
     total: int
     total_capped: bool = Field(False, description="total is a lower bound: more match than API_TOTAL_LIMIT")
     next_cursor: str | None
+
+
+class ReplayBody(BaseModel):
+    """Which rejects to replay: ``ids``, or ``start_time`` and ``end_time`` (received in
+    ``[start_time, end_time)``); ``reason`` narrows either. ``cursor`` comes from ``next_cursor``."""
+
+    ids: Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1)]] | None, Field(min_length=1, max_length=10_000)] = (
+        None
+    )
+    start_time: datetime | None = Field(None, description="RFC 3339 with a zone offset")
+    end_time: datetime | None = Field(None, description="RFC 3339 with a zone offset, after start_time")
+    reason: Annotated[str | None, Field(pattern=EVENT_TYPE_PATTERN, description="e.g. `schema`")] = None
+    limit: Annotated[int, Field(ge=1, le=10_000, description="rejects examined at most")] = 10_000
+    cursor: Annotated[str | None, Field(pattern=CURSOR_PATTERN)] = None
+    dry_run: bool = Field(False, description="validate and count only; change nothing")
+
+
+class ReplayResultDoc(BaseModel):
+    """What the replay did: ``examined`` = ``passed`` + ``still_rejected``; ``passed`` = ``stored``
+    + ``duplicates`` (0 and 0 in a dry run). ``next_cursor``: more remain, continue with it."""
+
+    examined: int
+    passed: int
+    stored: int
+    duplicates: int
+    still_rejected: int
+    next_cursor: str | None
+    dry_run: bool
 
 
 class Reading(BaseModel):
@@ -162,6 +194,7 @@ class Reading(BaseModel):
     status: str
     battery: float | None
     source: str
+    schema_version: int
 
 
 class Latest(BaseModel):

@@ -22,6 +22,7 @@ from gateway.http.context import AppContext
 from gateway.http.gate import Admission
 from gateway.http.openapi import (
     CURSOR_PATTERN,
+    EVENT_TYPE_PATTERN,
     EventsHeaders,
     EventsQuery,
     JsonSchemaDoc,
@@ -33,6 +34,8 @@ from gateway.http.openapi import (
     RejectPage,
     RejectsQuery,
     ReloadResult,
+    ReplayBody,
+    ReplayResultDoc,
     api,
     spec_of,
 )
@@ -47,7 +50,9 @@ from gateway.packets import (
     Packet,
     packet_json_schema,
 )
-from gateway.store.base import MessageQuery
+from gateway.replay import MAX_PER_REQUEST, ReplayRequest, replay
+from gateway.store._query import MAX_ID, decode_cursor
+from gateway.store.base import InsertOutcome, MessageQuery, NewMessage
 
 log = logging.getLogger("gateway.http")
 
@@ -406,6 +411,99 @@ async def rejects() -> Response:
     )
 
 
+_REPLAY = (
+    ProblemCode.QUERY_INVALID,
+    ProblemCode.PAYLOAD_TOO_LARGE,
+    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+    ProblemCode.DB_UNAVAILABLE,
+)
+_REASON_RE = re.compile(EVENT_TYPE_PATTERN)  # a reject's reason: the same characters as an event type
+
+
+@api(role="admin", ok={200: (ReplayResultDoc, JSON)}, errors=_REPLAY, body=ReplayBody)
+async def replay_rejects() -> Response:
+    """Replay rejects against today's packet schema
+
+    Those that pass are stored as readings (idempotently: a second replay stores nothing new,
+    counted as duplicates) with source `replay`, and processed; the rest keep their rows with the
+    fresh reason and errors. At most `limit` (10,000) per request, in transactions of 500;
+    `next_cursor` continues when more remain.
+    """
+    c = ctx()
+    _args(frozenset())
+    mimetype = request.mimetype
+    if mimetype != JSON and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        raise ApiError(ProblemCode.UNSUPPORTED_MEDIA_TYPE, "send the selection as application/json")
+    body = cast(bytes, await request.get_data(cache=False, as_text=False))
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _bad("body", "must be a JSON object") from None
+    wanted = _replay_request(raw)
+
+    def stored(messages: list[NewMessage], outcomes: list[InsertOutcome]) -> None:
+        if not all(o.duplicate for o in outcomes):
+            c.pages.clear()  # read-your-writes, as for POST /packets
+            c.on_commit()  # wakes the processor
+
+    result = await replay(
+        c.store,
+        wanted,
+        max_payload=c.settings.ingest.max_payload,
+        device_level=c.settings.mqtt.device_level,
+        on_stored=stored,
+    )
+    return json_response(result.to_json())
+
+
+def _replay_request(raw: Any) -> ReplayRequest:
+    """The body of ``POST /rejects/replay``, strictly; ApiError names a wrong member."""
+    if not isinstance(raw, dict):
+        raise _bad("body", "must be a JSON object")
+    for name in raw:
+        if name not in ReplayBody.model_fields:
+            raise _bad(name, "unknown member")
+    args = {k: v for k, v in raw.items() if v is not None}
+    for name in ("start_time", "end_time", "reason", "cursor"):
+        if name in args and not isinstance(args[name], str):
+            raise _bad(name, "must be a string")
+    ids: tuple[int, ...] | None = None
+    if "ids" in args:
+        given = args["ids"]
+        if (
+            not isinstance(given, list)
+            or not 1 <= len(given) <= MAX_PER_REQUEST
+            or not all(type(i) is int and 1 <= i <= MAX_ID for i in given)
+        ):
+            raise _bad("ids", f"a list of 1 to {MAX_PER_REQUEST} reject ids")
+        ids = tuple(given)
+    start, end = _time(args, "start_time"), _time(args, "end_time")
+    if ids is not None and (start or end):
+        raise _bad("ids", "select by ids or by start_time and end_time, not both")
+    if ids is None:
+        if start is None:
+            raise _bad("start_time", "needed (with end_time) when no ids are given")
+        if end is None:
+            raise _bad("end_time", "needed (with start_time) when no ids are given")
+        if end <= start:
+            raise _bad("end_time", "must be after start_time")
+    limit = args.get("limit", MAX_PER_REQUEST)
+    if type(limit) is not int or not 1 <= limit <= MAX_PER_REQUEST:
+        raise _bad("limit", f"must be an integer from 1 to {MAX_PER_REQUEST}")
+    dry_run = args.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise _bad("dry_run", "must be true or false")
+    reason = _match(args, "reason", _REASON_RE, "1-64 of A-Z a-z 0-9 . _ -")
+    cursor = _match(args, "cursor", _CURSOR_RE, "malformed cursor")
+    after = 0
+    if cursor is not None:
+        try:
+            after = decode_cursor(cursor)
+        except ValueError:
+            raise _bad("cursor", "malformed cursor") from None
+    return ReplayRequest(ids, start, end, reason, limit, after, dry_run)
+
+
 @api(role="read", ok={200: (Latest, JSON)})
 async def latest() -> Response:
     """The latest reading per device
@@ -492,6 +590,7 @@ def register(app: Quart) -> None:
     app.add_url_rule(f"{prefix}/rereadenv", "rereadenv", rereadenv, methods=["GET", "POST"])
     app.add_url_rule(f"{prefix}/messages", "messages", messages, methods=["GET"])
     app.add_url_rule(f"{prefix}/rejects", "rejects", rejects, methods=["GET"])
+    app.add_url_rule(f"{prefix}/rejects/replay", "replay_rejects", replay_rejects, methods=["POST"])
     app.add_url_rule(f"{prefix}/latest", "latest", latest, methods=["GET"])
     app.add_url_rule(f"{prefix}/schema/packet", "packet_schema", packet_schema, methods=["GET"])
     app.add_url_rule(f"{prefix}/events", "events", events, methods=["GET"])

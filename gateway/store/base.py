@@ -20,9 +20,13 @@ import trio
 
 from gateway.health import ComponentHealth
 
-Source = Literal["mqtt", "api"]
+Source = Literal["mqtt", "api", "replay"]
+# ``replay``: a reject stored as a reading by ``POST /rejects/replay`` (gateway.replay).
 # Tables with a retention period (messages: only processed ones are removed).
 PruneTable = Literal["events", "rejects", "messages"]
+DEFAULT_SCHEMA_VERSION = 1
+"""``gateway.packets.SCHEMA_VERSION`` (which imports this package, so it cannot be imported here):
+ingest names the version of every row it builds; this default serves rows built by hand."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class NewMessage(NamedTuple):
     source: Source
     received_at: datetime
     topic: str | None = None
+    schema_version: int = DEFAULT_SCHEMA_VERSION
 
     def to_json(self, message_id: int) -> dict[str, Any]:
         """The reading as the API shows it, once stored under ``message_id``."""
@@ -66,12 +71,13 @@ class NewMessage(NamedTuple):
             "status": self.status,
             "battery": self.battery,
             "source": self.source,
+            "schema_version": self.schema_version,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class NewReject:
-    """A refused packet, kept with its reason and field errors."""
+    """A refused packet, kept with its reason, field errors and the schema version that refused it."""
 
     received_at: datetime
     source: Source
@@ -79,6 +85,7 @@ class NewReject:
     payload: bytes
     reason: str
     errors: list[dict[str, Any]]
+    schema_version: int = DEFAULT_SCHEMA_VERSION
 
 
 class InsertOutcome(NamedTuple):
@@ -105,6 +112,7 @@ class StoredMessage:
     attempts: int = 0
     last_error: str | None = None
     dead: bool = False
+    schema_version: int = DEFAULT_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (times in RFC 3339 UTC) as the API returns it."""
@@ -122,12 +130,14 @@ class StoredMessage:
             "attempts": self.attempts,
             "last_error": self.last_error,
             "dead": self.dead,
+            "schema_version": self.schema_version,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class StoredReject:
-    """A row of ``rejects``. ``payload`` is the raw bytes as received."""
+    """A row of ``rejects``. ``payload`` is the raw bytes as received. A reject a replay stored as
+    a reading keeps its row: ``replayed_at`` (the last replay that passed it) and ``message_id``."""
 
     id: int
     received_at: datetime
@@ -136,6 +146,9 @@ class StoredReject:
     payload: bytes
     reason: str
     errors: list[dict[str, Any]]
+    schema_version: int = DEFAULT_SCHEMA_VERSION
+    replayed_at: datetime | None = None
+    message_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; the payload as text (invalid UTF-8 replaced)."""
@@ -147,6 +160,9 @@ class StoredReject:
             "payload": self.payload.decode("utf-8", "replace"),
             "reason": self.reason,
             "errors": self.errors,
+            "schema_version": self.schema_version,
+            "replayed_at": _iso(self.replayed_at) if self.replayed_at else None,
+            "message_id": self.message_id,
         }
 
 
@@ -273,6 +289,32 @@ class MessageQuery:
     key: str | None = None
     value: str | None = None
     cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectSelection:
+    """Which rejects a replay examines: by ``ids``, or received in ``[start_time, end_time)`` and
+    (optionally) of one ``reason``. Either way only ids above ``after_id``, in id order."""
+
+    ids: tuple[int, ...] | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    reason: str | None = None
+    after_id: int = 0
+
+
+class ReplayedReject(NamedTuple):
+    """A reject that passed today's schema: its id and the reading it becomes."""
+
+    reject_id: int
+    message: NewMessage
+
+
+class RefusedReject(NamedTuple):
+    """A reject that still fails: its id and its fresh reason, errors and schema version."""
+
+    reject_id: int
+    reject: NewReject
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +470,19 @@ class Store(Protocol):
 
     async def backlog(self) -> Backlog:
         """How much work waits for the processor."""
+        ...
+
+    async def select_rejects(self, selection: RejectSelection, limit: int) -> list[StoredReject]:
+        """Up to ``limit`` rejects of ``selection``, oldest id first (a replay's chunk)."""
+        ...
+
+    async def replay_rejects(self, replayed: list[ReplayedReject], refused: list[RefusedReject]) -> list[InsertOutcome]:
+        """In ONE transaction: store the readings of ``replayed`` as :meth:`write_batch` does
+        (idempotently, NOTIFY included) and mark each reject replayed (``replayed_at``, the
+        reading's ``message_id``, the new schema version); give each of ``refused`` its fresh
+        reason, errors and schema version. Returns one outcome per reading, in order. Raises
+        StoreRefused (nothing changed) when a reading's value cannot be stored.
+        """
         ...
 
     async def watch(

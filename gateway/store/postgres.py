@@ -71,6 +71,9 @@ from gateway.store.base import (
     PruneTable,
     PublishBuilder,
     PublishFailure,
+    RefusedReject,
+    RejectSelection,
+    ReplayedReject,
     StoredMessage,
     StoredReject,
 )
@@ -104,7 +107,7 @@ _REFUSED_SQLSTATES = ("28", "3D000", "42501")
 
 _MSG_COLS = (
     "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
-    " processed_at, attempts, last_error, dead_at"
+    " processed_at, attempts, last_error, dead_at, schema_version"
 )
 # A batch in ONE statement, so ONE round trip (each costs ~100 us of our CPU through the bridge,
 # more than 500 rows of encoding; a COPY to a staging table needs five: BEGIN, two for the COPY,
@@ -115,8 +118,8 @@ _MSG_COLS = (
 _INSERT_BATCH = """
 WITH u AS (
     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                         $7::float8[], $8::text[], $9::timestamptz[], $10::text[])
-                  WITH ORDINALITY AS u(d, ts, s, k, m, st, b, src, ra, t, ord)
+                         $7::float8[], $8::text[], $9::timestamptz[], $10::text[], $11::int[])
+                  WITH ORDINALITY AS u(d, ts, s, k, m, st, b, src, ra, t, v, ord)
 ), keyed AS (
     -- The idempotency key (migration 0004: messages is partitioned, its key lives here). nextval
     -- is evaluated after the sort, so ids are drawn in ``ord`` order.
@@ -126,15 +129,15 @@ WITH u AS (
     RETURNING device_id, dedupe_key, message_id
 ), new AS (
     INSERT INTO messages (id, device_id, device_ts, seq, dedupe_key, measurements, status, battery, source,
-                          received_at, topic)
-    SELECT keyed.message_id, d, ts, s, k, m::jsonb, st, b, src, ra, t
+                          received_at, topic, schema_version)
+    SELECT keyed.message_id, d, ts, s, k, m::jsonb, st, b, src, ra, t, v
     FROM u JOIN keyed ON keyed.device_id = u.d AND keyed.dedupe_key = u.k
     RETURNING id, pg_notify('gateway_messages', '')
 ), rejected AS (
-    INSERT INTO rejects (received_at, source, topic, payload, reason, errors)
-    SELECT ra, src, t, p, r, e::jsonb
-    FROM unnest($11::timestamptz[], $12::text[], $13::text[], $14::bytea[], $15::text[], $16::text[])
-         AS u(ra, src, t, p, r, e)
+    INSERT INTO rejects (received_at, source, topic, payload, reason, errors, schema_version)
+    SELECT ra, src, t, p, r, e::jsonb, v
+    FROM unnest($12::timestamptz[], $13::text[], $14::text[], $15::bytea[], $16::text[], $17::text[], $18::int[])
+         AS u(ra, src, t, p, r, e, v)
 )
 SELECT id FROM new
 """
@@ -218,7 +221,23 @@ SELECT id, type, data::text, created_at, device_id, message_id FROM events
 WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR device_id = $3)
 ORDER BY id LIMIT $4
 """
-_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors, schema_version, replayed_at, message_id"
+# A replay's chunk: by ids, or by receive window and reason; ids above the cursor, in id order.
+_SELECT_REJECTS = f"""
+SELECT {_REJECT_COLS} FROM rejects
+WHERE id > $1 AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
+  AND ($3::timestamptz IS NULL OR received_at >= $3) AND ($4::timestamptz IS NULL OR received_at < $4)
+  AND ($5::text IS NULL OR reason = $5)
+ORDER BY id LIMIT $6
+"""
+_MARK_REPLAYED = """
+UPDATE rejects SET replayed_at = now(), message_id = u.m, schema_version = u.v
+FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS u(id, m, v) WHERE rejects.id = u.id
+"""
+_REJECT_AGAIN = """
+UPDATE rejects SET reason = u.r, errors = u.e::jsonb, schema_version = u.v
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[]) AS u(id, r, e, v) WHERE rejects.id = u.id
+"""
 # DELETE of the oldest expired rows, one batch per transaction (row locks are held briefly).
 _PRUNE = {
     "events": "SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2",
@@ -614,24 +633,7 @@ class PostgresStore:
         if not messages and not rejects:
             return []
         batch = Deduped(messages)
-
-        async def write(conn: Conn) -> list[InsertOutcome]:
-            params = [*_message_columns(batch.unique), *_reject_columns(rejects)]
-            try:
-                insert = _INSERT_BATCH if self._partitioned else _INSERT_BATCH_0003
-                new = [r[0] for r in await conn.fetch(insert, *params)]
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                # Nothing stored; a value of some row cannot be (the caller isolates it).
-                raise StoreRefused(f"database refused a value: {_describe(exc)}") from exc
-            if len(new) == len(batch.unique):
-                new.sort()
-                return batch.outcomes([InsertOutcome(i, False) for i in new])
-            # Some were there already (redeliveries, or another instance's): look every key up.
-            existing = _SELECT_EXISTING if self._partitioned else _SELECT_EXISTING_0003
-            rows = await conn.fetch(existing, params[0], params[3])
-            return batch.outcomes(_outcomes(batch.unique, set(new), {(r[1], r[2]): r[0] for r in rows}))
-
-        return await self._run(write)
+        return await self._run(lambda conn: _insert(conn, batch, rejects, partitioned=self._partitioned))
 
     async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
         """Lease up to ``limit`` due, unprocessed, not dead messages (oldest first) to ``owner``;
@@ -800,12 +802,44 @@ class PostgresStore:
         """A page of rejects, newest first. Raises ValueError for a malformed cursor."""
         read = reject_page(POSTGRES, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
         total, rows = await self._read(partial(_read_page, read))
-        return read.page(total, rows, lambda r: StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]))
+        return read.page(total, rows, _reject)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
         row = await self._run(lambda conn: conn.fetchrow(_BACKLOG))
         return Backlog(row[0], row[1], row[2])
+
+    async def select_rejects(self, selection: RejectSelection, limit: int) -> list[StoredReject]:
+        """Up to ``limit`` rejects of ``selection``, oldest id first."""
+        sel = selection
+        ids = list(sel.ids) if sel.ids is not None else None
+        args = (sel.after_id, ids, sel.start_time, sel.end_time, sel.reason, limit)
+        rows = await self._run(lambda conn: conn.fetch(_SELECT_REJECTS, *args))
+        return [_reject(r) for r in rows]
+
+    async def replay_rejects(self, replayed: list[ReplayedReject], refused: list[RefusedReject]) -> list[InsertOutcome]:
+        """Store the readings of ``replayed`` and mark their rejects; refresh ``refused``; in one
+        transaction (three statements: a replay is rare, not the hot path)."""
+        batch = Deduped([r.message for r in replayed])
+
+        async def replay(conn: Conn) -> list[InsertOutcome]:
+            async with _transaction(conn):
+                outcomes = await _insert(conn, batch, [], partitioned=self._partitioned) if replayed else []
+                if replayed:
+                    ids = [r.reject_id for r in replayed]
+                    versions = [r.message.schema_version for r in replayed]
+                    await conn.execute(_MARK_REPLAYED, ids, [o.id for o in outcomes], versions)
+                if refused:
+                    await conn.execute(
+                        _REJECT_AGAIN,
+                        [r.reject_id for r in refused],
+                        [r.reject.reason for r in refused],
+                        [safe_json(r.reject.errors) for r in refused],
+                        [r.reject.schema_version for r in refused],
+                    )
+            return outcomes
+
+        return await self._run(replay)
 
     async def watch(
         self,
@@ -986,6 +1020,36 @@ def _message_columns(messages: list[NewMessage]) -> list[Any]:
     return columns
 
 
+async def _insert(
+    conn: Conn, batch: Deduped, rejects: list[NewReject], *, partitioned: bool = True
+) -> list[InsertOutcome]:
+    """Run :data:`_INSERT_BATCH` (readings idempotently, and rejects); one outcome per message of
+    the batch. Raises StoreRefused when a value cannot be stored (nothing was).
+
+    ``partitioned`` False: the schema is older than migration 0004 (tests write through the store
+    at old versions, then migrate), so :data:`_INSERT_BATCH_0003`, without the schema versions.
+    """
+    messages, rejected = _message_columns(batch.unique), _reject_columns(rejects)
+    if not partitioned:
+        messages, rejected = messages[:10], rejected[:6]
+    params = [*messages, *rejected]
+    try:
+        new = [r[0] for r in await conn.fetch(_INSERT_BATCH if partitioned else _INSERT_BATCH_0003, *params)]
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        # Nothing stored; a value of some row cannot be (the caller isolates it).
+        raise StoreRefused(f"database refused a value: {_describe(exc)}") from exc
+    if len(new) == len(batch.unique):
+        new.sort()
+        return batch.outcomes([InsertOutcome(i, False) for i in new])
+    # Some were there already (redeliveries, or another instance's): look every key up.
+    rows = await conn.fetch(_SELECT_EXISTING if partitioned else _SELECT_EXISTING_0003, params[0], params[3])
+    return batch.outcomes(_outcomes(batch.unique, set(new), {(r[1], r[2]): r[0] for r in rows}))
+
+
+def _reject(r: Any) -> StoredReject:
+    return StoredReject(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7], r[8], r[9])
+
+
 def _outcomes(messages: list[NewMessage], new: set[int], found: dict[tuple[str, str], int]) -> list[InsertOutcome]:
     """Each message's id (looked up by key) and whether it was there before this write."""
     out = []
@@ -1000,10 +1064,18 @@ def _outcomes(messages: list[NewMessage], new: set[int], found: dict[tuple[str, 
 def _reject_columns(rejects: list[NewReject]) -> list[list[Any]]:
     """The ``_INSERT_REJECTS`` arrays: the topic storable, the errors as storable JSON text."""
     rows = [
-        (r.received_at, r.source, r.topic and safe_text(r.topic), r.payload, r.reason, safe_json(r.errors))
+        (
+            r.received_at,
+            r.source,
+            r.topic and safe_text(r.topic),
+            r.payload,
+            r.reason,
+            safe_json(r.errors),
+            r.schema_version,
+        )
         for r in rejects
     ]
-    return _columns(rows, 6)
+    return _columns(rows, 7)
 
 
 async def _has_keys(conn: Conn) -> bool:
@@ -1151,6 +1223,7 @@ def _message(r: Any) -> StoredMessage:
         attempts=r[10],
         last_error=r[11],
         dead=r[12] is not None,
+        schema_version=r[13],
     )
 
 

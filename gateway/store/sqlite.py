@@ -52,6 +52,9 @@ from gateway.store.base import (
     PruneTable,
     PublishBuilder,
     PublishFailure,
+    RefusedReject,
+    RejectSelection,
+    ReplayedReject,
     StoredMessage,
     StoredReject,
 )
@@ -61,16 +64,19 @@ _Leased = TypeVar("_Leased", StoredMessage, OutboxItem)
 
 _MSG_COLS = (
     "id, device_id, device_ts, received_at, seq, measurements, status, battery, source,"
-    " processed_at, attempts, last_error, dead_at"
+    " processed_at, attempts, last_error, dead_at, schema_version"
 )
 _INSERT_MESSAGE = (
     "INSERT INTO messages (device_id, dedupe_key, device_ts, received_at, seq, measurements, status,"
-    " battery, source, topic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " battery, source, topic, schema_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (device_id, dedupe_key) DO NOTHING"
 )
 _LAST_MESSAGE_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
 _SELECT_DUPLICATE = "SELECT id FROM messages WHERE device_id = ? AND dedupe_key = ?"
-_INSERT_REJECT = "INSERT INTO rejects (received_at, source, topic, payload, reason, errors) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_REJECT = (
+    "INSERT INTO rejects (received_at, source, topic, payload, reason, errors, schema_version)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _CLAIM = (
     f"UPDATE messages SET lease_owner = ?, lease_until = ? WHERE id IN ("
     " SELECT id FROM messages WHERE processed_at IS NULL AND dead_at IS NULL"
@@ -89,7 +95,16 @@ _MARK_FAILED = (
 _INSERT_EVENT = "INSERT INTO events (type, data, created_at, device_id, message_id) VALUES (?, ?, ?, ?, ?)"
 _LAST_EVENT_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
 _EVENT_COLS = "id, type, data, created_at, device_id, message_id"
-_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors"
+_REJECT_COLS = "id, received_at, source, topic, payload, reason, errors, schema_version, replayed_at, message_id"
+# A replay's chunk: by ids (a JSON array), or by receive window and reason; ids above the cursor.
+_SELECT_REJECTS = (
+    f"SELECT {_REJECT_COLS} FROM rejects WHERE id > ?"
+    " AND (? IS NULL OR id IN (SELECT value FROM json_each(?)))"
+    " AND (? IS NULL OR received_at >= ?) AND (? IS NULL OR received_at < ?) AND (? IS NULL OR reason = ?)"
+    " ORDER BY id LIMIT ?"
+)
+_MARK_REPLAYED = "UPDATE rejects SET replayed_at = ?, message_id = ?, schema_version = ? WHERE id = ?"
+_REJECT_AGAIN = "UPDATE rejects SET reason = ?, errors = ?, schema_version = ? WHERE id = ?"
 # Each device's newest message at a cost per device, not per row: the recursive CTE steps from
 # one device to the next in messages_device_ts, the inner lookup reads that device's newest entry
 # from the same index (which holds the rowid, so "device_ts DESC, id DESC" needs no sort).
@@ -376,6 +391,7 @@ class SqliteStore:
                         r.payload,
                         r.reason,
                         safe_json(r.errors),
+                        r.schema_version,
                     )
                     for r in rejects
                 ]
@@ -526,6 +542,42 @@ class SqliteStore:
         )
         return Backlog(count, ts_parse(oldest) if oldest else None, dead)
 
+    async def select_rejects(self, selection: RejectSelection, limit: int) -> list[StoredReject]:
+        """Up to ``limit`` rejects of ``selection``, oldest id first."""
+        sel = selection
+        ids = json.dumps(list(sel.ids)) if sel.ids is not None else None
+        start = ts_text(sel.start_time) if sel.start_time is not None else None
+        end = ts_text(sel.end_time) if sel.end_time is not None else None
+        params = (sel.after_id, ids, ids, start, start, end, end, sel.reason, sel.reason, limit)
+        rows = await self._call(lambda conn: conn.execute(_SELECT_REJECTS, params).fetchall())
+        return [_reject(r) for r in rows]
+
+    async def replay_rejects(self, replayed: list[ReplayedReject], refused: list[RefusedReject]) -> list[InsertOutcome]:
+        """Store the readings of ``replayed`` and mark their rejects; refresh ``refused``; in one
+        transaction."""
+        batch = Deduped([r.message for r in replayed])
+
+        def replay(conn: sqlite3.Connection) -> list[InsertOutcome]:
+            now = ts_text(now_utc())
+            try:
+                rows = _message_rows(batch.unique)
+                again = [
+                    (r.reject.reason, safe_json(r.reject.errors), r.reject.schema_version, r.reject_id) for r in refused
+                ]
+                with _transaction(conn):
+                    outcomes = batch.outcomes(_insert_messages(conn, rows)) if rows else []
+                    marks = [
+                        (now, o.id, r.message.schema_version, r.reject_id)
+                        for r, o in zip(replayed, outcomes, strict=True)
+                    ]
+                    conn.executemany(_MARK_REPLAYED, marks)
+                    conn.executemany(_REJECT_AGAIN, again)
+            except (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, ValueError) as exc:
+                raise StoreRefused(f"sqlite refused a value: {type(exc).__name__}: {exc}") from exc
+            return outcomes
+
+        return await self._call(replay)
+
     async def watch(
         self,
         on_message: Callable[[], None],
@@ -636,6 +688,7 @@ def _message_rows(messages: list[NewMessage]) -> list[tuple[Any, ...]]:
                 m.battery,
                 m.source,
                 topic,
+                m.schema_version,
             )
         )
     return rows
@@ -729,7 +782,18 @@ def _read_page(read: PageRead, conn: sqlite3.Connection) -> tuple[int, list[Any]
 
 
 def _reject(r: Any) -> StoredReject:
-    return StoredReject(r[0], ts_parse(r[1]), r[2], r[3], bytes(r[4]), r[5], json.loads(r[6]))
+    return StoredReject(
+        r[0],
+        ts_parse(r[1]),
+        r[2],
+        r[3],
+        bytes(r[4]),
+        r[5],
+        json.loads(r[6]),
+        r[7],
+        ts_parse(r[8]) if r[8] else None,
+        r[9],
+    )
 
 
 def _message(r: Any) -> StoredMessage:
@@ -749,6 +813,7 @@ def _message(r: Any) -> StoredMessage:
         attempts=r[10],
         last_error=r[11],
         dead=r[12] is not None,
+        schema_version=r[13],
     )
 
 
