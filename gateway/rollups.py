@@ -31,6 +31,7 @@ AggSource = Literal["rollup", "raw"]
 MAX_BUCKETS = 10_000  # per answer: a week of 1-minute buckets
 MAX_INTERVAL = 366 * 86400
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+BUCKET_PATTERN = r"^[1-9][0-9]{0,6}[smhdw]$"  # a duration as the API and ROLLUP_INTERVALS spell it
 _INTERVAL_RE = re.compile(r"([1-9][0-9]{0,6})([smhdw])")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
