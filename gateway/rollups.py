@@ -227,7 +227,8 @@ ON CONFLICT (interval_s, device_id, measurement, bucket_start) DO UPDATE
 SET count = count + excluded.count, sum = sum + excluded.sum,
     min = min(min, excluded.min), max = max(max, excluded.max)
 """
-SQLITE_ROLLUP = _SQLITE_UPSERT.format(select=_SQLITE_ROLLUP_SELECT.format(where="r.id IN (SELECT value FROM json_each(?))"))
+_PROCESSED_NOW = "r.id IN (SELECT value FROM json_each(?))"
+SQLITE_ROLLUP = _SQLITE_UPSERT.format(select=_SQLITE_ROLLUP_SELECT.format(where=_PROCESSED_NOW))
 """Rolls up the messages whose ids are the JSON array ``?`` (just marked processed)."""
 
 SQLITE_BACKFILL = _SQLITE_UPSERT.format(

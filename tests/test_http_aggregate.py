@@ -52,8 +52,13 @@ async def test_rollup_and_raw_answers_agree(api_factory: Factory) -> None:
         assert day["source"] == "rollup"
         assert sum(i["value"] for i in day["items"]) == sum(len(v) for v in want.values())
         # An unaligned range is widened to whole buckets.
-        odd = await _get(server, device_id="dev-1", measurement="temperature",
-                         start_time="2026-11-23T00:10:00Z", end_time="2026-11-23T02:00:01Z")
+        odd = await _get(
+            server,
+            device_id="dev-1",
+            measurement="temperature",
+            start_time="2026-11-23T00:10:00Z",
+            end_time="2026-11-23T02:00:01Z",
+        )
         assert (odd["start_time"], odd["end_time"]) == ("2026-11-23T00:00:00Z", "2026-11-23T03:00:00Z")
         assert odd["items"][0]["bucket_start"] == T0.isoformat().replace("+00:00", "Z")
 

@@ -223,9 +223,7 @@ async def test_failed_and_lost_leases_are_not_counted(store_settings: DatabaseSe
         ids = [o.id for o in outs]
         batch = await store.claim("p1", 10, 60.0)
         retry = datetime.now(UTC) - timedelta(seconds=1)
-        await store.complete(
-            "p1", ids[:3], [Failure(ids[3], "boom", retry), Failure(ids[4], "dead", None)], [], None
-        )
+        await store.complete("p1", ids[:3], [Failure(ids[3], "boom", retry), Failure(ids[4], "dead", None)], [], None)
         assert len(batch) == 6
         await store.complete("someone-else", [ids[5]], [], [])  # not its lease: ignored
         q = AggregateQuery("d", "t", HOUR, T0, T0 + timedelta(hours=1))

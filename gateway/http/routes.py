@@ -21,9 +21,9 @@ from gateway.http.cache import Build, CachedBody
 from gateway.http.context import AppContext
 from gateway.http.openapi import (
     CURSOR_PATTERN,
+    EVENT_TYPE_PATTERN,
     AggregateQueryDoc,
     AggregateResult,
-    EVENT_TYPE_PATTERN,
     EventsHeaders,
     EventsQuery,
     JsonSchemaDoc,
@@ -48,7 +48,7 @@ from gateway.packets import (
     Packet,
     packet_json_schema,
 )
-from gateway.rollups import AGGS, MAX_BUCKETS, AggregateQuery, Agg, format_interval, parse_interval
+from gateway.rollups import AGGS, MAX_BUCKETS, Agg, AggregateQuery, format_interval, parse_interval
 from gateway.store.base import MessageQuery
 
 log = logging.getLogger("gateway.http")
@@ -422,7 +422,7 @@ def aggregate_query(given: Mapping[str, list[str]] | None = None) -> tuple[Aggre
         if end <= start:
             raise _bad("end_time", "must be after start_time") from None
         raise _bad("bucket", f"the range holds more than {MAX_BUCKETS} buckets of it") from None
-    return query, cast(Agg, agg)
+    return query, agg
 
 
 def _iso(ts: datetime) -> str:

@@ -45,7 +45,6 @@ from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
-from gateway.safetext import safe_json, safe_text
 from gateway.rollups import (
     PG_BACKFILL,
     PG_PENDING,
@@ -58,6 +57,7 @@ from gateway.rollups import (
     rollup_interval,
     sync_plan,
 )
+from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import Deduped, by_message, json_text, require_messages
@@ -581,14 +581,10 @@ class PostgresStore:
 
         async def complete(conn: Conn) -> EventsByMessage:
             if publishes is None:
-                owned, appended = await _commit(
-                    conn, owner, processed, failed, events, keep_all=False, rollups=rollups
-                )
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False, rollups=rollups)
                 return by_message(processed, failed, owned, appended)
             async with _transaction(conn):
-                owned, appended = await _commit(
-                    conn, owner, processed, failed, events, keep_all=False, rollups=rollups
-                )
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False, rollups=rollups)
                 stored = by_message(processed, failed, owned, appended)
                 await _enqueue(conn, [p for p in publishes(stored) if p.message_id is None or p.message_id in owned])
                 return stored

@@ -27,7 +27,6 @@ import trio
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
-from gateway.safetext import safe_json, safe_text
 from gateway.rollups import (
     SQLITE_BACKFILL,
     SQLITE_PENDING,
@@ -40,6 +39,7 @@ from gateway.rollups import (
     rollup_interval,
     sync_plan,
 )
+from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
 from gateway.store._common import Deduped, by_message, json_text, now_utc, require_messages, ts_parse, ts_text
