@@ -55,5 +55,6 @@ async def test_schemathesis_finds_no_failure(api: ApiServer, tmp_path: Path) -> 
     # It really exercised every operation (not an empty run because the schema failed to load).
     tested = re.search(r"Tested:\s+(\d+)", out)
     assert tested is not None and int(tested.group(1)) >= 10, out[-5000:]
-    assert "/api/v1/messages/aggregate" in out, out[-5000:]
+    reports = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "report").glob("*.xml"))
+    assert "/api/v1/messages/aggregate" in reports, reports[-5000:]
     assert "generated" in out and " failed" not in out.split("SUMMARY")[-1], out[-5000:]
