@@ -919,6 +919,8 @@ async def _sync_rollups(conn: Conn, intervals: tuple[int, ...]) -> None:
     """Add (and backfill from the processed readings) the intervals not kept yet, drop those no
     longer wanted. The lock holds off concurrent commits (which add to the rollups of the kept
     intervals) from before the backfill reads until it commits: each reading is counted once."""
+    if not await conn.fetchval("SELECT to_regclass('rollup_intervals') IS NOT NULL"):
+        return  # migrations stopped short of 0005 (tests of older migrations)
     kept = {r[0] for r in await conn.fetch("SELECT interval_s FROM rollup_intervals")}
     plan = sync_plan(intervals, kept)
     if not plan.add and not plan.drop:
