@@ -215,8 +215,8 @@ _SQLITE_ROLLUP_SELECT = f"""
 SELECT i.interval_s, r.device_id, m.key, {_sqlite_bucket("r.device_ts", "i.interval_s")} AS b,
        count(*), sum(m.value), min(m.value), max(m.value)
 FROM messages r
+CROSS JOIN json_each(r.measurements) m  -- CROSS JOIN keeps this order: each row's JSON parsed once
 CROSS JOIN rollup_intervals i
-CROSS JOIN json_each(r.measurements) m
 WHERE m.type IN ('integer', 'real') AND {{where}}
 GROUP BY 1, 2, 3, 4
 """
