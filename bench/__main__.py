@@ -16,7 +16,7 @@ import trio
 
 from bench.harness import Options
 
-SCENARIOS = ("pipeline", "ingest", "latency", "api", "processor", "sse_fanout", "footprint")
+SCENARIOS = ("pipeline", "ingest", "latency", "api", "processor", "sse_fanout", "footprint", "aggregate")
 
 
 def main() -> int:

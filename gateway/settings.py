@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
+from gateway.rollups import parse_intervals
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 
@@ -135,6 +136,15 @@ class DatabaseSettings(_Component):
     disk_min_free: float = Field(0.10, ge=0, lt=1, alias="DISK_MIN_FREE")
     api_query_timeout: float = Field(5.0, gt=0, alias="API_QUERY_TIMEOUT")
     api_total_limit: int = Field(10000, ge=1, alias="API_TOTAL_LIMIT")
+    # Seconds per rollup interval (ROLLUP_INTERVALS=1h,1d); none: no rollups, aggregates from raw rows.
+    rollup_intervals: tuple[int, ...] = Field((), alias="ROLLUP_INTERVALS")
+
+    @field_validator("rollup_intervals", mode="before")
+    @classmethod
+    def _parse_rollups(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_intervals(v)
+        return tuple(sorted(set(v)))
 
     @field_validator("url")
     @classmethod

@@ -6,11 +6,12 @@ server keeps serving from this Trio test. Bounded by ``FUZZ_EXAMPLES`` (default 
 ``GET /api/v1/events`` (an endless stream by design; it has its own tests in test_http_sse.py).
 
 Configuration given to schemathesis (``schemathesis.toml`` written per run):
-- ``/api/v1/messages``, ``/api/v1/rejects`` and ``/api/v1/rejects/replay``: ``positive_data_acceptance``
-  also expects 400, because the schema cannot say that a ``cursor`` must come from a previous page
-  (an arbitrary string matching its pattern is refused), that ``value`` needs ``key``, that
-  ``start_time`` must not be after ``end_time`` or that a replay selects by ``ids`` or by time
-  window. ``/api/v1/rejects/replay`` also answers 413 to positive and negative data alike: too
+- ``/api/v1/messages``, ``/api/v1/messages/aggregate``, ``/api/v1/rejects`` and
+  ``/api/v1/rejects/replay``: ``positive_data_acceptance`` also expects 400, because the schema
+  cannot say that a ``cursor`` must come from a previous page (an arbitrary string matching its
+  pattern is refused), that ``value`` needs ``key``, that ``start_time`` must not be after
+  ``end_time``, that a range holds at most 10,000 buckets or that a replay selects by ``ids`` or by
+  time window. ``/api/v1/rejects/replay`` also answers 413 to positive and negative data alike: too
   many ids exceed ``HTTP_MAX_BODY`` before anything else is checked. Every other check and
   operation runs with schemathesis' defaults.
 """
@@ -29,7 +30,7 @@ from tests.support.http import ApiServer
 
 _CONFIG = """
 [[operations]]
-include-path-regex = "^/api/v1/(messages|rejects)$"
+include-path-regex = "^/api/v1/(messages|rejects|messages/aggregate)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "429"]
 
 [[operations]]
@@ -64,4 +65,6 @@ async def test_schemathesis_finds_no_failure(api: ApiServer, tmp_path: Path) -> 
     # It really exercised every operation (not an empty run because the schema failed to load).
     tested = re.search(r"Tested:\s+(\d+)", out)
     assert tested is not None and int(tested.group(1)) >= 10, out[-5000:]
+    reports = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "report").glob("*.xml"))
+    assert "/api/v1/messages/aggregate" in reports, reports[-5000:]
     assert "generated" in out and " failed" not in out.split("SUMMARY")[-1], out[-5000:]

@@ -24,6 +24,7 @@ from werkzeug.routing import Rule
 from gateway.errors import ProblemCode
 from gateway.http.auth import Role
 from gateway.packets import DEVICE_ID_PATTERN, MEASUREMENT_NAME_PATTERN
+from gateway.rollups import BUCKET_PATTERN
 
 F = TypeVar("F", bound=Callable[..., Any])
 SPEC_ATTR = "_gateway_api_spec"
@@ -154,6 +155,27 @@ class RejectPage(BaseModel):
     next_cursor: str | None
 
 
+class AggregateItem(BaseModel):
+    """One bucket with readings: its start, the figure asked for, and how many readings it holds."""
+
+    bucket_start: Timestamp = Field(description="RFC 3339, UTC")
+    value: float
+    count: int
+
+
+class AggregateResult(BaseModel):
+    """Buckets of one measurement of one device, oldest first; empty buckets are left out."""
+
+    device_id: str
+    measurement: str
+    bucket: str
+    agg: str
+    start_time: Timestamp = Field(description="start_time rounded down to the bucket size")
+    end_time: Timestamp = Field(description="end_time rounded up to the bucket size (exclusive)")
+    source: Literal["rollup", "raw"] = Field(description="rollup: from ROLLUP_INTERVALS; raw: from the readings")
+    items: list[AggregateItem]
+
+
 class ReplayBody(BaseModel):
     """Which rejects to replay: ``ids``, or ``start_time`` and ``end_time`` (received in
     ``[start_time, end_time)``); ``reason`` narrows either. ``cursor`` comes from ``next_cursor``."""
@@ -222,6 +244,18 @@ class MessagesQuery(BaseModel):
         str | None, Field(min_length=1, max_length=256, description="compared as a number when numeric")
     ] = None
     cursor: Annotated[str | None, Field(pattern=CURSOR_PATTERN)] = None
+
+
+class AggregateQueryDoc(BaseModel):
+    """Parameters of GET /messages/aggregate. The range is widened to whole buckets (aligned to the
+    Unix epoch, UTC) and holds at most 10,000 of them."""
+
+    device_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+    measurement: Annotated[str, Field(pattern=MEASUREMENT_NAME_PATTERN)]
+    bucket: Annotated[str, Field(pattern=BUCKET_PATTERN, description="a duration: 15m, 1h, 1d, 1w")] = "1h"
+    agg: Literal["avg", "min", "max", "count"] = "avg"
+    start_time: datetime | None = Field(None, description="RFC 3339 with a zone offset; default end_time - 24 h")
+    end_time: datetime | None = Field(None, description="RFC 3339 with a zone offset; default now")
 
 
 class RejectsQuery(BaseModel):

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import trio
@@ -23,6 +23,8 @@ from gateway.http.gate import Admission
 from gateway.http.openapi import (
     CURSOR_PATTERN,
     EVENT_TYPE_PATTERN,
+    AggregateQueryDoc,
+    AggregateResult,
     EventsHeaders,
     EventsQuery,
     JsonSchemaDoc,
@@ -51,6 +53,7 @@ from gateway.packets import (
     packet_json_schema,
 )
 from gateway.replay import MAX_PER_REQUEST, ReplayRequest, replay
+from gateway.rollups import AGGS, MAX_BUCKETS, Agg, AggregateQuery, format_interval, parse_interval
 from gateway.store._query import MAX_ID, decode_cursor
 from gateway.store.base import InsertOutcome, MessageQuery, NewMessage
 
@@ -387,6 +390,70 @@ def _etags(header: str | None) -> set[str]:
     return {t.strip().removeprefix("W/") for t in header.split(",")}
 
 
+@api(role="read", ok={200: (AggregateResult, JSON)}, errors=_API_READ, query=AggregateQueryDoc)
+async def aggregate() -> Response:
+    """Readings of one measurement in time buckets
+
+    The average, minimum, maximum or count per bucket (aligned to the Unix epoch, UTC) of one
+    device's measurement. Answered from the rollups (``ROLLUP_INTERVALS``) when one divides the
+    bucket and every reading in the range was processed, else from the stored readings; ``source``
+    says which. Both give the same figures (averages to float rounding).
+    """
+    query, agg = aggregate_query()
+    try:
+        result = await ctx().store.aggregate(query)
+    except ValueError as exc:
+        raise _bad("end_time", str(exc)) from None
+    start, end = query.span()
+    return json_response(
+        {
+            "device_id": query.device_id,
+            "measurement": query.measurement,
+            "bucket": format_interval(query.bucket),
+            "agg": agg,
+            "start_time": _iso(start),
+            "end_time": _iso(end),
+            "source": result.source,
+            "items": [{"bucket_start": _iso(b.start), "value": b.value(agg), "count": b.count} for b in result.buckets],
+        }
+    )
+
+
+def aggregate_query(given: Mapping[str, list[str]] | None = None) -> tuple[AggregateQuery, Agg]:
+    """The query of a ``/messages/aggregate`` request and the figure asked for; ApiError names a
+    wrong parameter."""
+    args = _args(frozenset(AggregateQueryDoc.model_fields), given)
+    device = _match(args, "device_id", _DEVICE_RE, "1-64 of A-Z a-z 0-9 . _ : -")
+    measurement = _match(args, "measurement", _KEY_RE, "must be a measurement name")
+    if device is None:
+        raise _bad("device_id", "required")
+    if measurement is None:
+        raise _bad("measurement", "required")
+    try:
+        bucket = parse_interval(args.get("bucket", "1h"))
+    except ValueError as exc:
+        raise _bad("bucket", str(exc)) from None
+    agg = args.get("agg", "avg")
+    if agg not in AGGS:
+        raise _bad("agg", "must be avg, min, max or count")
+    end = _time(args, "end_time") or datetime.now(UTC)
+    try:
+        start = _time(args, "start_time") or end - timedelta(days=1)
+        query = AggregateQuery(device, measurement, bucket, start, end)
+        query.span()
+    except OverflowError:
+        raise _bad("end_time", "out of range") from None
+    except ValueError:
+        if end <= start:
+            raise _bad("end_time", "must be after start_time") from None
+        raise _bad("bucket", f"the range holds more than {MAX_BUCKETS} buckets of it") from None
+    return query, agg
+
+
+def _iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @api(role="read", ok={200: (RejectPage, JSON)}, errors=_API_READ, query=RejectsQuery)
 async def rejects() -> Response:
     """Rejected packets with their reasons
@@ -589,6 +656,7 @@ def register(app: Quart) -> None:
     app.add_url_rule(f"{prefix}/ping", "ping", ping, methods=["GET"])
     app.add_url_rule(f"{prefix}/rereadenv", "rereadenv", rereadenv, methods=["GET", "POST"])
     app.add_url_rule(f"{prefix}/messages", "messages", messages, methods=["GET"])
+    app.add_url_rule(f"{prefix}/messages/aggregate", "aggregate", aggregate, methods=["GET"])
     app.add_url_rule(f"{prefix}/rejects", "rejects", rejects, methods=["GET"])
     app.add_url_rule(f"{prefix}/rejects/replay", "replay_rejects", replay_rejects, methods=["POST"])
     app.add_url_rule(f"{prefix}/latest", "latest", latest, methods=["GET"])

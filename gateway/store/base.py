@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import trio
 
 from gateway.health import ComponentHealth
+from gateway.rollups import Aggregate, AggregateQuery
 
 Source = Literal["mqtt", "api", "replay"]
 # ``replay``: a reject stored as a reading by ``POST /rejects/replay`` (gateway.replay).
@@ -466,6 +467,12 @@ class Store(Protocol):
 
     async def query_rejects(self, limit: int, cursor: str | None = None) -> Page:
         """A page of :class:`StoredReject`, newest first."""
+        ...
+
+    async def aggregate(self, query: AggregateQuery) -> Aggregate:
+        """Buckets of one measurement of one device (:mod:`gateway.rollups`), oldest first, from
+        the rollups when they cover the range, else from the raw rows; an API read (see
+        :meth:`query_messages`). Raises ValueError for an empty or too long range."""
         ...
 
     async def backlog(self) -> Backlog:

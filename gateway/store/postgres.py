@@ -45,6 +45,18 @@ from gateway.backoff import Backoff
 from gateway.errors import QueryTimeout, StoreAccessRefused, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
+from gateway.rollups import (
+    PG_BACKFILL,
+    PG_PENDING,
+    PG_RAW_READ,
+    PG_ROLLUP_CTE,
+    PG_ROLLUP_READ,
+    Aggregate,
+    AggregateQuery,
+    Bucket,
+    rollup_interval,
+    sync_plan,
+)
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -216,6 +228,14 @@ SELECT false, id, NULL::timestamptz FROM owned
 UNION ALL
 SELECT true, id, created_at FROM appended
 """
+# The same with rollups (ROLLUP_INTERVALS): the processed rows also go to their buckets, in the
+# same statement (so still one round trip, and a crash cannot count a reading twice or miss it).
+_COMPLETE_ROLLUPS = _COMPLETE.replace(
+    "WHERE id = ANY($1::bigint[]) AND lease_owner = $2\n    RETURNING id\n)",
+    "WHERE id = ANY($1::bigint[]) AND lease_owner = $2\n    RETURNING id, device_id, device_ts, measurements\n), "
+    + PG_ROLLUP_CTE,
+)
+assert _COMPLETE_ROLLUPS != _COMPLETE
 _READ_EVENTS = """
 SELECT id, type, data::text, created_at, device_id, message_id FROM events
 WHERE id > $1 AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR device_id = $3)
@@ -569,13 +589,15 @@ class PostgresStore:
     # -- migrations ----------------------------------------------------------------------
 
     async def migrate(self) -> list[Migration]:
-        """Apply pending migrations in order, each in a transaction; returns those applied now.
+        """Apply pending migrations in order, each in a transaction, then make the kept rollup
+        intervals those of ``ROLLUP_INTERVALS`` (backfilling new ones); returns the migrations
+        applied now.
 
         Works before ``run()`` too (one direct connection attempt).
         """
         if self._pool is not None:
             return await self._migrate_on(self._pool)
-        return await self._direct(_apply_migrations)
+        return await self._direct(partial(_prepare, intervals=self._settings.rollup_intervals))
 
     async def migration_status(self) -> list[Migration]:
         """Every known migration, with ``applied_at`` for the applied ones."""
@@ -595,7 +617,8 @@ class PostgresStore:
         # Migrations may build indexes: allow them longer than a query.
         seconds = self._settings.query_timeout * 10
 
-        done = await self._translate(lambda expired: self._lend(pool, seconds, _apply_migrations, expired), seconds)
+        prepare = partial(_prepare, intervals=self._settings.rollup_intervals)
+        done = await self._translate(lambda expired: self._lend(pool, seconds, prepare, expired), seconds)
         # Migration 0004 partitioned messages and moved its key to message_keys.
         self._partitioned = await self._translate(
             lambda expired: self._lend(pool, seconds, _has_keys, expired), seconds
@@ -656,12 +679,14 @@ class PostgresStore:
         ``gateway_events``."""
         require_messages(events)
 
+        rollups = bool(self._settings.rollup_intervals)
+
         async def complete(conn: Conn) -> EventsByMessage:
             if publishes is None:
-                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False)
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False, rollups=rollups)
                 return by_message(processed, failed, owned, appended)
             async with _transaction(conn):
-                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False)
+                owned, appended = await _commit(conn, owner, processed, failed, events, keep_all=False, rollups=rollups)
                 stored = by_message(processed, failed, owned, appended)
                 await _enqueue(conn, [p for p in publishes(stored) if p.message_id is None or p.message_id in owned])
                 return stored
@@ -803,6 +828,25 @@ class PostgresStore:
         read = reject_page(POSTGRES, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
         total, rows = await self._read(partial(_read_page, read))
         return read.page(total, rows, _reject)
+
+    async def aggregate(self, query: AggregateQuery) -> Aggregate:
+        """Buckets from the rollups when they cover the range, else from the raw rows (one read
+        transaction). Raises ValueError for an empty or too long range."""
+        start, end = query.span()
+        interval = rollup_interval(query.bucket, self._settings.rollup_intervals)
+        if query.source == "raw":
+            interval = None
+
+        async def read(conn: Conn) -> Aggregate:
+            if interval is not None and not await conn.fetchval(PG_PENDING, query.device_id, start, end):
+                rows = await conn.fetch(
+                    PG_ROLLUP_READ, query.bucket, interval, query.device_id, query.measurement, start, end
+                )
+                return Aggregate("rollup", [Bucket(*r) for r in rows], interval)
+            rows = await conn.fetch(PG_RAW_READ, query.bucket, query.device_id, start, query.measurement, end)
+            return Aggregate("raw", [Bucket(*r) for r in rows])
+
+        return await self._read(read)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
@@ -1160,15 +1204,54 @@ async def _apply_migrations(conn: Conn) -> list[Migration]:
     return done
 
 
+async def _prepare(conn: Conn, intervals: tuple[int, ...]) -> list[Migration]:
+    """Apply the migrations, then keep exactly the rollup ``intervals`` (see :func:`_sync_rollups`)."""
+    done = await _apply_migrations(conn)
+    await _sync_rollups(conn, intervals)
+    return done
+
+
+async def _sync_rollups(conn: Conn, intervals: tuple[int, ...]) -> None:
+    """Add (and backfill from the processed readings) the intervals not kept yet, drop those no
+    longer wanted. The lock holds off concurrent commits (which add to the rollups of the kept
+    intervals) from before the backfill reads until it commits: each reading is counted once."""
+    if not await conn.fetchval("SELECT to_regclass('rollup_intervals') IS NOT NULL"):
+        return  # migrations stopped short of 0005 (tests of older migrations)
+    kept = {r[0] for r in await conn.fetch("SELECT interval_s FROM rollup_intervals")}
+    plan = sync_plan(intervals, kept)
+    if not plan.add and not plan.drop:
+        return
+    async with _transaction(conn):
+        await conn.execute("LOCK TABLE rollups IN EXCLUSIVE MODE")
+        for seconds in plan.drop:
+            await conn.execute("DELETE FROM rollups WHERE interval_s = $1", seconds)
+            await conn.execute("DELETE FROM rollup_intervals WHERE interval_s = $1", seconds)
+        for seconds in plan.add:
+            inserted = await conn.fetchval(
+                "INSERT INTO rollup_intervals (interval_s) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1", seconds
+            )
+            if inserted:  # else another instance added it first
+                await conn.execute(PG_BACKFILL, seconds)
+    log.info("rollup intervals: added %s, dropped %s", list(plan.add), list(plan.drop))
+
+
 async def _commit(
-    conn: Conn, owner: str, processed: list[int], failed: list[Failure], events: list[NewEvent], *, keep_all: bool
+    conn: Conn,
+    owner: str,
+    processed: list[int],
+    failed: list[Failure],
+    events: list[NewEvent],
+    *,
+    keep_all: bool,
+    rollups: bool = False,
 ) -> tuple[set[int], list[Event]]:
     """Run :data:`_COMPLETE`: mark ``processed`` and ``failed`` (those still leased to ``owner``)
-    and append the events of those messages (``keep_all``: every event). Returns the ids of the
-    messages that were still ours and the appended events with their ids, in the given order."""
+    and append the events of those messages (``keep_all``: every event); ``rollups``: also add the
+    processed readings to the rollups. Returns the ids of the messages that were still ours and the
+    appended events with their ids, in the given order."""
     encoded = [e.json if e.json is not None else dumps(e.data) for e in events]
     rows = await conn.fetch(
-        _COMPLETE,
+        _COMPLETE_ROLLUPS if rollups and processed else _COMPLETE,
         processed,
         owner,
         [f.message_id for f in failed],

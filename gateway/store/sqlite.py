@@ -27,6 +27,18 @@ import trio
 from gateway.errors import QueryTimeout, StoreCorrupt, StoreRefused, StoreUnavailable
 from gateway.health import ComponentHealth
 from gateway.jsonenc import dumps, loads
+from gateway.rollups import (
+    SQLITE_BACKFILL,
+    SQLITE_PENDING,
+    SQLITE_RAW_READ,
+    SQLITE_ROLLUP,
+    SQLITE_ROLLUP_READ,
+    Aggregate,
+    AggregateQuery,
+    Bucket,
+    rollup_interval,
+    sync_plan,
+)
 from gateway.safetext import safe_json, safe_text
 from gateway.settings import DatabaseSettings
 from gateway.store import migrate as _migrate
@@ -327,7 +339,9 @@ class SqliteStore:
     # -- migrations ----------------------------------------------------------------------
 
     async def migrate(self) -> list[Migration]:
-        """Apply pending migrations in order, each in a transaction; returns those applied now."""
+        """Apply pending migrations in order, each in a transaction, then make the kept rollup
+        intervals those of ``ROLLUP_INTERVALS`` (backfilling new ones); returns the migrations
+        applied now."""
         files = _migrate.load_migrations("sqlite")
 
         def apply(conn: sqlite3.Connection) -> list[Migration]:
@@ -349,6 +363,7 @@ class SqliteStore:
                         (mig.version, mig.name, ts_text(at)),
                     )
                 done.append(Migration(mig.version, mig.name, at))
+            _sync_rollups(conn, self._settings.rollup_intervals)
             return done
 
         return await self._call(apply)
@@ -423,6 +438,8 @@ class SqliteStore:
         ``owner``; returns those messages → their events."""
         require_messages(events)
 
+        rollups = bool(self._settings.rollup_intervals)
+
         def complete(conn: sqlite3.Connection) -> EventsByMessage:
             now = ts_text(now_utc())
             with _transaction(conn):
@@ -430,6 +447,9 @@ class SqliteStore:
                 if processed:
                     rows = conn.execute(_MARK_PROCESSED, (now, json.dumps(processed), owner)).fetchall()
                     owned.update(r[0] for r in rows)
+                    if rollups and rows:
+                        # In the transaction that marks them: counted once, whatever crashes.
+                        conn.execute(SQLITE_ROLLUP, (json.dumps([r[0] for r in rows]),))
                 for f in failed:
                     retry = ts_text(f.retry_at) if f.retry_at is not None else None
                     cur = conn.execute(_MARK_FAILED, (f.error, retry, retry, now, f.message_id, owner))
@@ -534,6 +554,30 @@ class SqliteStore:
         read = reject_page(SQLITE, limit, cursor, _REJECT_COLS, self._settings.api_total_limit)
         total, rows = await self._call(partial(_read_page, read), read=True)
         return read.page(total, rows, _reject)
+
+    async def aggregate(self, query: AggregateQuery) -> Aggregate:
+        """Buckets from the rollups when they cover the range, else from the raw rows (one read
+        snapshot). Raises ValueError for an empty or too long range."""
+        start, end = query.span()
+        interval = rollup_interval(query.bucket, self._settings.rollup_intervals)
+        if query.source == "raw":
+            interval = None
+        params = {
+            "bucket": query.bucket,
+            "interval": interval,
+            "device": query.device_id,
+            "m": query.measurement,
+            "start": ts_text(start),
+            "end": ts_text(end),
+        }
+
+        def read(conn: sqlite3.Connection) -> Aggregate:
+            if interval is not None and not conn.execute(SQLITE_PENDING, params).fetchone()[0]:
+                rows = conn.execute(SQLITE_ROLLUP_READ, params).fetchall()
+                return Aggregate("rollup", [_bucket(r) for r in rows], interval)
+            return Aggregate("raw", [_bucket(r) for r in conn.execute(SQLITE_RAW_READ, params).fetchall()])
+
+        return await self._call(read, read=True)
 
     async def backlog(self) -> Backlog:
         """How many messages wait (and the oldest arrival), and how many are dead."""
@@ -773,6 +817,31 @@ def _append(conn: sqlite3.Connection, events: list[NewEvent]) -> list[Event]:
         Event(before + 1 + n, e.type, e.data, now, e.device_id, raw, None, e.message_id)
         for n, (e, raw) in enumerate(zip(events, encoded, strict=True))
     ]
+
+
+def _sync_rollups(conn: sqlite3.Connection, intervals: tuple[int, ...]) -> None:
+    """Add (and backfill from the processed readings) the rollup intervals not kept yet, drop
+    those no longer wanted; one transaction (this process is the only writer)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rollup_intervals'").fetchone():
+        return  # migrations stopped short of 0005 (tests of older migrations)
+    kept = {r[0] for r in conn.execute("SELECT interval_s FROM rollup_intervals")}
+    plan = sync_plan(intervals, kept)
+    if not plan.add and not plan.drop:
+        return
+    with _transaction(conn):
+        for seconds in plan.drop:
+            conn.execute("DELETE FROM rollups WHERE interval_s = ?", (seconds,))
+            conn.execute("DELETE FROM rollup_intervals WHERE interval_s = ?", (seconds,))
+        for seconds in plan.add:
+            conn.execute(
+                "INSERT INTO rollup_intervals (interval_s, added_at) VALUES (?, ?)", (seconds, ts_text(now_utc()))
+            )
+            conn.execute(SQLITE_BACKFILL, (seconds,))
+
+
+def _bucket(r: Any) -> Bucket:
+    # SQLite's sum() of integers is an integer: figures are floats as on PostgreSQL.
+    return Bucket(ts_parse(r[0]), r[1], float(r[2]), float(r[3]), float(r[4]))
 
 
 def _read_page(read: PageRead, conn: sqlite3.Connection) -> tuple[int, list[Any]]:
