@@ -129,9 +129,20 @@ def test_interrupted_streak_restarts_the_count() -> None:
 
 # --- the evaluator -------------------------------------------------------------------------------
 
-FAST = AlertThresholds(interval=1.0, mqtt_for=10, database_for=10, clear_seconds=5, backlog_age_for=10,
-                       backlog_window=60, backlog_growth=100, disk_for=0, error_for=0, error_window=30,
-                       error_min_count=10, error_ratio=0.5)
+FAST = AlertThresholds(
+    interval=1.0,
+    mqtt_for=10,
+    database_for=10,
+    clear_seconds=5,
+    backlog_age_for=10,
+    backlog_window=60,
+    backlog_growth=100,
+    disk_for=0,
+    error_for=0,
+    error_window=30,
+    error_min_count=10,
+    error_ratio=0.5,
+)
 
 
 async def test_mqtt_disconnected_fires_once_and_resolves_once(
@@ -260,8 +271,9 @@ async def test_steady_backlog_is_not_growing(autojump_clock: trio.testing.MockCl
 async def test_disk_almost_full(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
     health, store, pub = Health(), FakeStore(), FakePublisher()
     db = tmp_path / "data" / "gateway.db"  # not created yet: its nearest existing parent is examined
-    alerts = Alerts(health, store, pub, clock=wall, disk_paths=[db],
-                    thresholds=replace(FAST, disk_min_free=1.01))  # any real disk is "almost full"
+    alerts = Alerts(
+        health, store, pub, clock=wall, disk_paths=[db], thresholds=replace(FAST, disk_min_free=1.01)
+    )  # any real disk is "almost full"
     await alerts.check()
     assert [e.data["alert"] for e in store.events] == ["disk_almost_full"]
     ratio = store.events[0].data["detail"]["free_ratio"][str(db)]
@@ -269,8 +281,7 @@ async def test_disk_almost_full(autojump_clock: trio.testing.MockClock, tmp_path
     exported = REGISTRY.get_sample_value("gateway_disk_free_ratio", {"path": str(db)})
     assert exported == pytest.approx(ratio, abs=1e-3)
 
-    quiet = Alerts(health, FakeStore(), pub, clock=wall, disk_paths=[db],
-                   thresholds=replace(FAST, disk_min_free=0))
+    quiet = Alerts(health, FakeStore(), pub, clock=wall, disk_paths=[db], thresholds=replace(FAST, disk_min_free=0))
     assert await quiet.check() == []
 
 
@@ -342,4 +353,28 @@ async def test_unexpected_store_error_is_a_database_alert_not_a_crash(
         await alerts.run()
     assert [(e.data["alert"], e.data["detail"]) for e in store.events] == [
         ("database_unavailable", {"state": "ok", "error": "RuntimeError"})  # the type, not the message
+    ]
+
+
+async def test_spool_alerts_fire_when_spooling_starts_and_when_full(autojump_clock: trio.testing.MockClock) -> None:
+    health, store, pub = Health(), FakeStore(), FakePublisher()
+    alerts = Alerts(health, store, pub, clock=wall, thresholds=FAST)
+    assert not [c for c in await alerts.check() if c[0].startswith("spool")]  # no spool configured
+    spool = health.component("spool")
+    spool.detail.update(mode="empty", rows=0)
+    assert not [c for c in await alerts.check() if c[0].startswith("spool")]
+    spool.detail.update(mode="spooling", rows=10)
+    assert ("spool_active", "fire") in await alerts.check()  # at once: no hold time
+    spool.detail.update(mode="full", rows=500)
+    assert ("spool_full", "fire") in await alerts.check()
+    assert alerts.active["spool_full"]["rows"] == 500 and gauge("spool_full") == 1
+    spool.detail.update(mode="empty", rows=0)
+    await alerts.check()
+    await trio.sleep(FAST.clear_seconds)
+    assert {("spool_active", "resolve"), ("spool_full", "resolve")} <= set(await alerts.check())
+    assert [e.data["alert"] for e in store.events if e.data["alert"].startswith("spool")] == [
+        "spool_active",
+        "spool_full",
+        "spool_active",
+        "spool_full",
     ]
