@@ -374,8 +374,21 @@ def publish_subprocess(
     Its stdout is one JSON line ``{"acked": [seq, ...], "seconds": s}``; read it with
     :func:`publisher_result`.
     """
-    args = [sys.executable, "-m", "tests.support.mqtt", "--port", str(port), "--count", str(count),
-            "--device", device, "--start", str(start), "--timeout", str(timeout)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.support.mqtt",
+        "--port",
+        str(port),
+        "--count",
+        str(count),
+        "--device",
+        device,
+        "--start",
+        str(start),
+        "--timeout",
+        str(timeout),
+    ]
     if rate is not None:
         args += ["--rate", str(rate)]
     root = Path(__file__).resolve().parents[2]
@@ -405,8 +418,9 @@ class Pipeline:
 
 
 @asynccontextmanager
-async def pipeline(mqtt: Any, store: Any, ingest: Any = None) -> AsyncIterator[Pipeline]:
-    """Run the ingest path (bridge → channel → ingest → store) in a nursery, as app.py wires it."""
+async def pipeline(mqtt: Any, store: Any, ingest: Any = None, spool: Any = None) -> AsyncIterator[Pipeline]:
+    """Run the ingest path (bridge → channel → ingest → store) in a nursery, as app.py wires it
+    (with ``spool``, a :class:`gateway.spool.Spool`, ingest spools during long outages)."""
     import trio
 
     from gateway.health import Health
@@ -423,7 +437,7 @@ async def pipeline(mqtt: Any, store: Any, ingest: Any = None) -> AsyncIterator[P
         acked.extend(messages)
         bridge.ack(messages)
 
-    ing = Ingest(settings, store, ack, lambda: None, health.component("ingest"))
+    ing = Ingest(settings, store, ack, lambda: None, health.component("ingest"), spool=spool)
     send, recv = trio.open_memory_channel[list[Inbound]](settings.channel_size)
     async with trio.open_nursery() as nursery:
         await nursery.start(ing.run, recv)
