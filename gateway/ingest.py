@@ -206,10 +206,6 @@ def observe_many(histogram: Histogram, amount: float, count: int) -> None:
             break
 
 
-class _SpoolNow(Exception):
-    """The database has been unavailable for ``SPOOL_AFTER``: spool the batch instead."""
-
-
 class Ingest:
     """Moves batches of :class:`Inbound` from the MQTT bridge into the store, exactly once."""
 
@@ -331,7 +327,7 @@ class Ingest:
             return await self._to_spool(self._spool, chunk)
         try:
             stored = await store_batch(self._write, chunk, "mqtt", self._settings.max_payload)
-        except _SpoolNow:
+        except StoreUnavailable:  # only with a spool: down for SPOOL_AFTER (see _write)
             assert self._spool is not None
             return await self._to_spool(self._spool, chunk)
         self._ack(chunk)
@@ -379,24 +375,26 @@ class Ingest:
             if not spool.active:
                 log.info("spool drained")
 
+    def _spool_now(self) -> bool:
+        """True once the current database outage has lasted ``SPOOL_AFTER`` (noting its start)."""
+        now = trio.current_time()
+        if self._down_since is None:
+            self._down_since = now
+        after = self._settings.spool_after
+        return after is not None and now - self._down_since >= after
+
     async def _write(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
-        """``write_batch``, retried with backoff while the database is unavailable."""
+        """``write_batch``, retried with backoff while the database is unavailable; with a spool,
+        only until ``SPOOL_AFTER`` from the outage's start (then raises StoreUnavailable)."""
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
                 outcomes = await self._store.write_batch(messages, rejects)
                 break
             except StoreUnavailable as exc:
-                if self._spool is not None:
-                    now = trio.current_time()
-                    if self._down_since is None:
-                        self._down_since = now
-                    assert self._settings.spool_after is not None
-                    if now - self._down_since >= self._settings.spool_after:
-                        log.warning(
-                            "database unavailable for SPOOL_AFTER: spooling batch=%d", len(messages) + len(rejects)
-                        )
-                        raise _SpoolNow from exc
+                if self._spool is not None and self._spool_now():
+                    log.warning("database unavailable for SPOOL_AFTER: spooling batch=%d", len(messages) + len(rejects))
+                    raise
                 metrics.INGEST_DB_ERRORS.inc()
                 self._health.set("degraded", f"database: {exc}")
                 delay = backoff.next()
