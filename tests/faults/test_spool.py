@@ -146,7 +146,7 @@ async def test_spool_keeps_everything_through_a_long_outage(
     )
     rate = fig["drained"] / fig["drain_s"] if fig["drain_s"] else 0.0
     acc = _account(
-        f"spool: PostgreSQL down {DOWN:.0f} s at {RATE} msg/s, broker queue {QUEUE}",
+        f"11 spool: PostgreSQL down {DOWN:.0f} s at {RATE} msg/s, broker queue {QUEUE}",
         count,
         published,
         url,
@@ -173,7 +173,7 @@ async def test_without_the_spool_the_same_outage_loses(
         small_broker, server, url, tmp_path, spool_bytes=None, count=count, down=DOWN, client_id="gw-nospool"
     )
     acc = _account(
-        f"no spool: PostgreSQL down {DOWN:.0f} s at {RATE} msg/s, broker queue {QUEUE}", count, published, url
+        f"12 no spool: PostgreSQL down {DOWN:.0f} s at {RATE} msg/s, broker queue {QUEUE}", count, published, url
     )
     assert len(published) == count  # the broker acked every publish ...
     assert acc.lost > 0  # ... and dropped some for the gateway's session
@@ -192,7 +192,7 @@ async def test_full_spool_stops_acking_and_loses_nothing_once_drained(
         mosquitto, server, url, tmp_path, spool_bytes=1 << 18, count=count, down=15.0, client_id="gw-full"
     )
     acc = _account(
-        "spool full: PostgreSQL down 15 s at 500 msg/s, 256 KiB spool",
+        "13 spool full: PostgreSQL down 15 s at 500 msg/s, 256 KiB spool",
         count,
         published,
         url,
