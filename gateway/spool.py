@@ -93,7 +93,12 @@ class Spool:
             return conn
 
         self._conn = await trio.to_thread.run_sync(connect)
-        await self._call(self._refresh)
+
+        def count(conn: sqlite3.Connection) -> None:
+            self.rows = int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])  # once: then kept
+            self._refresh(conn)
+
+        await self._call(count)
 
     async def aclose(self) -> None:
         """Close the file (its rows stay for the next start)."""
@@ -114,6 +119,7 @@ class Spool:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT, rows)
+            self.rows += len(rows)
             self._refresh(conn)
 
         await self._call(insert)
@@ -136,7 +142,8 @@ class Spool:
         def delete(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute(_DELETE, (upto,))
+                deleted = conn.execute(_DELETE, (upto,)).rowcount
+            self.rows -= deleted
             self._refresh(conn)
 
         await self._call(delete)
@@ -157,8 +164,7 @@ class Spool:
         return result
 
     def _refresh(self, conn: sqlite3.Connection) -> None:
-        """Count rows, used bytes and the oldest receive time (in the worker thread)."""
-        self.rows = int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
+        """Used bytes and the oldest receive time (in the worker thread; each a constant-time read)."""
         pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
         free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
         size = int(conn.execute("PRAGMA page_size").fetchone()[0])
