@@ -120,6 +120,15 @@ def _specs(t: AlertThresholds) -> dict[str, _Spec]:
             "high processing error rate", "warning", t.error_for, "GatewayHighProcessingErrorRate"
         ),
         "http_errors": _Spec("high rate of HTTP 5xx responses", "warning", t.error_for, "GatewayHighHttpErrorRate"),
+        "spool_active": _Spec(
+            "messages are kept in the disk spool for PostgreSQL", "warning", 0.0, "GatewaySpoolActive"
+        ),
+        "spool_full": _Spec(
+            "the disk spool is full: ingest stops acking, the broker holds messages",
+            "critical",
+            0.0,
+            "GatewaySpoolFull",
+        ),
     }
 
 
@@ -259,6 +268,12 @@ class Alerts:
         self._detail["mqtt_disconnected"] = {"state": mqtt}
         db_state = components.get("database", {}).get("state") or self._store.health.state
         out |= await self._database_conditions(now, db_state)
+        spool = components.get("spool", {})  # present only with the spool configured
+        mode = spool.get("mode")
+        out["spool_active"] = None if mode is None else mode != "empty"
+        out["spool_full"] = None if mode is None else mode == "full"
+        shown = {k: spool[k] for k in ("mode", "rows", "bytes", "oldest") if k in spool}
+        self._detail["spool_active"] = self._detail["spool_full"] = shown
         out["disk_almost_full"] = self._disk_condition()
         failed = _counter_sum(metrics.PROCESSOR_FAILED)
         processed = _counter_sum(metrics.PROCESSOR_PROCESSED)

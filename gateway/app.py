@@ -36,6 +36,7 @@ from gateway.retention import RetentionPolicy
 from gateway.rules import load_rules
 from gateway.service import Gateway
 from gateway.settings import Settings
+from gateway.spool import Spool
 from gateway.store import open_store
 from gateway.store.base import Store
 from gateway.supervisor import Component, Supervisor
@@ -102,7 +103,10 @@ def _group(gw: Gateway) -> list[Component]:
         gw.ctx.pages.invalidate()
 
     health = gw.health.component("ingest")
-    ingest = Ingest(gw.settings.ingest, gw.store, gw.bridge.ack, on_commit, health, on_stored=gw.ctx.latest.stored)
+    spool = _spool(gw.settings, gw.health)
+    ingest = Ingest(
+        gw.settings.ingest, gw.store, gw.bridge.ack, on_commit, health, on_stored=gw.ctx.latest.stored, spool=spool
+    )
     gw.ingest = ingest
 
     async def run_ingest(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,6 +136,18 @@ async def _seed_latest(store: Store, latest: LatestReadings) -> None:
         log.warning("latest readings not loaded error=%s", exc)
     else:
         log.info("latest readings loaded devices=%d", added)
+
+
+def _spool(settings: Settings, health: Health) -> Spool | None:
+    """The disk spool when ``SPOOL_AFTER`` is set and the database is PostgreSQL (with SQLite the
+    database is a local file already: a spool beside it would not survive anything it does not)."""
+    ingest = settings.ingest
+    if ingest.spool_after is None:
+        return None
+    if settings.database.kind != "postgres":
+        log.warning("SPOOL_AFTER is ignored: the disk spool is for PostgreSQL, DATABASE_URL is SQLite")
+        return None
+    return Spool(ingest.spool_path, ingest.spool_max_bytes, health.component("spool"))
 
 
 def _component_up(component: ComponentHealth) -> None:

@@ -9,6 +9,14 @@ Data never stops ingest: a batch the database refuses for its data (:class:`Stor
 split in halves until the refused messages are found, and each is stored as an ``unstorable``
 reject, so no message is redelivered forever and the component never restarts for data.
 
+Disk spool (PostgreSQL only, with ``SPOOL_AFTER`` set): once the database has been unavailable
+for ``SPOOL_AFTER`` seconds, batches are committed to the :class:`~gateway.spool.Spool` and acked
+there. While the spool holds rows every new batch goes to it too, behind them, and a drain task
+stores its oldest rows in PostgreSQL (through :func:`store_batch`, so the same rows), then deletes
+them: arrival order, and so per-device order, is kept, and a crash between the two re-sends rows
+that the dedupe key makes duplicates. A full spool refuses: ingest stops acking (backpressure to
+the broker, as without a spool) until the drain makes room.
+
 One path for every source: :func:`store_batch` (validate, write, isolate refused messages) and
 :func:`observe` (metrics) serve the MQTT stream here and ``POST /packets`` alike. Work is per
 batch, not per message: one pydantic call and one row tuple (:class:`NewMessage`) per reading,
@@ -32,6 +40,7 @@ from gateway.health import ComponentHealth
 from gateway.mqtt import Inbound
 from gateway.packets import SCHEMA_VERSION, Packet, parse_packet
 from gateway.settings import IngestSettings
+from gateway.spool import Spool
 from gateway.store.base import InsertOutcome, NewMessage, NewReject, Source, Store
 
 log = logging.getLogger("gateway.ingest")
@@ -227,6 +236,7 @@ class Ingest:
         health: ComponentHealth,
         *,
         on_stored: Callable[[list[NewMessage], list[InsertOutcome]], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -235,6 +245,8 @@ class Ingest:
         self._on_stored = on_stored
         self._health = health
         self._filling: trio.CancelScope | None = None
+        self._spool = spool
+        self._down_since: float | None = None  # when the current database outage began
         self.received = 0
         """Messages taken from the channel since start."""
         self.committed = 0
@@ -277,8 +289,23 @@ class Ingest:
         what the store raises besides StoreUnavailable (a bug or a broken schema), leaving the
         batch unacked for redelivery.
         """
-        self._health.set("ok")
-        task_status.started()
+        if self._spool is None:
+            self._health.set("ok")
+            task_status.started()
+            await self._intake(inbound)
+            return
+        await self._spool.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain, self._spool)
+                self._health.set("ok")
+                task_status.started()
+                await self._intake(inbound)
+                nursery.cancel_scope.cancel()
+        finally:
+            await self._spool.aclose()
+
+    async def _intake(self, inbound: trio.MemoryReceiveChannel[list[Inbound]]) -> None:
         pending: list[Inbound] = []
         started = 0.0
         while True:
@@ -319,15 +346,26 @@ class Ingest:
         return batch
 
     async def _commit(self, chunk: list[Inbound]) -> None:
-        """Store one batch (retrying while the database is unavailable), then ack it in order."""
-        stored = await store_batch(self._write, chunk, "mqtt", self._settings.max_payload)
+        """Store one batch (retrying while the database is unavailable, or spooling it), then ack
+        it in order."""
+        if self._spool is not None and self._spool.active:
+            return await self._to_spool(self._spool, chunk)
+        try:
+            stored = await store_batch(self._write, chunk, "mqtt", self._settings.max_payload)
+        except StoreUnavailable:  # only with a spool: down for SPOOL_AFTER (see _write)
+            assert self._spool is not None
+            return await self._to_spool(self._spool, chunk)
         self._ack(chunk)
         self.committed += len(chunk)
+        observe(chunk, stored, "mqtt")
+        self._stored(stored)
+
+    def _stored(self, stored: Stored) -> None:
+        """Count what a commit stored (live or drained from the spool) and pass it on."""
         duplicates = sum(o.duplicate for o in stored.outcomes)
         self.stored += len(stored.outcomes) - duplicates
         self.duplicates += duplicates
         self.rejected += len(stored.rejects)
-        observe(chunk, stored, "mqtt")
         self._health.detail.update(
             committed=self.committed, stored=self.stored, duplicates=self.duplicates, rejected=self.rejected
         )
@@ -335,14 +373,60 @@ class Ingest:
             self._on_stored(stored.messages, stored.outcomes)
         self._on_commit()
 
+    async def _to_spool(self, spool: Spool, chunk: list[Inbound]) -> None:
+        """Commit ``chunk`` to the spool and ack it; while the spool is full, wait (unacked)."""
+        if not await spool.append(chunk):
+            log.warning("spool full: not acking until it drains rows=%d bytes=%d", spool.rows, spool.bytes)
+            while not await spool.append(chunk):
+                await spool.changed()
+        self._ack(chunk)
+        self.committed += len(chunk)
+        self._health.detail.update(committed=self.committed)
+
+    async def _drain(self, spool: Spool) -> None:
+        """Store the spool's oldest rows in the database and delete them, whenever it has rows.
+        Runs until cancelled."""
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        while True:
+            if not spool.active:
+                await spool.changed()
+                continue
+            upto, batch = await spool.head(self._settings.batch_size)
+            try:
+                stored = await store_batch(self._store.write_batch, batch, "mqtt", self._settings.max_payload)
+            except StoreUnavailable:
+                await trio.sleep(backoff.next())
+                continue
+            if backoff.attempt:
+                log.info("draining the spool to the database rows=%d", spool.rows)
+                backoff.reset()
+            await spool.remove(upto)
+            metrics.SPOOL_DRAINED.inc(len(batch))
+            observe(batch, stored, "mqtt")
+            self._stored(stored)
+            if not spool.active:
+                log.info("spool drained")
+
+    def _spool_now(self) -> bool:
+        """True once the current database outage has lasted ``SPOOL_AFTER`` (noting its start)."""
+        now = trio.current_time()
+        if self._down_since is None:
+            self._down_since = now
+        after = self._settings.spool_after
+        return after is not None and now - self._down_since >= after
+
     async def _write(self, messages: list[NewMessage], rejects: list[NewReject]) -> list[InsertOutcome]:
-        """``write_batch``, retried with backoff while the database is unavailable."""
+        """``write_batch``, retried with backoff while the database is unavailable; with a spool,
+        only until ``SPOOL_AFTER`` from the outage's start (then raises StoreUnavailable)."""
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
                 outcomes = await self._store.write_batch(messages, rejects)
                 break
             except StoreUnavailable as exc:
+                if self._spool is not None and self._spool_now():
+                    log.warning("database unavailable for SPOOL_AFTER: spooling batch=%d", len(messages) + len(rejects))
+                    raise
                 metrics.INGEST_DB_ERRORS.inc()
                 self._health.set("degraded", f"database: {exc}")
                 delay = backoff.next()
@@ -353,4 +437,5 @@ class Ingest:
             size = len(messages) + len(rejects)
             log.info("store available again batch=%d attempts=%d", size, backoff.attempt + 1)
             self._health.set("ok")
+            self._down_since = None
         return outcomes

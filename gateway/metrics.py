@@ -46,6 +46,13 @@ INGEST_BATCH = Histogram(
 INGEST_LATENCY = Histogram("gateway_ingest_seconds", "Receive to commit", buckets=_LAT)
 INGEST_DB_ERRORS = Counter("gateway_ingest_db_errors_total", "Batch writes that failed and were retried")
 
+# Disk spool (PostgreSQL outages longer than SPOOL_AFTER)
+SPOOL_ROWS = Gauge("gateway_spool_rows", "Messages in the disk spool waiting to drain to PostgreSQL")
+SPOOL_BYTES = Gauge("gateway_spool_bytes", "Bytes the disk spool's rows take in its file")
+SPOOL_FULL = Gauge("gateway_spool_full", "1 while the disk spool is at SPOOL_MAX_BYTES (ingest stops acking)")
+SPOOL_SPOOLED = Counter("gateway_spool_spooled_total", "Messages committed to the disk spool and acked there")
+SPOOL_DRAINED = Counter("gateway_spool_drained_total", "Spooled messages drained to PostgreSQL")
+
 # Processor
 PROCESSOR_PROCESSED = Counter("gateway_processor_processed_total", "Messages marked processed")
 PROCESSOR_FAILED = Counter("gateway_processor_failed_total", "Message processing failures", ["action"])

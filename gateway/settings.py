@@ -377,6 +377,10 @@ class IngestSettings(_Component):
     flush_ms: float = Field(5.0, ge=0, le=10000, alias="INGEST_FLUSH_MS")
     max_payload: int = Field(65536, ge=64, alias="INGEST_MAX_PAYLOAD")
     channel_size: int = Field(64, ge=1, alias="INGEST_CHANNEL_SIZE")
+    # The disk spool (PostgreSQL only; off when None): see gateway/spool.py.
+    spool_after: float | None = Field(None, gt=0, alias="SPOOL_AFTER")
+    spool_path: Path = Field(Path("data/spool.db"), alias="SPOOL_PATH")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, alias="SPOOL_MAX_BYTES")
 
 
 class ProcessorSettings(_Component):

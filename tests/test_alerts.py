@@ -343,3 +343,27 @@ async def test_unexpected_store_error_is_a_database_alert_not_a_crash(
     assert [(e.data["alert"], e.data["detail"]) for e in store.events] == [
         ("database_unavailable", {"state": "ok", "error": "RuntimeError"})  # the type, not the message
     ]
+
+
+async def test_spool_alerts_fire_when_spooling_starts_and_when_full(autojump_clock: trio.testing.MockClock) -> None:
+    health, store, pub = Health(), FakeStore(), FakePublisher()
+    alerts = Alerts(health, store, pub, clock=wall, thresholds=FAST)
+    assert not [c for c in await alerts.check() if c[0].startswith("spool")]  # no spool configured
+    spool = health.component("spool")
+    spool.detail.update(mode="empty", rows=0)
+    assert not [c for c in await alerts.check() if c[0].startswith("spool")]
+    spool.detail.update(mode="spooling", rows=10)
+    assert ("spool_active", "fire") in await alerts.check()  # at once: no hold time
+    spool.detail.update(mode="full", rows=500)
+    assert ("spool_full", "fire") in await alerts.check()
+    assert alerts.active["spool_full"]["rows"] == 500 and gauge("spool_full") == 1
+    spool.detail.update(mode="empty", rows=0)
+    await alerts.check()
+    await trio.sleep(FAST.clear_seconds)
+    assert {("spool_active", "resolve"), ("spool_full", "resolve")} <= set(await alerts.check())
+    assert [e.data["alert"] for e in store.events if e.data["alert"].startswith("spool")] == [
+        "spool_active",
+        "spool_full",
+        "spool_active",
+        "spool_full",
+    ]

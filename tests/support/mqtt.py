@@ -405,8 +405,9 @@ class Pipeline:
 
 
 @asynccontextmanager
-async def pipeline(mqtt: Any, store: Any, ingest: Any = None) -> AsyncIterator[Pipeline]:
-    """Run the ingest path (bridge → channel → ingest → store) in a nursery, as app.py wires it."""
+async def pipeline(mqtt: Any, store: Any, ingest: Any = None, spool: Any = None) -> AsyncIterator[Pipeline]:
+    """Run the ingest path (bridge → channel → ingest → store) in a nursery, as app.py wires it
+    (with ``spool``, a :class:`gateway.spool.Spool`, ingest spools during long outages)."""
     import trio
 
     from gateway.health import Health
@@ -423,7 +424,7 @@ async def pipeline(mqtt: Any, store: Any, ingest: Any = None) -> AsyncIterator[P
         acked.extend(messages)
         bridge.ack(messages)
 
-    ing = Ingest(settings, store, ack, lambda: None, health.component("ingest"))
+    ing = Ingest(settings, store, ack, lambda: None, health.component("ingest"), spool=spool)
     send, recv = trio.open_memory_channel[list[Inbound]](settings.channel_size)
     async with trio.open_nursery() as nursery:
         await nursery.start(ing.run, recv)
