@@ -83,4 +83,15 @@ def _reading(message: StoredMessage) -> dict[str, Any]:
     return {k: full[k] for k in _READING_KEYS}
 
 
-_READING_KEYS = ("id", "device_id", "timestamp", "received_at", "seq", "measurements", "status", "battery", "source")
+_READING_KEYS = (
+    "id",
+    "device_id",
+    "timestamp",
+    "received_at",
+    "seq",
+    "measurements",
+    "status",
+    "battery",
+    "source",
+    "schema_version",
+)
