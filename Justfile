@@ -60,10 +60,10 @@ test-faults *ARGS: bootstrap
     "{{bin}}/python" -m pytest -q -p no:cacheprovider tests/faults {{ARGS}}
     "{{bin}}/python" -m tests.faults.accounting
 
-# ruff and mypy --strict on gateway/
+# ruff check and ruff format --check on everything, mypy --strict on gateway/ (CI runs it; so does pre-commit)
 lint: bootstrap
-    "{{bin}}/ruff" check gateway tests bench
-    "{{bin}}/ruff" format --check gateway
+    "{{bin}}/ruff" check gateway tests bench ops
+    "{{bin}}/ruff" format --check gateway tests bench ops
     "{{bin}}/mypy" --strict gateway
 
 # apply pending database migrations (use `just migrate --status` to list them)

@@ -167,9 +167,7 @@ class Postgres:
             "-w",
             "start",
         )
-        self._as_postgres(
-            str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "bench"
-        )
+        self._as_postgres(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "bench")
         return self
 
     def stop(self) -> None:
@@ -233,9 +231,7 @@ class Gateway:
             notify_path.unlink()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "DATABASE_", "HTTP_", "API_"))}
         env["NOTIFY_SOCKET"] = str(notify_path)
         # The gateway of this checkout, not whatever the venv's editable install points at (a
         # worktree's bench would otherwise measure another tree's gateway).

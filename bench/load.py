@@ -90,9 +90,7 @@ async def _wrk(
     }
 
 
-async def _httpx(
-    url: str, duration: float, connections: int, headers: dict[str, str], pause: float
-) -> dict[str, Any]:
+async def _httpx(url: str, duration: float, connections: int, headers: dict[str, str], pause: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors = non2xx = 0
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)

@@ -53,8 +53,9 @@ async def main(size_mb: int, count: int, protocol: str) -> None:
                     args = ["mosquitto_pub", "-p", str(server.port), "-q", "1", "-t", "sensors/big/data"]
                     await trio.run_process([*args, "-f", str(big)])
                 # A small message after them: it arrives once the big ones were read (or dropped).
-                await trio.run_process(["mosquitto_pub", "-p", str(server.port), "-q", "1", "-t",
-                                        "sensors/big/data", "-m", "{}"])
+                await trio.run_process(
+                    ["mosquitto_pub", "-p", str(server.port), "-q", "1", "-t", "sensors/big/data", "-m", "{}"]
+                )
                 with trio.move_on_after(120):
                     while True:
                         batch = await recv.receive()
@@ -66,8 +67,10 @@ async def main(size_mb: int, count: int, protocol: str) -> None:
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 after = rss_mb()
                 nursery.cancel_scope.cancel()
-            print(f"protocol={protocol} {count}x{size_mb}MB: messages received={got} rss before={before:.0f}MB "
-                  f"peak={peak:.0f}MB after={after:.0f}MB (peak - before = {peak - before:.0f}MB)")
+            print(
+                f"protocol={protocol} {count}x{size_mb}MB: messages received={got} rss before={before:.0f}MB "
+                f"peak={peak:.0f}MB after={after:.0f}MB (peak - before = {peak - before:.0f}MB)"
+            )
         finally:
             server.kill()
 

@@ -52,9 +52,7 @@ async def test_script_success_reads_stdin(tmp_path: Path) -> None:
 async def test_script_nonzero_exit_fails_with_last_stderr_line(tmp_path: Path) -> None:
     exe = _exe(tmp_path, "sys.stderr.write('warming up\\nno route to printer\\n'); sys.exit(2)")
     with pytest.raises(ActionFailed) as info:
-        await ScriptAction.parse({"type": "script", "command": [exe]}).run(
-            msg(), rule="r", key="k", default_timeout=5
-        )
+        await ScriptAction.parse({"type": "script", "command": [exe]}).run(msg(), rule="r", key="k", default_timeout=5)
     assert info.value.action == "script"
     assert info.value.problem == "exit status 2: no route to printer"
 
@@ -98,9 +96,7 @@ async def test_script_gets_a_minimal_environment_plus_the_rules_env(
         monkeypatch.setenv(name, value)
     out = tmp_path / "env.json"
     exe = _exe(tmp_path, f"import os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))")
-    action = ScriptAction.parse(
-        {"type": "script", "command": [exe], "env": {"PRINTER": "lab-2", "MODE": "a b=c"}}
-    )
+    action = ScriptAction.parse({"type": "script", "command": [exe], "env": {"PRINTER": "lab-2", "MODE": "a b=c"}})
     await action.run(msg(), rule="r", key="k", default_timeout=10)
     env = json.loads(out.read_text())
     assert env["PRINTER"] == "lab-2" and env["MODE"] == "a b=c"
@@ -111,9 +107,7 @@ async def test_script_gets_a_minimal_environment_plus_the_rules_env(
     assert not any("secret" in v or "fernet" in v for v in env.values())
 
 
-@pytest.mark.parametrize(
-    "env", [[], {"1X": "a"}, {"A-B": "a"}, {"A": 1}, {"A": "x\x00y"}, {"": "a"}], ids=str
-)
+@pytest.mark.parametrize("env", [[], {"1X": "a"}, {"A-B": "a"}, {"A": 1}, {"A": "x\x00y"}, {"": "a"}], ids=str)
 def test_script_env_table_is_checked(tmp_path: Path, env: object) -> None:
     with pytest.raises(ValueError, match="env"):
         ScriptAction.parse({"type": "script", "command": [_exe(tmp_path, "pass")], "env": env})
@@ -271,9 +265,7 @@ async def bridge(publish_topic: str) -> AsyncIterator[Any]:
         nursery.cancel_scope.cancel()
 
 
-async def test_mqtt_action_publishes_to_real_broker_with_event_id(
-    tmp_path: Path, subscriber: Subscriber
-) -> None:
+async def test_mqtt_action_publishes_to_real_broker_with_event_id(tmp_path: Path, subscriber: Subscriber) -> None:
     rules = parse_rules(
         '[[rule]]\nname = "hot"\nwhen = {field = "measurements.temperature", op = ">", value = 30}\n'
         'actions = [{type = "sse", event = "alert", fields = ["device_id", "measurements.temperature"]},\n'
@@ -291,8 +283,13 @@ async def test_mqtt_action_publishes_to_real_broker_with_event_id(
 
             outbox = OutboxPublisher(b.settings, store, b, ComponentHealth("outbox"))
             proc = Processor(
-                ProcessorSettings.model_validate({"PROCESSOR_INTERVAL": 0.1}), store, Nudge(),
-                ComponentHealth("processor"), instance_id="t", rules=rules, on_outbox=outbox.wake,
+                ProcessorSettings.model_validate({"PROCESSOR_INTERVAL": 0.1}),
+                store,
+                Nudge(),
+                ComponentHealth("processor"),
+                instance_id="t",
+                rules=rules,
+                on_outbox=outbox.wake,
             )
             await nursery.start(outbox.run)
             await nursery.start(proc.run)
@@ -307,13 +304,14 @@ async def test_mqtt_action_publishes_to_real_broker_with_event_id(
     assert [e.type for e in events] == ["alert"]
     alerts = [(t, p, q) for t, p, q in subscriber.messages if t.endswith("/alerts")]
     assert alerts == [
-        (f"{subscriber.topic}/alerts",
-         {"event_id": events[0].id, "device": "dev-1", "t": 35.5, "text": "dev-1 at 35.5 C"}, 1)
+        (
+            f"{subscriber.topic}/alerts",
+            {"event_id": events[0].id, "device": "dev-1", "t": 35.5, "text": "dev-1 at 35.5 C"},
+            1,
+        )
     ]
     plain = sorted(
-        (p["data"]["id"], p["event_id"], p["rule"])
-        for t, p, _ in subscriber.messages
-        if t == subscriber.topic
+        (p["data"]["id"], p["event_id"], p["rule"]) for t, p, _ in subscriber.messages if t == subscriber.topic
     )
     # The hot message's plain publish carries the id of the event its message produced; the other has none.
     assert plain == [(ids[0], events[0].id, "all"), (ids[1], None, "all")]

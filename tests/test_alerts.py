@@ -129,9 +129,20 @@ def test_interrupted_streak_restarts_the_count() -> None:
 
 # --- the evaluator -------------------------------------------------------------------------------
 
-FAST = AlertThresholds(interval=1.0, mqtt_for=10, database_for=10, clear_seconds=5, backlog_age_for=10,
-                       backlog_window=60, backlog_growth=100, disk_for=0, error_for=0, error_window=30,
-                       error_min_count=10, error_ratio=0.5)
+FAST = AlertThresholds(
+    interval=1.0,
+    mqtt_for=10,
+    database_for=10,
+    clear_seconds=5,
+    backlog_age_for=10,
+    backlog_window=60,
+    backlog_growth=100,
+    disk_for=0,
+    error_for=0,
+    error_window=30,
+    error_min_count=10,
+    error_ratio=0.5,
+)
 
 
 async def test_mqtt_disconnected_fires_once_and_resolves_once(
@@ -260,8 +271,9 @@ async def test_steady_backlog_is_not_growing(autojump_clock: trio.testing.MockCl
 async def test_disk_almost_full(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
     health, store, pub = Health(), FakeStore(), FakePublisher()
     db = tmp_path / "data" / "gateway.db"  # not created yet: its nearest existing parent is examined
-    alerts = Alerts(health, store, pub, clock=wall, disk_paths=[db],
-                    thresholds=replace(FAST, disk_min_free=1.01))  # any real disk is "almost full"
+    alerts = Alerts(
+        health, store, pub, clock=wall, disk_paths=[db], thresholds=replace(FAST, disk_min_free=1.01)
+    )  # any real disk is "almost full"
     await alerts.check()
     assert [e.data["alert"] for e in store.events] == ["disk_almost_full"]
     ratio = store.events[0].data["detail"]["free_ratio"][str(db)]
@@ -269,8 +281,7 @@ async def test_disk_almost_full(autojump_clock: trio.testing.MockClock, tmp_path
     exported = REGISTRY.get_sample_value("gateway_disk_free_ratio", {"path": str(db)})
     assert exported == pytest.approx(ratio, abs=1e-3)
 
-    quiet = Alerts(health, FakeStore(), pub, clock=wall, disk_paths=[db],
-                   thresholds=replace(FAST, disk_min_free=0))
+    quiet = Alerts(health, FakeStore(), pub, clock=wall, disk_paths=[db], thresholds=replace(FAST, disk_min_free=0))
     assert await quiet.check() == []
 
 

@@ -95,9 +95,7 @@ async def test_rereadenv_rotates_keys_and_rate_limit_live(api: ApiServer) -> Non
     async with api.client(headers={"X-API-Key": new_key}) as c:
         assert (await c.get("/api/v1/messages")).status_code == 200
         # Step 2: remove the old admin key, and tighten the rate limit.
-        env["API_KEYS"] = ",".join(
-            [e for e in entries if ":admin:" not in e] + [key_entry("admin2", "admin", new_key)]
-        )
+        env["API_KEYS"] = ",".join([e for e in entries if ":admin:" not in e] + [key_entry("admin2", "admin", new_key)])
         env["RATE_LIMIT"] = "2/hour"
         api.write_env(env)
         r = await c.get("/api/v1/rereadenv")

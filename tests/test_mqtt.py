@@ -237,8 +237,9 @@ async def test_tls_right_ca(mosquitto_tls: MosquittoServer, mqtt_tls_files: TlsF
     settings = settings_for(mosquitto_tls, ca_file=mqtt_tls_files.ca)
     async with running(settings) as (bridge, recv):
         assert bridge.connected
-        await pub(mosquitto_tls, [packet("t", i) for i in range(500)], topic="sensors/t/data",
-                  ca_file=mqtt_tls_files.ca)
+        await pub(
+            mosquitto_tls, [packet("t", i) for i in range(500)], topic="sensors/t/data", ca_file=mqtt_tls_files.ca
+        )
         got = await collect(recv, 500)
         assert len(got) == 500  # nothing stuck in the SSL buffer
         bridge.ack(got)
@@ -255,8 +256,7 @@ async def test_tls_wrong_ca_refused(mosquitto_tls: MosquittoServer, mqtt_tls_fil
 async def test_tls_hostname_is_verified(mosquitto_tls: MosquittoServer, mqtt_tls_files: TlsFiles) -> None:
     health = ComponentHealth("mqtt")
     # The certificate names localhost and 127.0.0.1, not this address.
-    settings = settings_for(mosquitto_tls, url=f"mqtts://127.0.0.2:{mosquitto_tls.port}",
-                            ca_file=mqtt_tls_files.ca)
+    settings = settings_for(mosquitto_tls, url=f"mqtts://127.0.0.2:{mosquitto_tls.port}", ca_file=mqtt_tls_files.ca)
     async with running(settings, health) as (bridge, _):
         assert not bridge.connected and health.state == "degraded"
 
@@ -266,7 +266,9 @@ async def test_tls_client_certificate(mosquitto_mtls: MosquittoServer, mqtt_tls_
     async with running(without) as (bridge, _):
         assert not bridge.connected
     with_cert = settings_for(
-        mosquitto_mtls, ca_file=mqtt_tls_files.ca, cert_file=mqtt_tls_files.client_cert,
+        mosquitto_mtls,
+        ca_file=mqtt_tls_files.ca,
+        cert_file=mqtt_tls_files.client_cert,
         key_file=mqtt_tls_files.client_key,
     )
     async with running(with_cert) as (bridge, _):
@@ -339,8 +341,9 @@ async def test_forged_device_id_stored_as_topic_mismatch(mosquitto: MosquittoSer
         before = len((await store.query_rejects(100)).items)
         settings = settings_for(mosquitto, client_id=f"gw-topic-{share}", share_group=share)
         async with pipeline(settings, store) as p:
-            res = await trio.to_thread.run_sync(lambda: publish(
-                mosquitto.host, mosquitto.port, [c[1] for c in cases], topics=[c[0] for c in cases]))
+            res = await trio.to_thread.run_sync(
+                lambda: publish(mosquitto.host, mosquitto.port, [c[1] for c in cases], topics=[c[0] for c in cases])
+            )
             assert res.count == len(cases)
             await eventually(lambda: p.ingest.committed >= len(cases), 15)
         rejects = (await store.query_rejects(100)).items
@@ -397,8 +400,11 @@ async def test_two_bridges_with_one_client_id_report_the_takeover(
     said = [r for r in caplog.records if "another client with id 'twin'" in r.getMessage()]
     assert said and said[0].levelno == logging.ERROR
     # The fight slows down: the backoff is not reset by connections that end within seconds.
-    attempts = [int(r.getMessage().rsplit("attempt=", 1)[1]) for r in caplog.records
-                if r.getMessage().startswith("reconnecting in=")]
+    attempts = [
+        int(r.getMessage().rsplit("attempt=", 1)[1])
+        for r in caplog.records
+        if r.getMessage().startswith("reconnecting in=")
+    ]
     assert max(attempts) >= 3
 
 
@@ -464,8 +470,9 @@ async def test_oversized_publish_is_kept_as_truncated_reject_without_holding_it(
         tracemalloc.start()  # (the big one is published from another process: only ours counts)
         try:
             assert await pub(mosquitto, [packet("d7", 1)], topic=topic) == 1
-            await trio.run_process(["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", topic,
-                                    "-f", str(big_file)])
+            await trio.run_process(
+                ["mosquitto_pub", "-p", str(mosquitto.port), "-q", "1", "-t", topic, "-f", str(big_file)]
+            )
             assert await pub(mosquitto, [b"y" * 200_000, packet("d7", 2)], topic=topic) == 2
             got = await collect(recv, 4)
             peak = tracemalloc.get_traced_memory()[1]

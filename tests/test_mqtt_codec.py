@@ -442,7 +442,9 @@ async def test_qos2_publish_goes_through_paho() -> None:
             while len(got) < 3:
                 got.extend(await recv.receive())
         assert [(m.payload, m.qos, m.mid, m.topic_device) for m in got] == [
-            (b"one", 1, 1, "1"), (b"two", 2, 2, "2"), (b"three", 1, 3, "3")
+            (b"one", 1, 1, "1"),
+            (b"two", 2, 2, "2"),
+            (b"three", 1, 3, "3"),
         ]
         bridge.ack(got)
         await eventually(lambda: seen.count(0x40) == 2 and 0x70 in seen, 5)  # two PUBACKs, one PUBCOMP

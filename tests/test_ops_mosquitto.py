@@ -63,8 +63,9 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     log = tmp_path / "mosquitto.log"
     conf = f"user root\nlog_dest file {log}\nlog_type all\n" + conf
     (tmp_path / "mosquitto.conf").write_text(conf)
-    proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 10
         while f"port {port}" not in (log.read_text() if log.exists() else ""):
@@ -77,9 +78,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         proc.wait(10)
 
 
-def _client(
-    broker: Broker, cn: str | None, received: queue.Queue[tuple[str, bytes]] | None = None
-) -> mqtt.Client:
+def _client(broker: Broker, cn: str | None, received: queue.Queue[tuple[str, bytes]] | None = None) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{cn}", protocol=mqtt.MQTTv5)
     if cn is None:
         c.tls_set(ca_certs=str(broker.ca))
@@ -158,8 +157,15 @@ async def test_acl_and_gateway_bind_device_id_to_the_certificate(broker: Broker)
     from tests.support.mqtt import packet
 
     cert, key = broker.certs["gateway"]
-    settings = MqttSettings(url=f"mqtts://localhost:{broker.port}", client_id="gateway-acl", ca_file=broker.ca,
-                            cert_file=cert, key_file=key, reconnect_min=0.05, reconnect_max=0.3)
+    settings = MqttSettings(
+        url=f"mqtts://localhost:{broker.port}",
+        client_id="gateway-acl",
+        ca_file=broker.ca,
+        cert_file=cert,
+        key_file=key,
+        reconnect_min=0.05,
+        reconnect_max=0.3,
+    )
     assert settings.device_level == 1
     bridge = MqttBridge(settings, ComponentHealth("mqtt"))
     send, recv = trio.open_memory_channel[list[Inbound]](64)

@@ -46,7 +46,11 @@ def test_check_rules() -> None:
 def test_rule_unit_tests() -> None:
     proc = subprocess.run(
         [_promtool(), "test", "rules", RULES_TEST.name],
-        capture_output=True, text=True, timeout=120, check=False, cwd=RULES_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=RULES_DIR,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout

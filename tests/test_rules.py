@@ -1,4 +1,3 @@
-
 """Rules: loading, checking (errors name the rule and problem), and evaluation."""
 
 from __future__ import annotations
@@ -22,8 +21,15 @@ def msg(mid: int = 1, **kw: Any) -> StoredMessage:
     """A stored message with sensible defaults (shared by the processor/action tests)."""
     now = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
     base: dict[str, Any] = dict(
-        id=mid, device_id="dev-1", device_ts=now, received_at=now, seq=mid,
-        measurements={"temperature": 21.5, "humidity": 40.0}, status="ok", battery=87.0, source="mqtt",
+        id=mid,
+        device_id="dev-1",
+        device_ts=now,
+        received_at=now,
+        seq=mid,
+        measurements={"temperature": 21.5, "humidity": 40.0},
+        status="ok",
+        battery=87.0,
+        source="mqtt",
     )
     base.update(kw)
     return StoredMessage(**base)
@@ -48,10 +54,16 @@ def test_default_rules_packet_and_mqtt() -> None:
 @pytest.mark.parametrize(
     ("cond", "match", "nomatch"),
     [
-        ('{field = "measurements.temperature", op = ">", value = 30}', {"measurements": {"temperature": 31}},
-         {"measurements": {"temperature": 30}}),
-        ('{field = "measurements.temperature", op = ">=", value = 30}', {"measurements": {"temperature": 30}},
-         {"measurements": {"humidity": 99}}),
+        (
+            '{field = "measurements.temperature", op = ">", value = 30}',
+            {"measurements": {"temperature": 31}},
+            {"measurements": {"temperature": 30}},
+        ),
+        (
+            '{field = "measurements.temperature", op = ">=", value = 30}',
+            {"measurements": {"temperature": 30}},
+            {"measurements": {"humidity": 99}},
+        ),
         ('{field = "battery", op = "<", value = 20}', {"battery": 19.5}, {"battery": None}),
         ('{field = "battery", op = "<=", value = 20}', {"battery": 20}, {"battery": 21}),
         ('{field = "status", op = "in", value = ["error", "warning"]}', {"status": "error"}, {"status": "ok"}),
@@ -61,13 +73,23 @@ def test_default_rules_packet_and_mqtt() -> None:
         ('{field = "seq", op = "exists", value = false}', {"seq": None}, {"seq": 1}),
         ('{field = "source", value = "api"}', {"source": "api"}, {"source": "mqtt"}),
         ('{field = "measurements.co2", op = "!=", value = 1}', {"measurements": {"co2": 2}}, {"measurements": {}}),
-        ('{any = [{field = "battery", op = "<", value = 10}, {field = "status", value = "error"}]}',
-         {"status": "error"}, {"battery": 50}),
-        ('{all = [{field = "battery", op = "<", value = 10}, {any = [{field = "status", value = "error"},'
-         ' {field = "seq", op = ">", value = 5}]}]}', {"battery": 5, "seq": 9}, {"battery": 5, "seq": 1}),
+        (
+            '{any = [{field = "battery", op = "<", value = 10}, {field = "status", value = "error"}]}',
+            {"status": "error"},
+            {"battery": 50},
+        ),
+        (
+            '{all = [{field = "battery", op = "<", value = 10}, {any = [{field = "status", value = "error"},'
+            ' {field = "seq", op = ">", value = 5}]}]}',
+            {"battery": 5, "seq": 9},
+            {"battery": 5, "seq": 1},
+        ),
         ('{not = {field = "status", value = "ok"}}', {"status": "error"}, {"status": "ok"}),
-        ('[{field = "battery", op = ">", value = 10}, {field = "battery", op = "<", value = 20}]',
-         {"battery": 15}, {"battery": 25}),
+        (
+            '[{field = "battery", op = ">", value = 10}, {field = "battery", op = "<", value = 20}]',
+            {"battery": 15},
+            {"battery": 25},
+        ),
     ],
 )
 def test_conditions(cond: str, match: dict[str, Any], nomatch: dict[str, Any]) -> None:
@@ -101,31 +123,51 @@ actions = [{type = "sse", event = "c"}, {type = "mqtt"}]
         ('[[rule]]\nname = "x"\nactions = [{type = "sms"}]', "x", "type must be one of"),
         ('[[rule]]\nname = "x"\nactions = [{type = "sse", evnt = "a"}]', "x", "unknown key(s) ['evnt']"),
         ('[[rule]]\nname = "x"\nactions = [{type = "sse", event = "reset"}]', "x", "reserved"),
-        ('[[rule]]\nname = "x"\nwhen = {field = "temp", op = ">", value = 1}\nactions = []', "x",
-         "unknown field 'temp'"),
+        (
+            '[[rule]]\nname = "x"\nwhen = {field = "temp", op = ">", value = 1}\nactions = []',
+            "x",
+            "unknown field 'temp'",
+        ),
         ('[[rule]]\nname = "x"\nwhen = {field = "battery", op = "~", value = 1}\nactions = []', "x", "unknown op"),
-        ('[[rule]]\nname = "x"\nwhen = {field = "battery", op = ">", value = "high"}\nactions = []', "x",
-         "is a number"),
-        ('[[rule]]\nname = "x"\nwhen = {field = "status", op = ">", value = "ok"}\nactions = []', "x",
-         "needs a numeric field"),
+        (
+            '[[rule]]\nname = "x"\nwhen = {field = "battery", op = ">", value = "high"}\nactions = []',
+            "x",
+            "is a number",
+        ),
+        (
+            '[[rule]]\nname = "x"\nwhen = {field = "status", op = ">", value = "ok"}\nactions = []',
+            "x",
+            "needs a numeric field",
+        ),
         ('[[rule]]\nname = "x"\nwhen = {field = "status", value = "broken"}\nactions = []', "x", "is never"),
-        ('[[rule]]\nname = "x"\nwhen = {field = "status", op = "in", value = "ok"}\nactions = []', "x",
-         "non-empty list"),
+        (
+            '[[rule]]\nname = "x"\nwhen = {field = "status", op = "in", value = "ok"}\nactions = []',
+            "x",
+            "non-empty list",
+        ),
         ('[[rule]]\nname = "x"\nwhen = {all = []}\nactions = []', "x", "non-empty list"),
         ('[[rule]]\nname = "x"\nwhen = {field = "battery", op = "<"}\nactions = []', "x", "'value' is required"),
         ('[[rule]]\nname = "x"\nactions = [{type = "mqtt", subtopic = "a/#"}]', "x", "without wildcards"),
-        ('[[rule]]\nname = "x"\nactions = [{type = "mqtt", payload = {t = "{measurement.t}"}}]', "x",
-         "placeholder {measurement.t}"),
-        ('[[rule]]\nname = "x"\nactions = [{type = "script", command = ["/nonexistent/exe"]}]', "x",
-         "not an executable"),
+        (
+            '[[rule]]\nname = "x"\nactions = [{type = "mqtt", payload = {t = "{measurement.t}"}}]',
+            "x",
+            "placeholder {measurement.t}",
+        ),
+        (
+            '[[rule]]\nname = "x"\nactions = [{type = "script", command = ["/nonexistent/exe"]}]',
+            "x",
+            "not an executable",
+        ),
         ('[[rule]]\nname = "x"\nactions = [{type = "script", command = "/bin/true"}]', "x", "list of strings"),
-        ('[[rule]]\nname = "x"\nactions = [{type = "script", command = ["/bin/true"], timeout = 0}]', "x",
-         "timeout"),
-        ('[[rule]]\nname = "x"\nactions = [{type = "sse", fields = ["id"], rename = {seq = "s"}}]', "x",
-         "not selected"),
+        ('[[rule]]\nname = "x"\nactions = [{type = "script", command = ["/bin/true"], timeout = 0}]', "x", "timeout"),
+        (
+            '[[rule]]\nname = "x"\nactions = [{type = "sse", fields = ["id"], rename = {seq = "s"}}]',
+            "x",
+            "not selected",
+        ),
         ('[[rule]]\nname = "x"\nactions = [{type = "sse"}]\nstop = "yes"', "x", "stop must be"),
         ('[[rule]]\nname = "x"\nactions = [{type = "sse"}]\n[[rule]]\nname = "x"\nactions = []', "x", "duplicate"),
-        ('[[rule]]\nactions = []', "#1", "name is required"),
+        ("[[rule]]\nactions = []", "#1", "name is required"),
         ('[[rule]]\nname = "x"\nwhen = {field = "battery", op = ">", value = 1}', "x", "actions is required"),
         ('[[rule]]\nname = "x"\nactions = []\nwhenn = {}', "x", "unknown key(s) ['whenn']"),
         ("[[rules]]\nname = 'x'", "<rules>", "unknown top-level key"),
@@ -169,8 +211,13 @@ def test_mqtt_template_payload() -> None:
     assert isinstance(action, MqttAction) and action.subtopic == "alerts/hot"
     out = json.loads(action.render(msg(), rule="hot", event_id=None))
     assert out == {
-        "event_id": None, "device": "dev-1", "t": 21.5, "text": "dev-1 at 21.5 C {literal} ", "rule": "hot",
-        "n": 3, "list": [1, True],
+        "event_id": None,
+        "device": "dev-1",
+        "t": 21.5,
+        "text": "dev-1 at 21.5 C {literal} ",
+        "rule": "hot",
+        "n": 3,
+        "list": [1, True],
     }
     default = json.loads(MqttAction().render(msg(), rule="default", event_id=7))
     assert default == {"event_id": 7, "type": "packet", "rule": "default", "data": msg().to_json()}
@@ -192,11 +239,18 @@ def test_example_rules_file_loads() -> None:
 def test_fixed_plan_only_when_no_condition_decides() -> None:
     rs = load_rules(None)
     assert rs.fixed is not None and list(rs.fixed) == rs.evaluate(msg())
-    assert rules('[[rule]]\nname = "a"\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
-                 'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]').fixed is None
+    assert (
+        rules(
+            '[[rule]]\nname = "a"\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
+            'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]'
+        ).fixed
+        is None
+    )
     # A condition after a stopping rule never decides.
-    rs = rules('[[rule]]\nname = "a"\nstop = true\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
-               'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]')
+    rs = rules(
+        '[[rule]]\nname = "a"\nstop = true\nactions = [{type = "sse"}]\n[[rule]]\nname = "b"\n'
+        'when = {field = "status", value = "ok"}\nactions = [{type = "sse"}]'
+    )
     assert rs.fixed is not None and [p.rule for p in rs.fixed] == ["a"] == names(rs, msg())
 
 

@@ -50,16 +50,30 @@ async def test_schemathesis_finds_no_failure(api: ApiServer, tmp_path: Path) -> 
     examples = os.environ.get("FUZZ_EXAMPLES", "25")
     seed = os.environ.get("SCHEMATHESIS_SEED", "20261127")
     cmd = [
-        str(st), "--config-file", str(config), "run", f"{api.url}/openapi.json",
-        "-H", f"X-API-Key: {api.keys['admin']}",
-        "--max-examples", examples, "--seed", seed, "--workers", "1",
-        "--exclude-path", "/api/v1/events",
-        "--request-timeout", "10",
-        "--report", "junit", "--report-dir", str(tmp_path / "report"),
+        str(st),
+        "--config-file",
+        str(config),
+        "run",
+        f"{api.url}/openapi.json",
+        "-H",
+        f"X-API-Key: {api.keys['admin']}",
+        "--max-examples",
+        examples,
+        "--seed",
+        seed,
+        "--workers",
+        "1",
+        "--exclude-path",
+        "/api/v1/events",
+        "--request-timeout",
+        "10",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path / "report"),
     ]
     with trio.fail_after(max(600, 4 * int(examples))):
-        result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False,
-                                        cwd=str(tmp_path))
+        result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False, cwd=str(tmp_path))
     out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     assert result.returncode == 0, out[-20000:]
     # It really exercised every operation (not an empty run because the schema failed to load).

@@ -50,9 +50,7 @@ def test_enc_values_in_env_file(tmp_path: Path, key_file: Path) -> None:
     dsn = "postgresql://gw:dbpw-9k2@db.example/gw"
     env = tmp_path / "gateway.env"
     env.write_text(
-        f"SECRETS_KEY_FILE={key_file}\n"
-        f"MQTT_PASSWORD={_token(key_file)}\n"
-        f"DATABASE_URL={_token(key_file, dsn)}\n"
+        f"SECRETS_KEY_FILE={key_file}\nMQTT_PASSWORD={_token(key_file)}\nDATABASE_URL={_token(key_file, dsn)}\n"
     )
     s = load_settings(env, {})
     assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == SECRET
@@ -116,8 +114,9 @@ def test_missing_or_invalid_key(tmp_path: Path, key_file: Path) -> None:
     _assert_clean(info.value, inline)
 
 
-def test_default_key_file_is_secrets_key_in_the_working_directory(key_file: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_key_file_is_secrets_key_in_the_working_directory(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(key_file.parent)
     s = load_settings(None, {"MQTT_PASSWORD": _token(key_file)})
     assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == SECRET
@@ -143,10 +142,13 @@ def credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_file_variables_read_credentials(credentials: Path) -> None:
     (credentials / "mqtt_password").write_text(SECRET + "\n")
     (credentials / "database_url").write_text("postgresql://gateway:pw-77@/gateway")
-    s = load_settings(None, {
-        "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password"),
-        "DATABASE_URL_FILE": str(credentials / "database_url"),
-    })
+    s = load_settings(
+        None,
+        {
+            "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password"),
+            "DATABASE_URL_FILE": str(credentials / "database_url"),
+        },
+    )
     assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == SECRET  # newline stripped
     assert s.database.url.get_secret_value() == "postgresql://gateway:pw-77@/gateway"
 
@@ -161,17 +163,20 @@ def test_file_variable_from_env_file(tmp_path: Path, credentials: Path) -> None:
 
 def test_file_content_may_itself_be_encrypted(credentials: Path, key_file: Path) -> None:
     (credentials / "mqtt_password").write_text(_token(key_file) + "\n")
-    s = load_settings(None, {
-        "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password"), "SECRETS_KEY_FILE": str(key_file),
-    })
+    s = load_settings(
+        None,
+        {
+            "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password"),
+            "SECRETS_KEY_FILE": str(key_file),
+        },
+    )
     assert s.mqtt.password is not None and s.mqtt.password.get_secret_value() == SECRET
 
 
 def test_both_value_and_file_is_an_error(tmp_path: Path, credentials: Path) -> None:
     (credentials / "mqtt_password").write_text(SECRET)
     with pytest.raises(ConfigError) as info:
-        load_settings(None, {"MQTT_PASSWORD": "other",
-                             "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password")})
+        load_settings(None, {"MQTT_PASSWORD": "other", "MQTT_PASSWORD_FILE": str(credentials / "mqtt_password")})
     assert info.value.variable == "MQTT_PASSWORD_FILE"
     assert "both" in str(info.value)
     _assert_clean(info.value, SECRET)

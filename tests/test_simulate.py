@@ -100,8 +100,13 @@ async def test_simulate_publishes_every_packet_to_a_real_subscriber() -> None:
 
     async with open_link(LinkOptions(url=BROKER, subscribe=f"{prefix}/+/data"), on_message=on_message):
         opts = SimOptions(
-            devices=4, rate=400, duration=1.0, invalid_ratio=0.2, seed=7,
-            topic_template=prefix + "/{device_id}/data", link=LinkOptions(url=BROKER),
+            devices=4,
+            rate=400,
+            duration=1.0,
+            invalid_ratio=0.2,
+            seed=7,
+            topic_template=prefix + "/{device_id}/data",
+            link=LinkOptions(url=BROKER),
         )
         summary = await simulate(opts)
         with trio.fail_after(10):
@@ -127,7 +132,11 @@ async def test_simulate_publishes_every_packet_to_a_real_subscriber() -> None:
 async def test_simulate_mqtt_311_and_qos0() -> None:
     prefix = f"test-sim-{uuid.uuid4().hex[:8]}"
     opts = SimOptions(
-        devices=2, rate=200, duration=0.25, qos=0, topic_template=prefix + "/{device_id}/data",
+        devices=2,
+        rate=200,
+        duration=0.25,
+        qos=0,
+        topic_template=prefix + "/{device_id}/data",
         link=LinkOptions(url=BROKER, protocol="3.1.1"),
     )
     summary = await simulate(opts)
@@ -138,10 +147,33 @@ def test_cli_multiprocess_json_and_record(tmp_path: Path) -> None:
     prefix = f"test-sim-{uuid.uuid4().hex[:8]}"
     record = tmp_path / "rec.txt"
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.simulate", "--processes", "2", "--devices", "4", "--rate", "200",
-         "--duration", "0.5", "--invalid-ratio", "0.1", "--url", BROKER, "--json", "--record", str(record),
-         "--topic-template", prefix + "/{device_id}/data"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
+        [
+            sys.executable,
+            "-m",
+            "gateway.simulate",
+            "--processes",
+            "2",
+            "--devices",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "0.5",
+            "--invalid-ratio",
+            "0.1",
+            "--url",
+            BROKER,
+            "--json",
+            "--record",
+            str(record),
+            "--topic-template",
+            prefix + "/{device_id}/data",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=True,
     )
     summary = json.loads(out.stdout)
     assert summary["processes"] == 2
@@ -174,8 +206,22 @@ def test_gateway_cli_runs_simulate(capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main as gateway_main
 
     prefix = f"test-sim-{uuid.uuid4().hex[:8]}"
-    code = gateway_main(["simulate", "--devices", "2", "--rate", "40", "--duration", "0.5", "--url", BROKER,
-                         "--topic-template", prefix + "/{device_id}/data", "--json"])
+    code = gateway_main(
+        [
+            "simulate",
+            "--devices",
+            "2",
+            "--rate",
+            "40",
+            "--duration",
+            "0.5",
+            "--url",
+            BROKER,
+            "--topic-template",
+            prefix + "/{device_id}/data",
+            "--json",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sent"] == 20 and summary["acked"] == 20
@@ -200,10 +246,31 @@ def test_cli_progress_lines_seq_start_and_broker_from_dot_env(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
     env["PYTHONPATH"] = str(REPO)
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.simulate", "--devices", "2", "--rate", "20", "--duration", "2.6",
-         "--progress", "1", "--seq-start", "41", "--record", str(record),
-         "--topic-template", prefix + "/{device_id}/data"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=True,
+        [
+            sys.executable,
+            "-m",
+            "gateway.simulate",
+            "--devices",
+            "2",
+            "--rate",
+            "20",
+            "--duration",
+            "2.6",
+            "--progress",
+            "1",
+            "--seq-start",
+            "41",
+            "--record",
+            str(record),
+            "--topic-template",
+            prefix + "/{device_id}/data",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+        check=True,
     )
     progress = [line for line in out.stderr.splitlines() if line.startswith("simulate:")]
     assert len(progress) >= 2, out.stderr
@@ -214,7 +281,11 @@ def test_cli_progress_lines_seq_start_and_broker_from_dot_env(tmp_path: Path) ->
     (tmp_path / ".env").write_text("MQTT_URL=mqtt://127.0.0.1:1\n")
     bad = subprocess.run(
         [sys.executable, "-m", "gateway.simulate", "--duration", "0.1"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
     )
     assert bad.returncode == 1 and "127.0.0.1:1" in bad.stderr
 

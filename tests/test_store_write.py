@@ -86,4 +86,3 @@ async def test_refused_values_are_data_errors_on_both_stores(store: Store) -> No
     # Nothing was half-stored, and the store is fine afterwards.
     [out] = await store.write_batch([msg("ok", 1)], [])
     assert not out.duplicate
-

@@ -43,7 +43,11 @@ def test_exposure_at_most_2(tmp_path: Path) -> None:
     exe = _systemd_analyze()
     proc = subprocess.run(
         [exe, "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     # A misspelt directive is ignored by systemd (and would silently drop protection).

@@ -49,18 +49,14 @@ async def run(opts: Options) -> Result:
             rows.append({"target": "gateway /api/v1/ping", "load": "idle", **r})
             async with trio.open_nursery() as nursery:
                 ingest_time = 3 * duration + 4
-                nursery.start_soon(
-                    lambda: run_simulator(broker.url, rate=1000, duration=ingest_time, devices=100)
-                )
+                nursery.start_soon(lambda: run_simulator(broker.url, rate=1000, duration=ingest_time, devices=100))
                 await trio.sleep(1.0)
                 r = await load.load(gw.url + "/api/v1/ping", duration=duration, workdir=d)
                 rows.append({"target": "gateway /api/v1/ping", "load": "1,000 msg/s ingest", **r})
                 r = await load.load(
                     gw.url + "/api/v1/messages?limit=100", duration=duration, workdir=d, headers=gw.headers
                 )
-                rows.append(
-                    {"target": "gateway /api/v1/messages?limit=100", "load": "1,000 msg/s ingest", **r}
-                )
+                rows.append({"target": "gateway /api/v1/messages?limit=100", "load": "1,000 msg/s ingest", **r})
                 # The latency target is set at an offered 200 req/s (10 connections), not at saturation.
                 r = await load.load(
                     gw.url + "/api/v1/messages?limit=100",
@@ -70,9 +66,7 @@ async def run(opts: Options) -> Result:
                     workdir=d,
                     headers=gw.headers,
                 )
-                rows.append(
-                    {"target": "gateway /api/v1/messages?limit=100", "load": "ingest, 200 req/s offered", **r}
-                )
+                rows.append({"target": "gateway /api/v1/messages?limit=100", "load": "ingest, 200 req/s offered", **r})
     bare_rps = rows[0]["rps"]
     for row in rows:
         row["ratio_to_bare"] = row["rps"] / bare_rps if bare_rps else None

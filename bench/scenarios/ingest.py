@@ -44,9 +44,7 @@ async def _backlog_gateway(gw: Gateway, broker: Mosquitto, n: int) -> dict[str, 
     return {"messages": sim["sent"], "stored": stored, "rate": slope(samples, 0.0, sim["sent"])}
 
 
-async def _step(
-    gw: Gateway, broker: Mosquitto, rate: float, duration: float, settle: float
-) -> dict[str, Any]:
+async def _step(gw: Gateway, broker: Mosquitto, rate: float, duration: float, settle: float) -> dict[str, Any]:
     async with httpx.AsyncClient() as client:
         settled = await quiesce(client, gw, settle)
         before = await counter(client, gw, STORED)
@@ -177,10 +175,7 @@ async def run(opts: Options) -> Result:
             step_rows,
         )
     )
-    best = {
-        b: max([s["committed_rate"] for s in v["steps"] if s["kept_pace"]] or [0.0])
-        for b, v in backends.items()
-    }
+    best = {b: max([s["committed_rate"] for s in v["steps"] if s["kept_pace"]] or [0.0]) for b, v in backends.items()}
     res.data["max_sustained"] = best
     if opts.profile:
         res.data["profile"] = prof

@@ -50,8 +50,9 @@ async def test_20k_qos1_exactly_once(
     assert {seq for _, seq in keys} == set(range(1, COUNT + 1))
     page = await store.query_messages(MessageQuery(limit=1))
     assert page.total == min(COUNT, 10_000) and page.total_capped == (COUNT > 10_000)  # API_TOTAL_LIMIT
-    print(f"\n{store.kind}: {COUNT} msgs published and stored in {elapsed:.2f}s "
-          f"(publisher alone {result.seconds:.2f}s)")
+    print(
+        f"\n{store.kind}: {COUNT} msgs published and stored in {elapsed:.2f}s (publisher alone {result.seconds:.2f}s)"
+    )
 
 
 async def test_malformed_through_the_broker_do_not_stall(mosquitto: MosquittoServer, store: Store) -> None:
@@ -68,9 +69,7 @@ async def test_malformed_through_the_broker_do_not_stall(mosquitto: MosquittoSer
     mqtt = MqttSettings(url=mosquitto.url, client_id="gw-mixed")
     rejected = {r: metrics.INGEST_REJECTED.labels(r)._value.get() for r, _ in kinds}
     async with pipeline(mqtt, store, IngestSettings()) as p:
-        res = await trio.to_thread.run_sync(
-            lambda: publish(mosquitto.host, mosquitto.port, payloads, topics=topics)
-        )
+        res = await trio.to_thread.run_sync(lambda: publish(mosquitto.host, mosquitto.port, payloads, topics=topics))
         assert res.count == 3000
         await eventually(lambda: p.ingest.committed >= 3000, 60)
         assert p.health.component("ingest").state == "ok"

@@ -31,7 +31,10 @@ def test_serve_on_defaults_logs_ready_and_stops_cleanly(tmp_path: Path) -> None:
     assert "gateway ready" in log and "gateway stopped" in log
     assert (tmp_path / "data" / "gateway.db").exists()
     status = subprocess.run(
-        [sys.executable, "-m", "gateway", "migrate", "--status"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "gateway", "migrate", "--status"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert status.returncode == 0, status.stderr

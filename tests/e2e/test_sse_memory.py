@@ -31,8 +31,12 @@ async def _fill(url: str) -> None:
                     NewEvent(
                         type="packet",
                         data={
-                            "id": i, "device_id": f"esp32-{i % 50:02d}", "device_ts": "2026-11-27T09:00:00Z",
-                            "measurements": {"temperature": 21.5, "humidity": 40.2}, "status": "ok", "battery": 87,
+                            "id": i,
+                            "device_id": f"esp32-{i % 50:02d}",
+                            "device_ts": "2026-11-27T09:00:00Z",
+                            "measurements": {"temperature": 21.5, "humidity": 40.2},
+                            "status": "ok",
+                            "battery": 87,
                         },
                         device_id=f"esp32-{i % 50:02d}",
                     )
@@ -64,9 +68,14 @@ def test_200_stuck_replaying_clients_grow_rss_by_at_most_50mb(tmp_path: Path) ->
     gw = GatewayProcess(
         tmp_path,
         {
-            "DATABASE_URL": db, "API_KEYS": entry, "MQTT_CLIENT_ID": f"e2e-sse-mem-{tmp_path.name}",
-            "SSE_MAX_STREAMS": "1000", "SSE_MAX_STREAMS_PER_KEY": "1000", "SSE_SEND_TIMEOUT": "600",
-            "RATE_LIMIT": "100000/second", "LOG_LEVEL": "WARNING",
+            "DATABASE_URL": db,
+            "API_KEYS": entry,
+            "MQTT_CLIENT_ID": f"e2e-sse-mem-{tmp_path.name}",
+            "SSE_MAX_STREAMS": "1000",
+            "SSE_MAX_STREAMS_PER_KEY": "1000",
+            "SSE_SEND_TIMEOUT": "600",
+            "RATE_LIMIT": "100000/second",
+            "LOG_LEVEL": "WARNING",
         },
     )
     gw.start()
@@ -105,8 +114,10 @@ def test_200_stuck_replaying_clients_grow_rss_by_at_most_50mb(tmp_path: Path) ->
         assert idle >= 3, "the gateway kept working: some client is not stuck yet"
         peak = _status(pid)["VmHWM"]
         grown = (peak - base) / 2**20
-        print(f"\nRSS before {base / 2**20:.1f} MB, peak with {CLIENTS} stuck replaying clients "
-              f"{peak / 2**20:.1f} MB: +{grown:.1f} MB")
+        print(
+            f"\nRSS before {base / 2**20:.1f} MB, peak with {CLIENTS} stuck replaying clients "
+            f"{peak / 2**20:.1f} MB: +{grown:.1f} MB"
+        )
         assert grown <= BUDGET_MB
         # Still serving.
         assert httpx.get(gw.url + "/api/v1/ping", timeout=10).status_code == 200

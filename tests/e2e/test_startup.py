@@ -194,9 +194,7 @@ def test_refusal_once_running_is_degraded_and_retried(tmp_path: Path) -> None:
         assert gw.proc is not None and gw.proc.poll() is None, "a refusal after start must not end the process"
         broker.kill()
         (tmp_path / "broker" / "passwd").write_text("")
-        subprocess.run(
-            ["mosquitto_passwd", "-b", str(tmp_path / "broker" / "passwd"), "gw", "secret-one"], check=True
-        )
+        subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "broker" / "passwd"), "gw", "secret-one"], check=True)
         broker.start()
         _wait_for(gw, admin, lambda r: r.json()["components"]["mqtt"]["state"] == "ok")
     finally:

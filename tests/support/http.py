@@ -143,8 +143,16 @@ async def running_api(
         scheme = "https" if settings.http.tls else "http"
         host = "localhost" if settings.http.tls else "127.0.0.1"
         server = ApiServer(
-            url=f"{scheme}://{host}:{port}", keys=keys, ctx=ctx, store=store, hub=hub,
-            publisher=publisher, env_file=env_file, stop=stop, commits=commits, verify=verify,
+            url=f"{scheme}://{host}:{port}",
+            keys=keys,
+            ctx=ctx,
+            store=store,
+            hub=hub,
+            publisher=publisher,
+            env_file=env_file,
+            stop=stop,
+            commits=commits,
+            verify=verify,
         )
         try:
             yield server
@@ -164,9 +172,7 @@ def api_factory(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Api
     """``async with api_factory(env={...}, heartbeat=...) as server`` for custom settings."""
     counter = iter(range(1000))
 
-    def factory(
-        env: Mapping[str, str | None] | None = None, **kwargs: Any
-    ) -> AbstractAsyncContextManager[ApiServer]:
+    def factory(env: Mapping[str, str | None] | None = None, **kwargs: Any) -> AbstractAsyncContextManager[ApiServer]:
         sub = tmp_path / f"api{next(counter)}"
         sub.mkdir()
         return running_api(sub, env, **kwargs)

@@ -374,8 +374,21 @@ def publish_subprocess(
     Its stdout is one JSON line ``{"acked": [seq, ...], "seconds": s}``; read it with
     :func:`publisher_result`.
     """
-    args = [sys.executable, "-m", "tests.support.mqtt", "--port", str(port), "--count", str(count),
-            "--device", device, "--start", str(start), "--timeout", str(timeout)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.support.mqtt",
+        "--port",
+        str(port),
+        "--count",
+        str(count),
+        "--device",
+        device,
+        "--start",
+        str(start),
+        "--timeout",
+        str(timeout),
+    ]
     if rate is not None:
         args += ["--rate", str(rate)]
     root = Path(__file__).resolve().parents[2]

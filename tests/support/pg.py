@@ -100,8 +100,17 @@ class PgServer:
         server = cls(root, port or free_port())
         try:
             server._as_postgres(
-                str(PG_BIN / "initdb"), "-D", str(server.data), "-A", "trust", "-U", "postgres",
-                "--no-sync", "-E", "UTF8", "--locale=C.UTF-8",
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(server.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
             )
             server.start()
         except BaseException:
@@ -122,8 +131,15 @@ class PgServer:
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
         self._as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"),
-            "-w", "start",
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
         )
 
     def stop(self, mode: str = "fast") -> None:
