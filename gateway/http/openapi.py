@@ -103,8 +103,8 @@ class ReloadResult(BaseModel):
     restarted: list[str]
 
 
-class MessageItem(BaseModel):
-    """A stored reading."""
+class Reading(BaseModel):
+    """A stored reading as `/latest` shows it (no processing state)."""
 
     id: int
     device_id: str
@@ -115,11 +115,16 @@ class MessageItem(BaseModel):
     status: str
     battery: float | None
     source: str
+    schema_version: int = Field(description="The packet schema version it was validated against")
+
+
+class MessageItem(Reading):
+    """A stored reading with its processing state."""
+
     processed_at: Timestamp | None
     attempts: int
     last_error: str | None
     dead: bool
-    schema_version: int = Field(description="The packet schema version it was validated against")
 
 
 class MessagePage(BaseModel):
@@ -202,21 +207,6 @@ class ReplayResultDoc(BaseModel):
     still_rejected: int
     next_cursor: str | None
     dry_run: bool
-
-
-class Reading(BaseModel):
-    """A stored reading as `/latest` shows it (no processing state)."""
-
-    id: int
-    device_id: str
-    timestamp: Timestamp
-    received_at: Timestamp
-    seq: int | None
-    measurements: dict[str, float | int]
-    status: str
-    battery: float | None
-    source: str
-    schema_version: int
 
 
 class Latest(BaseModel):
